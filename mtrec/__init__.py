@@ -1,0 +1,1 @@
+"""Multi-task recommendation on TorchRec: data -> features -> model -> training -> metrics."""
