@@ -1,0 +1,135 @@
+"""``mtrec-train``: train a multi-task ranking model from the Hydra config tree (``configs/mtrec.yaml``).
+
+Examples::
+
+    mtrec-train                                            # MMoE on synthetic sparse data
+    mtrec-train data=census data.path=PATH model=mmoe      # MMoE on Census-Income
+    mtrec-train model=ple trainer.max_steps=500 tasks.income.lr=0.01
+    mtrec-train hydra.run.dir=runs/a trainer.resume=true   # continue an interrupted run
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from mtl.checkpoint import atomic_write_json, seed_everything
+from mtl.optim import build_param_groups
+from mtl.tasks import TaskSpec
+from mtrec.trainer import Trainer, TrainerConfig, evaluate
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG_DIR = str(REPO / "configs")
+log = logging.getLogger("mtrec")
+
+
+def data_path(relative: str) -> str:
+    """``${data_path:x}`` in configs: ``$MTLIB_DATA_DIR/x``, else ``<repo>/../shared/data/x``."""
+    root = os.environ.get("MTLIB_DATA_DIR", str(REPO.parent / "shared" / "data"))
+    return str(Path(root) / relative)
+
+
+if not OmegaConf.has_resolver("data_path"):
+    OmegaConf.register_new_resolver("data_path", data_path)
+
+
+def trainer_config(node: Any) -> TrainerConfig:
+    """Validate the ``trainer`` config node against :class:`TrainerConfig` (unknown keys are errors)."""
+    merged = OmegaConf.merge(OmegaConf.structured(TrainerConfig), node)
+    return TrainerConfig(**OmegaConf.to_container(merged, resolve=True))  # type: ignore[arg-type]
+
+
+def apply_task_overrides(tasks: list[TaskSpec], overrides: Any) -> list[TaskSpec]:
+    """Apply ``tasks.<name>.<field>`` overrides (weight, lr, weight_decay, loss, metrics)."""
+    overrides = OmegaConf.to_container(overrides, resolve=True) if overrides is not None else {}
+    names = [t.name for t in tasks]
+    unknown = set(overrides) - set(names)
+    if unknown:
+        raise ValueError(f"config key tasks.{sorted(unknown)[0]}: no such task; this dataset has tasks {names}")
+    return [t.with_overrides(**overrides[t.name]) if t.name in overrides else t for t in tasks]
+
+
+def select_tasks(tasks: list[TaskSpec], names: Any) -> list[TaskSpec]:
+    """Keep only the tasks named in ``task_names`` (in that order); ``null`` keeps all."""
+    if names is None:
+        return tasks
+    by_name = {t.name: t for t in tasks}
+    missing = [n for n in names if n not in by_name]
+    if missing:
+        raise ValueError(f"config key task_names: {missing} not in this dataset's tasks {list(by_name)}")
+    if not names:
+        raise ValueError("config key task_names: empty list; name at least one task or use null for all")
+    return [by_name[n] for n in names]
+
+
+def build_optimizer(node: Any, model: torch.nn.Module, tasks: list[TaskSpec]) -> torch.optim.Optimizer:
+    """The optimiser with one param group for shared parameters and one per task.
+
+    ``optimizer.shared_lr`` / ``shared_weight_decay`` set the shared group; ``tasks.<name>.lr`` /
+    ``weight_decay`` set a task's group; everything else falls back to ``optimizer.lr`` / ``weight_decay``.
+    """
+    node = OmegaConf.to_container(node, resolve=True)
+    shared_lr = node.pop("shared_lr", None)
+    shared_wd = node.pop("shared_weight_decay", None)
+    lr = node.get("lr", 1e-3)
+    wd = node.get("weight_decay", 0.0)
+    if hasattr(model, "parameter_groups"):
+        named = model.parameter_groups()
+    else:
+        named = {"shared": list(model.parameters())}
+    groups = build_param_groups(
+        named, tasks, lr=lr, weight_decay=wd, shared_lr=shared_lr, shared_weight_decay=shared_wd
+    )
+    return instantiate(node)(groups)
+
+
+def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
+    """Train and evaluate as configured; writes ``metrics.json`` and checkpoints into ``run_dir``.
+
+    Returns ``{"val": {task: {metric: value}}, "test": {task: {metric: value}}}``: validation
+    metrics of the best checkpoint (early stopping uses validation only) and test metrics of that checkpoint.
+    """
+    run_dir = Path(run_dir if run_dir is not None else cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tcfg = trainer_config(cfg.trainer)
+    seed = int(cfg.seed)
+    seed_everything(seed)
+    bundle = instantiate(cfg.data)
+    tasks = select_tasks(bundle.tasks, cfg.get("task_names"))
+    tasks = apply_task_overrides(tasks, cfg.get("tasks"))
+    seed_everything(seed)  # model initialisation does not depend on how much randomness data loading used
+    model = instantiate(cfg.model)(features=bundle.features, tasks=[t.name for t in tasks])
+    optimizer = build_optimizer(cfg.optimizer, model, tasks)
+    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+
+    trainer = Trainer(model, optimizer, tasks, tcfg, run_dir, seed=seed)
+    trainer.fit(bundle.train, bundle.val)
+    trainer.load_best()
+    best_val = trainer.best_val
+    test = evaluate(model, bundle.test, tasks, tcfg.eval_batch_size, trainer.device)
+    metrics = {"val": best_val, "test": test}
+    atomic_write_json(metrics, run_dir / "metrics.json")
+    atomic_write_json(
+        {"best_step": trainer.best_step, "steps": trainer.step, "epochs": trainer.epoch,
+         "stop_reason": trainer.stop_reason},
+        run_dir / "run_info.json",
+    )
+    log.info("metrics: %s", json.dumps(metrics))
+    return metrics
+
+
+@hydra.main(config_path=CONFIG_DIR, config_name="mtrec", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()

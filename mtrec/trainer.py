@@ -1,0 +1,362 @@
+"""The multi-task training loop: per-task validation each epoch, early stopping on validation,
+atomic checkpoints, exact resume, JSONL (and TensorBoard) logs, test on the best checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from mtl.checkpoint import atomic_torch_save, load_checkpoint, rng_state, set_rng_state
+from mtl.tasks import TaskSpec, compute_losses, total_loss
+from mtrec.data.batch import Batch, TabularDataset
+
+LAST = "last.pt"
+BEST = "best.pt"
+
+
+@dataclass
+class TrainerConfig:
+    """Settings of :class:`Trainer` (the ``trainer/`` config group)."""
+
+    max_epochs: int = 10
+    """Upper bound on passes over the training set."""
+    max_steps: int | None = None
+    """Stop after this many optimiser steps in total (across resumes); ``None`` = no cap."""
+    batch_size: int = 1024
+    """Training mini-batch size."""
+    eval_batch_size: int = 8192
+    """Mini-batch size for validation and test passes."""
+    monitor: str = "loss"
+    """Early-stopping score on validation: ``loss`` (mean task loss, lower is better) or ``auc``
+    (mean AUC over binary tasks, higher is better)."""
+    patience: int = 3
+    """Stop after this many validations without improvement."""
+    min_delta: float = 0.0
+    """Smallest change of the monitored score that counts as improvement."""
+    checkpoint_every_steps: int = 0
+    """Also write ``last.pt`` every N steps (0 = only at the end of each epoch and at stop)."""
+    resume: bool = False
+    """Continue from ``last.pt`` in the run directory."""
+    grad_clip: float | None = None
+    """Clip the global gradient norm to this value."""
+    log_every_steps: int = 50
+    """Write a training record to ``train_log.jsonl`` every N steps."""
+    progress: bool = True
+    """Show tqdm progress bars."""
+    tensorboard: bool = True
+    """Also log to TensorBoard when it is installed."""
+    device: str = "cpu"
+    """``cpu``, ``cuda``, ``cuda:N`` or ``auto``."""
+    num_threads: int | None = None
+    """torch intra-op threads (``None`` = torch's default)."""
+
+    def __post_init__(self) -> None:
+        if self.monitor not in ("loss", "auc"):
+            raise ValueError(f"trainer.monitor must be 'loss' or 'auc', got {self.monitor!r}")
+        for key in ("max_epochs", "batch_size", "eval_batch_size", "patience", "log_every_steps"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"trainer.{key} must be > 0, got {getattr(self, key)}")
+        if self.max_steps is not None and self.max_steps <= 0:
+            raise ValueError(f"trainer.max_steps must be > 0 or null, got {self.max_steps}")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def batch_to(batch: Batch, device: torch.device) -> Batch:
+    if device.type == "cpu":
+        return batch
+    return Batch(
+        dense=batch.dense.to(device, non_blocking=True),
+        sparse=batch.sparse.to(device, non_blocking=True),
+        labels={k: v.to(device, non_blocking=True) for k, v in batch.labels.items()},
+    )
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module, data: TabularDataset, batch_size: int = 8192, device: torch.device | None = None
+) -> dict[str, Tensor]:
+    """Model outputs over a whole dataset, in row order, on CPU."""
+    device = device or torch.device("cpu")
+    was_training = model.training
+    model.eval()
+    chunks: dict[str, list[Tensor]] = {}
+    for batch in data.batches(batch_size):
+        out = model(*batch_to(batch, device)[:2])
+        for k, v in out.items():
+            chunks.setdefault(k, []).append(v.float().cpu())
+    model.train(was_training)
+    return {k: torch.cat(v) for k, v in chunks.items()}
+
+
+def evaluate(
+    model: nn.Module,
+    data: TabularDataset,
+    tasks: Sequence[TaskSpec],
+    batch_size: int = 8192,
+    device: torch.device | None = None,
+) -> dict[str, dict[str, float]]:
+    """``{task: {metric: value, "loss": value}}`` over a whole dataset."""
+    outputs = predict(model, data, batch_size, device)
+    result: dict[str, dict[str, float]] = {}
+    for t in tasks:
+        out, lab = outputs[t.name], data.labels[t.name]
+        metrics = t.evaluate(out, lab)
+        metrics["loss"] = float(t.loss_fn(out, lab.float()).item())
+        result[t.name] = metrics
+    return result
+
+
+def monitor_score(metrics: dict[str, dict[str, float]], tasks: Sequence[TaskSpec], monitor: str) -> float:
+    """A single number to early-stop on, oriented so that larger is better."""
+    if monitor == "loss":
+        return -sum(metrics[t.name]["loss"] for t in tasks) / len(tasks)
+    aucs = [metrics[t.name]["auc"] for t in tasks if t.kind == "binary" and "auc" in metrics[t.name]]
+    if not aucs:
+        raise ValueError("trainer.monitor='auc' needs at least one binary task with the auc metric")
+    return sum(aucs) / len(aucs)
+
+
+class _Logger:
+    """JSONL log in the run directory, mirrored to TensorBoard when available."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool) -> None:
+        self.path = run_dir / "train_log.jsonl"
+        self.writer = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+            except ImportError:
+                self.writer = None
+
+    def log(self, record: dict[str, Any]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            step = record.get("step", 0)
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k not in ("step", "epoch"):
+                    self.writer.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _flatten(prefix: str, metrics: dict[str, dict[str, float]]) -> dict[str, float]:
+    return {f"{prefix}/{t}/{m}": v for t, d in metrics.items() for m, v in d.items()}
+
+
+class Trainer:
+    """Trains a multi-task model on a :class:`TabularDataset`.
+
+    The step computes the per-task loss dict (``mtl.compute_losses``), combines it with
+    ``objective`` (default: the tasks' static weights) plus ``model.regularization()`` when the model
+    has one, and steps the optimiser.
+
+    Checkpoints: ``last.pt`` (everything needed to continue: model, optimiser, RNG states, position in
+    the epoch, early-stopping state) and ``best.pt`` (weights at the best validation score). Batches
+    are ordered by ``(seed, epoch)`` only, so a resumed run replays exactly the steps an uninterrupted
+    run would have taken.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        tasks: Sequence[TaskSpec],
+        config: TrainerConfig,
+        run_dir: str | Path,
+        *,
+        seed: int = 0,
+        objective: Callable[[dict[str, Tensor]], Tensor] | None = None,
+    ) -> None:
+        self.model = model
+        self.optimizer = optimizer
+        self.tasks = list(tasks)
+        self.cfg = config
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.seed = seed
+        self.objective = objective or (lambda losses: total_loss(self.tasks, losses))
+        self.device = resolve_device(config.device)
+        self.model.to(self.device)
+        # Training position and early-stopping state (all saved in last.pt).
+        self.epoch = 0
+        self.batch_in_epoch = 0
+        self.step = 0
+        self.best_score = -math.inf
+        self.best_step = -1
+        self.best_val: dict[str, dict[str, float]] = {}
+        self.bad_evals = 0
+        self.stop_reason: str | None = None
+
+    # ----------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "rng": rng_state(),
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "step": self.step,
+            "best_score": self.best_score,
+            "best_step": self.best_step,
+            "best_val": self.best_val,
+            "bad_evals": self.bad_evals,
+            "stop_reason": self.stop_reason,
+            "seed": self.seed,
+            "trainer": asdict(self.cfg),
+        }
+
+    def save_last(self) -> None:
+        atomic_torch_save(self.state_dict(), self.run_dir / LAST)
+
+    def load_last(self) -> bool:
+        """Restore from ``last.pt``; returns False when there is none."""
+        path = self.run_dir / LAST
+        if not path.exists():
+            return False
+        state = load_checkpoint(path)
+        if state.get("seed", self.seed) != self.seed:
+            raise ValueError(
+                f"{path}: checkpoint was trained with seed {state['seed']}, this run has seed {self.seed}; "
+                "resume with the same seed or start a new run directory"
+            )
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        set_rng_state(state["rng"])
+        for key in ("epoch", "batch_in_epoch", "step", "best_score", "best_step", "best_val", "bad_evals"):
+            setattr(self, key, state[key])
+        self.stop_reason = state["stop_reason"]
+        return True
+
+    # ----------------------------------------------------------------- training
+    def train_step(self, batch: Batch) -> dict[str, float]:
+        batch = batch_to(batch, self.device)
+        self.model.train()
+        outputs = self.model(batch.dense, batch.sparse)
+        losses = compute_losses(self.tasks, outputs, batch.labels)
+        loss = self.objective(losses)
+        reg = getattr(self.model, "regularization", None)
+        if reg is not None:
+            loss = loss + reg()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.cfg.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.optimizer.step()
+        self.step += 1
+        record = {f"train/{k}/loss": v.item() for k, v in losses.items()}
+        record["train/loss"] = loss.item()
+        if not math.isfinite(record["train/loss"]):
+            raise FloatingPointError(
+                f"training loss became {record['train/loss']} at step {self.step}: "
+                + ", ".join(f"{k}={v:.4g}" for k, v in record.items())
+                + " (lower the learning rate or set trainer.grad_clip)"
+            )
+        return record
+
+    def _validate(self, val: TabularDataset, logger: _Logger) -> bool:
+        """Evaluate on validation; update best; returns True when early stopping triggers."""
+        metrics = evaluate(self.model, val, self.tasks, self.cfg.eval_batch_size, self.device)
+        score = monitor_score(metrics, self.tasks, self.cfg.monitor)
+        improved = score > self.best_score + self.cfg.min_delta
+        if improved:
+            self.best_score, self.best_step, self.best_val = score, self.step, metrics
+            self.bad_evals = 0
+            atomic_torch_save(
+                {"model": self.model.state_dict(), "step": self.step, "epoch": self.epoch, "val": metrics},
+                self.run_dir / BEST,
+            )
+        else:
+            self.bad_evals += 1
+        logger.log({"step": self.step, "epoch": self.epoch, "val/score": score, **_flatten("val", metrics)})
+        return self.bad_evals >= self.cfg.patience
+
+    def fit(self, train: TabularDataset, val: TabularDataset) -> dict[str, dict[str, float]]:
+        """Train until early stopping, ``max_epochs`` or ``max_steps``; returns the best validation metrics."""
+        cfg = self.cfg
+        if cfg.num_threads:
+            torch.set_num_threads(cfg.num_threads)
+        if cfg.resume and self.load_last():
+            if self.stop_reason == "max_steps" and (cfg.max_steps is None or self.step < cfg.max_steps):
+                self.stop_reason = None  # a capped run continues under a larger cap
+            if self.stop_reason is not None:
+                return self.best_val
+        logger = _Logger(self.run_dir, cfg.tensorboard)
+        n_batches = train.num_batches(cfg.batch_size)
+        t0 = time.perf_counter()
+        try:
+            while self.stop_reason is None:
+                if self.epoch >= cfg.max_epochs:
+                    self.stop_reason = "max_epochs"
+                    break
+                bar = tqdm(
+                    total=n_batches,
+                    initial=self.batch_in_epoch,
+                    desc=f"epoch {self.epoch}",
+                    disable=not cfg.progress,
+                    leave=False,
+                    dynamic_ncols=True,
+                )
+                batches = train.batches(
+                    cfg.batch_size, shuffle=True, seed=self.seed, epoch=self.epoch, start=self.batch_in_epoch
+                )
+                for batch in batches:
+                    record = self.train_step(batch)
+                    self.batch_in_epoch += 1
+                    bar.update(1)
+                    if self.step % cfg.log_every_steps == 0:
+                        bar.set_postfix(loss=f"{record['train/loss']:.4f}")
+                        logger.log({"step": self.step, "epoch": self.epoch, **record})
+                    if cfg.checkpoint_every_steps and self.step % cfg.checkpoint_every_steps == 0:
+                        self.save_last()
+                    if cfg.max_steps is not None and self.step >= cfg.max_steps:
+                        self.stop_reason = "max_steps"
+                        break
+                bar.close()
+                if self.stop_reason is None:  # a full epoch
+                    self.epoch += 1
+                    self.batch_in_epoch = 0
+                if self._validate(val, logger) and self.stop_reason is None:
+                    self.stop_reason = "early_stopping"
+                self.save_last()
+        except KeyboardInterrupt:
+            self.save_last()
+            logger.close()
+            raise
+        logger.log(
+            {
+                "step": self.step,
+                "epoch": self.epoch,
+                "stop_reason": self.stop_reason,
+                "best_step": self.best_step,
+                "seconds": time.perf_counter() - t0,
+            }
+        )
+        logger.close()
+        return self.best_val
+
+    def load_best(self) -> None:
+        """Load the weights of the best validation score into the model."""
+        path = self.run_dir / BEST
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no best checkpoint (did training run a validation?)")
+        self.model.load_state_dict(load_checkpoint(path)["model"])
