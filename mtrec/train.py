@@ -18,6 +18,7 @@ from typing import Any
 
 import hydra
 import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -91,13 +92,13 @@ def build_optimizer(node: Any, model: torch.nn.Module, tasks: list[TaskSpec]) ->
     return instantiate(node)(groups)
 
 
-def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
+def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     """Train and evaluate as configured; writes ``metrics.json`` and checkpoints into ``run_dir``.
 
     Returns ``{"val": {task: {metric: value}}, "test": {task: {metric: value}}}``: validation
     metrics of the best checkpoint (early stopping uses validation only) and test metrics of that checkpoint.
     """
-    run_dir = Path(run_dir if run_dir is not None else cfg.run_dir)
+    run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     tcfg = trainer_config(cfg.trainer)
     seed = int(cfg.seed)
@@ -128,7 +129,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
 
 @hydra.main(config_path=CONFIG_DIR, config_name="mtrec", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    run(cfg)
+    run(cfg, HydraConfig.get().runtime.output_dir)
 
 
 if __name__ == "__main__":
