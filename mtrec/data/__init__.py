@@ -1,0 +1,26 @@
+"""Data readers and the ``Batch`` contract: synthetic, Census-Income and AliExpress loaders.
+
+Every loader returns a :class:`DataBundle` (train/val/test :class:`TabularDataset`, a :class:`FeatureSpec`,
+the task specs and a JSON-friendly ``meta`` dict) and takes keyword arguments with defaults, so Hydra
+configs can call it through ``_target_``.
+"""
+
+from mtrec.data.aliexpress import load_aliexpress
+from mtrec.data.batch import Batch, DataBundle, FeatureSpec, SparseFeature, TabularDataset
+from mtrec.data.census import load_census
+from mtrec.data.errors import DataError
+from mtrec.data.synthetic import load_mmoe_synthetic, load_sparse_synthetic, mmoe_synthetic
+
+__all__ = [
+    "Batch",
+    "DataBundle",
+    "DataError",
+    "FeatureSpec",
+    "SparseFeature",
+    "TabularDataset",
+    "load_aliexpress",
+    "load_census",
+    "load_mmoe_synthetic",
+    "load_sparse_synthetic",
+    "mmoe_synthetic",
+]
