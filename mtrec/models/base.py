@@ -1,0 +1,150 @@
+"""The base class of every multi-task recommendation model, and its contract.
+
+* ``forward(dense, sparse) -> {task: Tensor[B]}``: logits for binary tasks, predictions for regression
+  (the model does not know which; each task head ends in ``Linear(..., 1)``).
+* ``forward_with_gates(dense, sparse) -> (outputs, {gate_name: Tensor[B, E]})``: softmax gate weights of
+  gated models (rows sum to 1), ``{}`` for the others.
+* ``parameter_groups() -> {"shared": [...], task: [...]}``: every parameter in exactly one group.
+  **Rule:** a parameter belongs to task ``t`` when only task ``t``'s output depends on it (so no other
+  task's loss can give it a gradient), and to ``"shared"`` otherwise. Subclasses list what each task
+  owns; everything else is shared. Some consequences worth knowing: the columns of a cross-stitch
+  network and the task-specific experts of non-final PLE levels are *shared* (their activations reach
+  every task through the cross-stitch units / the shared gate), and ESMM's CTR tower is shared (both
+  ``ctr`` and ``ctcvr`` use it).
+* ``regularization() -> scalar``: an extra term to add to the objective (zero unless overridden).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import Tensor, nn
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from mtrec.data.batch import FeatureSpec
+from mtrec.models.inputs import InputArch
+from mtrec.models.layers import check_dims
+
+SHARED = "shared"
+
+Outputs = dict[str, Tensor]
+Gates = dict[str, Tensor]
+
+
+def check_tasks(tasks: Sequence[str]) -> tuple[str, ...]:
+    """Task names as a tuple: non-empty, unique strings usable as module keys."""
+    if isinstance(tasks, str) or not isinstance(tasks, Iterable):
+        raise TypeError(f"tasks must be a list of task names, got {tasks!r}")
+    names = tuple(tasks)
+    if not names:
+        raise ValueError("tasks must name at least one task, got []")
+    for t in names:
+        if not isinstance(t, str) or not t or "." in t or t == SHARED:
+            raise ValueError(f"task names must be non-empty strings without '.' and other than {SHARED!r}, got {t!r}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"task names must be unique, got {list(names)}")
+    return names
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    """Number of scalar parameters of ``model`` (each shared tensor counted once)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def _params(items: Iterable[nn.Module | nn.Parameter | None]) -> list[nn.Parameter]:
+    out: list[nn.Parameter] = []
+    for item in items:
+        if item is None:
+            continue
+        if isinstance(item, nn.Parameter):
+            out.append(item)
+        else:
+            out.extend(item.parameters())
+    return out
+
+
+class MultiTaskModel(nn.Module):
+    """Base class: owns the input arch and the task list; subclasses build the body and the heads.
+
+    Subclasses implement :meth:`_forward` (returning outputs and gates) and :meth:`_task_owned`
+    (the modules or parameters only one task uses). ``self.inputs`` is the shared
+    :class:`~mtrec.models.inputs.InputArch` unless a subclass sets ``build_inputs=False``.
+    """
+
+    def __init__(
+        self,
+        features: FeatureSpec,
+        tasks: Sequence[str],
+        *,
+        embedding_dim: int = 16,
+        dense_dims: Sequence[int] = (),
+        tower_dims: Sequence[int] = (8,),
+        dropout: float = 0.0,
+        activation: str = "relu",
+        build_inputs: bool = True,
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.features = features
+        self.tasks = check_tasks(tasks)
+        self.embedding_dim = embedding_dim
+        self.dense_dims = check_dims("dense_dims", dense_dims)
+        self.tower_dims = check_dims("tower_dims", tower_dims)
+        self.dropout = dropout
+        self.activation = activation
+        self.inputs: InputArch | None = None
+        if build_inputs:
+            self.inputs = self.make_inputs()
+
+    def make_inputs(self) -> InputArch:
+        """A fresh input arch with this model's embedding, dense and activation settings."""
+        return InputArch(self.features, self.embedding_dim, self.dense_dims, self.activation, self.dropout)
+
+    # --- the contract ----------------------------------------------------------------------------
+    def forward(self, dense: Tensor, sparse: KeyedJaggedTensor) -> Outputs:
+        """``{task: Tensor[B]}`` for inputs ``dense [B, D]`` and a KeyedJaggedTensor of ``B`` rows."""
+        return self._forward(dense, sparse)[0]
+
+    def forward_with_gates(self, dense: Tensor, sparse: KeyedJaggedTensor) -> tuple[Outputs, Gates]:
+        """Outputs plus ``{gate_name: Tensor[B, E]}`` softmax gate weights (``{}`` for non-gated models)."""
+        return self._forward(dense, sparse)
+
+    @torch.no_grad()
+    def expert_utilisation(self, dense: Tensor, sparse: KeyedJaggedTensor) -> dict[str, Tensor]:
+        """Mean gate weight per expert, ``{gate_name: Tensor[E]}`` (each sums to 1); ``{}`` if not gated.
+
+        Runs in the model's current mode: call ``.eval()`` first to leave dropout out.
+        """
+        _, gates = self._forward(dense, sparse)
+        return {k: g.mean(dim=0) for k, g in gates.items()}
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """``{"shared": [...], task: [...] for every task}``; every parameter in exactly one group."""
+        owned = {t: _params(self._task_owned(t)) for t in self.tasks}
+        seen: dict[int, str] = {}
+        for t, ps in owned.items():
+            for p in ps:
+                if id(p) in seen:
+                    raise RuntimeError(f"{type(self).__name__}: a parameter is owned by both {seen[id(p)]!r} and {t!r}")
+                seen[id(p)] = t
+        shared = [p for p in self.parameters() if id(p) not in seen]
+        return {SHARED: shared, **owned}
+
+    def regularization(self) -> Tensor:
+        """Extra loss term to add to the objective; zero for every model but :class:`L2Sharing`."""
+        p = next(self.parameters())
+        return p.new_zeros(())
+
+    # --- for subclasses ----------------------------------------------------------------------------
+    def _forward(self, dense: Tensor, sparse: KeyedJaggedTensor) -> tuple[Outputs, Gates]:
+        raise NotImplementedError
+
+    def _task_owned(self, task: str) -> list[nn.Module | nn.Parameter | None]:
+        """Modules or parameters only ``task``'s output depends on (default: none)."""
+        return []
+
+    def _input_vector(self, dense: Tensor, sparse: KeyedJaggedTensor) -> Tensor:
+        assert self.inputs is not None
+        return self.inputs(dense, sparse)

@@ -1,0 +1,126 @@
+"""No sharing (independent single-task models) and hard parameter sharing (Shared-Bottom)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import Tensor, nn
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from mtrec.data.batch import FeatureSpec
+from mtrec.models.base import Gates, MultiTaskModel, Outputs
+from mtrec.models.layers import MLP, Tower
+
+
+class SingleTask(MultiTaskModel):
+    """``k`` independent single-task models trained jointly: nothing is shared.
+
+    Each task has its own input arch (its own ``EmbeddingBagCollection`` and dense arch), its own bottom
+    MLP (``bottom_dims``) and its own tower, so the ``"shared"`` parameter group is empty. The baseline
+    that every multi-task model should beat.
+
+    Args:
+        bottom_dims: widths of each task's bottom MLP (default: the MMoE paper's 113-unit bottom).
+
+    Example::
+
+        >>> from mtrec.data.batch import FeatureSpec, SparseFeature
+        >>> from mtrec.models import random_inputs
+        >>> features = FeatureSpec(("age", "income"), (SparseFeature("city", 100),))
+        >>> model = SingleTask(features, ["ctr", "cvr"], bottom_dims=[32])
+        >>> dense, sparse = random_inputs(features, batch_size=4)
+        >>> {k: tuple(v.shape) for k, v in model(dense, sparse).items()}
+        {'ctr': (4,), 'cvr': (4,)}
+        >>> len(model.parameter_groups()["shared"])
+        0
+    """
+
+    def __init__(
+        self,
+        features: FeatureSpec,
+        tasks: Sequence[str],
+        *,
+        embedding_dim: int = 16,
+        dense_dims: Sequence[int] = (),
+        tower_dims: Sequence[int] = (8,),
+        dropout: float = 0.0,
+        activation: str = "relu",
+        bottom_dims: Sequence[int] = (113,),
+    ) -> None:
+        super().__init__(
+            features,
+            tasks,
+            embedding_dim=embedding_dim,
+            dense_dims=dense_dims,
+            tower_dims=tower_dims,
+            dropout=dropout,
+            activation=activation,
+            build_inputs=False,
+        )
+        self.task_inputs = nn.ModuleDict({t: self.make_inputs() for t in self.tasks})
+        in_dim = self.task_inputs[self.tasks[0]].out_dim
+        self.bottoms = nn.ModuleDict({t: MLP(in_dim, bottom_dims, activation, dropout) for t in self.tasks})
+        out_dim = self.bottoms[self.tasks[0]].out_dim
+        self.towers = nn.ModuleDict({t: Tower(out_dim, tower_dims, activation, dropout) for t in self.tasks})
+
+    def _forward(self, dense: Tensor, sparse: KeyedJaggedTensor) -> tuple[Outputs, Gates]:
+        out = {t: self.towers[t](self.bottoms[t](self.task_inputs[t](dense, sparse))) for t in self.tasks}
+        return out, {}
+
+    def _task_owned(self, task: str) -> list[nn.Module | nn.Parameter | None]:
+        return [self.task_inputs[task], self.bottoms[task], self.towers[task]]
+
+
+class SharedBottom(MultiTaskModel):
+    """Shared-Bottom: one bottom MLP shared by all tasks, one tower per task (hard parameter sharing).
+
+    R. Caruana, "Multitask Learning", Machine Learning 28, 1997; the baseline of Ma et al., "Modeling
+    Task Relationships in Multi-task Learning with Multi-gate Mixture-of-Experts", KDD 2018.
+
+    Args:
+        bottom_dims: widths of the shared bottom MLP (default ``(113,)``, the MMoE paper's size).
+
+    Example::
+
+        >>> from mtrec.data.batch import FeatureSpec
+        >>> from mtrec.models import random_inputs
+        >>> features = FeatureSpec(tuple(f"x{i}" for i in range(100)), ())
+        >>> model = SharedBottom(features, ["y1", "y2"])
+        >>> dense, sparse = random_inputs(features, batch_size=4)
+        >>> {k: tuple(v.shape) for k, v in model(dense, sparse).items()}
+        {'y1': (4,), 'y2': (4,)}
+    """
+
+    def __init__(
+        self,
+        features: FeatureSpec,
+        tasks: Sequence[str],
+        *,
+        embedding_dim: int = 16,
+        dense_dims: Sequence[int] = (),
+        tower_dims: Sequence[int] = (8,),
+        dropout: float = 0.0,
+        activation: str = "relu",
+        bottom_dims: Sequence[int] = (113,),
+    ) -> None:
+        super().__init__(
+            features,
+            tasks,
+            embedding_dim=embedding_dim,
+            dense_dims=dense_dims,
+            tower_dims=tower_dims,
+            dropout=dropout,
+            activation=activation,
+        )
+        assert self.inputs is not None
+        self.bottom = MLP(self.inputs.out_dim, bottom_dims, activation, dropout)
+        self.towers = nn.ModuleDict(
+            {t: Tower(self.bottom.out_dim, tower_dims, activation, dropout) for t in self.tasks}
+        )
+
+    def _forward(self, dense: Tensor, sparse: KeyedJaggedTensor) -> tuple[Outputs, Gates]:
+        h = self.bottom(self._input_vector(dense, sparse))
+        return {t: self.towers[t](h) for t in self.tasks}, {}
+
+    def _task_owned(self, task: str) -> list[nn.Module | nn.Parameter | None]:
+        return [self.towers[task]]
