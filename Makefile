@@ -10,7 +10,7 @@ TORCHREC_VERSION := 1.8.0
 # torchrec's own needs, less fbgemm-gpu (installed separately in the CPU or CUDA flavour).
 TORCHREC_DEPS := tensordict==0.15.3 torchmetrics==1.0.3 pyre-extensions==0.0.32 iopath tqdm
 
-.PHONY: setup test lint bench clean
+.PHONY: setup test lint bench bench-peers clean
 
 setup:
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,15 @@ bench:
 	$(PY) benchmarks/mmoe_synthetic.py --quick
 	$(PY) benchmarks/census.py --quick
 	$(PY) benchmarks/throughput.py --quick
+
+bench-peers:
+	@# Peer libraries for side-by-side benchmarks, kept out of the project venv: benchmarks/throughput.py
+	@# appends benchmarks/.peers to the END of sys.path, so the venv's packages always win. --no-deps
+	@# everywhere: the venv already has torch, numpy, tqdm, python-dateutil and tzdata; the rest of what
+	@# `import torch_rechub` reaches (its trainers import sklearn, sklearn pulls scipy, joblib,
+	@# threadpoolctl and narwhals; pandas) is listed here.
+	$(PIP) install --no-deps --target benchmarks/.peers torch-rechub==0.9.0 \
+	  pandas==3.1.1 scikit-learn==1.9.1 scipy==1.17.1 joblib==1.6.0 threadpoolctl==3.8.0 narwhals==2.28.0
 
 clean:
 	rm -rf $(VENV) outputs multirun *.egg-info
