@@ -30,6 +30,7 @@ from mtrec.models import (
     SharedBottom,
     count_parameters,
     product_logit,
+    random_inputs,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -604,3 +605,45 @@ def test_model_configs_instantiate(path: Path) -> None:
     assert isinstance(model, MODELS[path.stem])
     out = model(*make_batch(FEATURES, [])[:2])
     assert set(out) == set(tasks)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_shared_representation_carries_every_shared_gradient_path(name: str) -> None:
+    """The representation is a tensor every task's output depends on; outputs equal plain forward."""
+    features = FeatureSpec(("d0", "d1", "d2"), (SparseFeature("item", 50, max_len=1),))
+    tasks = ["ctr", "ctcvr"] if name == "esmm" else ["a", "b"]
+    model = MODELS[name](features, tasks)
+    model.eval()
+    dense, sparse = random_inputs(features, batch_size=6)
+    outputs, rep = model.forward_with_representation(dense, sparse)
+    for t, v in model(dense, sparse).items():
+        torch.testing.assert_close(outputs[t], v)
+    if name == "single_task":
+        assert rep is None  # nothing is shared
+        return
+    assert rep is not None and rep.requires_grad
+    for t in tasks:
+        (g,) = torch.autograd.grad(outputs[t].sum(), rep, retain_graph=True)
+        assert g.abs().sum() > 0, f"task {t} does not read the representation"
+    if name in ("mmoe", "omoe"):
+        assert rep.shape[:2] == (model.num_experts, 6)  # [E, B, H]: the experts' outputs
+    assert model._representation is None  # nothing kept after the call
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_last_shared_parameters_are_shared_and_read_by_every_task(name: str) -> None:
+    features = FeatureSpec(("d0", "d1", "d2"), (SparseFeature("item", 50, max_len=1),))
+    tasks = ["ctr", "ctcvr"] if name == "esmm" else ["a", "b"]
+    model = MODELS[name](features, tasks)
+    last = model.last_shared_parameters()
+    shared_ids = {id(p) for p in model.parameter_groups()["shared"]}
+    assert all(id(p) in shared_ids for p in last)
+    if name == "single_task":
+        assert last == []
+        return
+    assert last
+    dense, sparse = random_inputs(features, batch_size=6)
+    out = model(dense, sparse)
+    for t in tasks:
+        grads = torch.autograd.grad(out[t].sum(), last, retain_graph=True, allow_unused=True)
+        assert any(g is not None and g.abs().sum() > 0 for g in grads), t

@@ -12,6 +12,10 @@
   every task through the cross-stitch units / the shared gate), and ESMM's CTR tower is shared (both
   ``ctr`` and ``ctcvr`` use it).
 * ``regularization() -> scalar``: an extra term to add to the objective (zero unless overridden).
+* ``forward_with_representation(dense, sparse) -> (outputs, Z)``: ``Z`` is the shared representation
+  that every task head reads (the experts' outputs of a mixture, the shared bottom's output, else the
+  input vector), for methods that work on gradients with respect to it (MGDA-UB, GREAT). ``None`` for
+  models that share nothing.
 """
 
 from __future__ import annotations
@@ -95,6 +99,8 @@ class MultiTaskModel(nn.Module):
         self.dropout = dropout
         self.activation = activation
         self.inputs: InputArch | None = None
+        self._capture_representation = False
+        self._representation: Tensor | None = None
         if build_inputs:
             self.inputs = self.make_inputs()
 
@@ -110,6 +116,15 @@ class MultiTaskModel(nn.Module):
     def forward_with_gates(self, dense: Tensor, sparse: KeyedJaggedTensor) -> tuple[Outputs, Gates]:
         """Outputs plus ``{gate_name: Tensor[B, E]}`` softmax gate weights (``{}`` for non-gated models)."""
         return self._forward(dense, sparse)
+
+    def forward_with_representation(self, dense: Tensor, sparse: KeyedJaggedTensor) -> tuple[Outputs, Tensor | None]:
+        """Outputs plus the shared representation every task reads (see the module docstring)."""
+        self._capture_representation, self._representation = True, None
+        try:
+            outputs = self._forward(dense, sparse)[0]
+            return outputs, self._representation
+        finally:
+            self._capture_representation, self._representation = False, None
 
     @torch.no_grad()
     def expert_utilisation(self, dense: Tensor, sparse: KeyedJaggedTensor) -> dict[str, Tensor]:
@@ -132,6 +147,15 @@ class MultiTaskModel(nn.Module):
         shared = [p for p in self.parameters() if id(p) not in seen]
         return {SHARED: shared, **owned}
 
+    def last_shared_parameters(self) -> list[nn.Parameter]:
+        """Parameters of the last shared layer (GradNorm measures task gradient norms on these).
+
+        Default: the last shared parameter tensors that hold a weight matrix and its bias, in
+        registration order; models with a clear last shared layer override this.
+        """
+        shared = self.parameter_groups()[SHARED]
+        return shared[-2:] if len(shared) >= 2 else shared
+
     def regularization(self) -> Tensor:
         """Extra loss term to add to the objective; zero for every model but :class:`L2Sharing`."""
         p = next(self.parameters())
@@ -147,4 +171,10 @@ class MultiTaskModel(nn.Module):
 
     def _input_vector(self, dense: Tensor, sparse: KeyedJaggedTensor) -> Tensor:
         assert self.inputs is not None
-        return self.inputs(dense, sparse)
+        return self._mark_representation(self.inputs(dense, sparse))
+
+    def _mark_representation(self, z: Tensor) -> Tensor:
+        """Record ``z`` as the shared representation (the last one marked in a forward pass wins)."""
+        if self._capture_representation:
+            self._representation = z
+        return z

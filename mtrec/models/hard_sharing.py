@@ -119,8 +119,13 @@ class SharedBottom(MultiTaskModel):
         )
 
     def _forward(self, dense: Tensor, sparse: KeyedJaggedTensor) -> tuple[Outputs, Gates]:
-        h = self.bottom(self._input_vector(dense, sparse))
+        h = self._mark_representation(self.bottom(self._input_vector(dense, sparse)))
         return {t: self.towers[t](h) for t in self.tasks}, {}
+
+    def last_shared_parameters(self) -> list[nn.Parameter]:
+        """The shared bottom's last Linear layer."""
+        linears = [m for m in self.bottom.modules() if isinstance(m, nn.Linear)]
+        return list(linears[-1].parameters()) if linears else super().last_shared_parameters()
 
     def _task_owned(self, task: str) -> list[nn.Module | nn.Parameter | None]:
         return [self.towers[task]]

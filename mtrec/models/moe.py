@@ -65,7 +65,7 @@ class _MixtureOfExperts(MultiTaskModel):
 
     def _forward(self, dense: Tensor, sparse: KeyedJaggedTensor) -> tuple[Outputs, Gates]:
         x = self._input_vector(dense, sparse)
-        experts = self.experts(x)  # [E, B, H]
+        experts = self._mark_representation(self.experts(x))  # [E, B, H]
         gates = {name: gate(x) for name, gate in self.gates.items()}  # [E, B] each
         if self.per_task_gates:
             out = {t: self.towers[t](mix(gates[t], experts)) for t in self.tasks}
@@ -73,6 +73,10 @@ class _MixtureOfExperts(MultiTaskModel):
             h = mix(gates[SHARED], experts)
             out = {t: self.towers[t](h) for t in self.tasks}
         return out, {name: g.t() for name, g in gates.items()}
+
+    def last_shared_parameters(self) -> list[nn.Parameter]:
+        """The experts' last layer."""
+        return list(self.experts.layers[-1].parameters())
 
     def _task_owned(self, task: str) -> list[nn.Module | nn.Parameter | None]:
         owned: list[nn.Module | nn.Parameter | None] = [self.towers[task]]
