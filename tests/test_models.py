@@ -647,3 +647,39 @@ def test_last_shared_parameters_are_shared_and_read_by_every_task(name: str) -> 
     for t in tasks:
         grads = torch.autograd.grad(out[t].sum(), last, retain_graph=True, allow_unused=True)
         assert any(g is not None and g.abs().sum() > 0 for g in grads), t
+
+
+FEED_MODELS = sorted(n for n in MODELS if n != "esmm")
+
+
+@pytest.mark.parametrize("stop_gradient", [True, False])
+@pytest.mark.parametrize("name", FEED_MODELS)
+def test_task_feeds_estimate_as_feature(name: str, stop_gradient: bool) -> None:
+    features = FeatureSpec(("d0", "d1", "d2"), (SparseFeature("item", 50, max_len=1),))
+    model = MODELS[name](features, ["cvr", "ctr"], task_feeds={"cvr": "ctr"}, feed_stop_gradient=stop_gradient)
+    dense, sparse = random_inputs(features, batch_size=8)
+    out = model(dense, sparse)
+    source_tower = list(model.towers["ctr"].parameters())
+    grads = torch.autograd.grad(out["cvr"].sum(), source_tower, allow_unused=True)
+    reached = any(g is not None and g.abs().sum() > 0 for g in grads)
+    assert reached is (not stop_gradient)
+    groups = model.parameter_groups()
+    owned_by_ctr = {id(p) for p in groups["ctr"]}
+    assert all((id(p) in owned_by_ctr) is stop_gradient for p in source_tower)
+    # The target really reads the estimate: changing the source tower's output bias changes cvr's output.
+    with torch.no_grad():
+        before = model(dense, sparse)["cvr"].clone()
+        model.towers["ctr"].out.bias.add_(5.0)
+        after = model(dense, sparse)
+    assert not torch.allclose(before, after["cvr"])
+    assert model.towers["cvr"].mlp[0].in_features == model.towers["ctr"].mlp[0].in_features + 1
+
+
+def test_task_feeds_validation() -> None:
+    features = FeatureSpec(("d0",), ())
+    with pytest.raises(ValueError, match="cycle"):
+        MMoE(features, ["a", "b"], task_feeds={"a": "b", "b": "a"})
+    with pytest.raises(ValueError, match="'c' is not one of"):
+        MMoE(features, ["a", "b"], task_feeds={"a": "c"})
+    with pytest.raises(ValueError, match="itself"):
+        MMoE(features, ["a", "b"], task_feeds={"a": "a"})

@@ -161,3 +161,11 @@ def test_cli_writes_metrics_json_in_the_hydra_run_dir(tmp_path: Path) -> None:
     assert set(metrics) == {"val", "test"}
     assert (run_dir / "last.pt").exists() and (run_dir / "best.pt").exists()
     assert (run_dir / ".hydra" / "config.yaml").exists()
+
+
+@pytest.mark.parametrize("stop_gradient", ["true", "false"])
+def test_estimate_as_feature_from_config(stop_gradient: str, tmp_path: Path) -> None:
+    c = cfg("model.task_feeds={conversion:click}", f"model.feed_stop_gradient={stop_gradient}",
+            "trainer.max_steps=4", *TINY)
+    metrics = run(c, tmp_path)
+    assert set(metrics["test"]) == {"click", "conversion", "dwell"}

@@ -20,7 +20,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -28,7 +28,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from mtrec.data.batch import FeatureSpec
 from mtrec.models.inputs import InputArch
-from mtrec.models.layers import check_dims
+from mtrec.models.layers import Tower, check_dims
 
 SHARED = "shared"
 
@@ -86,6 +86,8 @@ class MultiTaskModel(nn.Module):
         tower_dims: Sequence[int] = (8,),
         dropout: float = 0.0,
         activation: str = "relu",
+        task_feeds: Mapping[str, str] | None = None,
+        feed_stop_gradient: bool = True,
         build_inputs: bool = True,
     ) -> None:
         super().__init__()
@@ -98,11 +100,68 @@ class MultiTaskModel(nn.Module):
         self.tower_dims = check_dims("tower_dims", tower_dims)
         self.dropout = dropout
         self.activation = activation
+        self.task_feeds = self._check_feeds(task_feeds or {})
+        self.feed_stop_gradient = bool(feed_stop_gradient)
         self.inputs: InputArch | None = None
         self._capture_representation = False
         self._representation: Tensor | None = None
         if build_inputs:
             self.inputs = self.make_inputs()
+
+    def _check_feeds(self, feeds: Mapping[str, str]) -> dict[str, str]:
+        """Validate ``task_feeds`` (``{target: source}``) and order the towers so sources run first."""
+        feeds = dict(feeds)
+        for target, source in feeds.items():
+            for role, name in (("target", target), ("source", source)):
+                if name not in self.tasks:
+                    raise ValueError(f"task_feeds: {role} task {name!r} is not one of {list(self.tasks)}")
+            if target == source:
+                raise ValueError(f"task_feeds: task {target!r} cannot feed itself")
+        order: list[str] = []
+        visiting: set[str] = set()
+
+        def visit(t: str) -> None:
+            if t in order:
+                return
+            if t in visiting:
+                raise ValueError(f"task_feeds {feeds} contain a cycle through {t!r}")
+            visiting.add(t)
+            if t in feeds:
+                visit(feeds[t])
+            visiting.discard(t)
+            order.append(t)
+
+        for t in self.tasks:
+            visit(t)
+        self._tower_order = tuple(order)
+        return feeds
+
+    def _build_towers(self, in_dims: int | Mapping[str, int]) -> nn.ModuleDict:
+        """One tower per task; a tower that reads another task's estimate gets one more input."""
+        dims = {t: in_dims if isinstance(in_dims, int) else in_dims[t] for t in self.tasks}
+        return nn.ModuleDict(
+            {
+                t: Tower(dims[t] + (1 if t in self.task_feeds else 0), self.tower_dims, self.activation, self.dropout)
+                for t in self.tasks
+            }
+        )
+
+    def _apply_towers(self, inputs: Mapping[str, Tensor]) -> Outputs:
+        """Run every task's tower on its input; a fed task also reads its source task's output.
+
+        With ``feed_stop_gradient`` (the default) the estimate enters behind a stop-gradient, so the
+        target task's loss never trains the source task (e.g. CTR used as a feature of CVR).
+        """
+        out: Outputs = {}
+        for t in self._tower_order:
+            h = inputs[t]
+            if t in self.task_feeds:
+                estimate = out[self.task_feeds[t]]
+                if self.feed_stop_gradient:
+                    estimate = estimate.detach()
+                h = torch.cat([h, estimate.unsqueeze(-1).to(h.dtype)], dim=-1)
+            out[t] = self.towers[t](h)
+        return {t: out[t] for t in self.tasks}
 
     def make_inputs(self) -> InputArch:
         """A fresh input arch with this model's embedding, dense and activation settings."""
@@ -138,6 +197,10 @@ class MultiTaskModel(nn.Module):
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         """``{"shared": [...], task: [...] for every task}``; every parameter in exactly one group."""
         owned = {t: _params(self._task_owned(t)) for t in self.tasks}
+        if self.task_feeds and not self.feed_stop_gradient:
+            # A task's whole output path also feeds its targets: what it owns is read by them too.
+            for source in set(self.task_feeds.values()):
+                owned[source] = []
         seen: dict[int, str] = {}
         for t, ps in owned.items():
             for p in ps:

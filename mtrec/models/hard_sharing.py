@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from torch import Tensor, nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from mtrec.data.batch import FeatureSpec
 from mtrec.models.base import Gates, MultiTaskModel, Outputs
-from mtrec.models.layers import MLP, Tower
+from mtrec.models.layers import MLP
 
 
 class SingleTask(MultiTaskModel):
@@ -45,6 +45,8 @@ class SingleTask(MultiTaskModel):
         tower_dims: Sequence[int] = (8,),
         dropout: float = 0.0,
         activation: str = "relu",
+        task_feeds: Mapping[str, str] | None = None,
+        feed_stop_gradient: bool = True,
         bottom_dims: Sequence[int] = (113,),
     ) -> None:
         super().__init__(
@@ -55,16 +57,18 @@ class SingleTask(MultiTaskModel):
             tower_dims=tower_dims,
             dropout=dropout,
             activation=activation,
+            task_feeds=task_feeds,
+            feed_stop_gradient=feed_stop_gradient,
             build_inputs=False,
         )
         self.task_inputs = nn.ModuleDict({t: self.make_inputs() for t in self.tasks})
         in_dim = self.task_inputs[self.tasks[0]].out_dim
         self.bottoms = nn.ModuleDict({t: MLP(in_dim, bottom_dims, activation, dropout) for t in self.tasks})
         out_dim = self.bottoms[self.tasks[0]].out_dim
-        self.towers = nn.ModuleDict({t: Tower(out_dim, tower_dims, activation, dropout) for t in self.tasks})
+        self.towers = self._build_towers(out_dim)
 
     def _forward(self, dense: Tensor, sparse: KeyedJaggedTensor) -> tuple[Outputs, Gates]:
-        out = {t: self.towers[t](self.bottoms[t](self.task_inputs[t](dense, sparse))) for t in self.tasks}
+        out = self._apply_towers({t: self.bottoms[t](self.task_inputs[t](dense, sparse)) for t in self.tasks})
         return out, {}
 
     def _task_owned(self, task: str) -> list[nn.Module | nn.Parameter | None]:
@@ -101,6 +105,8 @@ class SharedBottom(MultiTaskModel):
         tower_dims: Sequence[int] = (8,),
         dropout: float = 0.0,
         activation: str = "relu",
+        task_feeds: Mapping[str, str] | None = None,
+        feed_stop_gradient: bool = True,
         bottom_dims: Sequence[int] = (113,),
     ) -> None:
         super().__init__(
@@ -111,16 +117,16 @@ class SharedBottom(MultiTaskModel):
             tower_dims=tower_dims,
             dropout=dropout,
             activation=activation,
+            task_feeds=task_feeds,
+            feed_stop_gradient=feed_stop_gradient,
         )
         assert self.inputs is not None
         self.bottom = MLP(self.inputs.out_dim, bottom_dims, activation, dropout)
-        self.towers = nn.ModuleDict(
-            {t: Tower(self.bottom.out_dim, tower_dims, activation, dropout) for t in self.tasks}
-        )
+        self.towers = self._build_towers(self.bottom.out_dim)
 
     def _forward(self, dense: Tensor, sparse: KeyedJaggedTensor) -> tuple[Outputs, Gates]:
         h = self._mark_representation(self.bottom(self._input_vector(dense, sparse)))
-        return {t: self.towers[t](h) for t in self.tasks}, {}
+        return self._apply_towers({t: h for t in self.tasks}), {}
 
     def last_shared_parameters(self) -> list[nn.Parameter]:
         """The shared bottom's last Linear layer."""

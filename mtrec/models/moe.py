@@ -9,7 +9,7 @@ product for all of them) rather than a loop over small modules; gates are softma
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -17,7 +17,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from mtrec.data.batch import FeatureSpec
 from mtrec.models.base import SHARED, Gates, MultiTaskModel, Outputs
-from mtrec.models.layers import Gate, GroupedMLP, Tower, mix
+from mtrec.models.layers import Gate, GroupedMLP, mix
 
 
 def _check_count(name: str, value: int, minimum: int) -> int:
@@ -41,6 +41,8 @@ class _MixtureOfExperts(MultiTaskModel):
         tower_dims: Sequence[int] = (8,),
         dropout: float = 0.0,
         activation: str = "relu",
+        task_feeds: Mapping[str, str] | None = None,
+        feed_stop_gradient: bool = True,
         num_experts: int = 8,
         expert_dims: Sequence[int] = (16,),
     ) -> None:
@@ -52,6 +54,8 @@ class _MixtureOfExperts(MultiTaskModel):
             tower_dims=tower_dims,
             dropout=dropout,
             activation=activation,
+            task_feeds=task_feeds,
+            feed_stop_gradient=feed_stop_gradient,
         )
         assert self.inputs is not None
         in_dim = self.inputs.out_dim
@@ -59,19 +63,17 @@ class _MixtureOfExperts(MultiTaskModel):
         self.experts = GroupedMLP(num_experts, in_dim, expert_dims, activation, dropout)
         gate_names = self.tasks if self.per_task_gates else (SHARED,)
         self.gates = nn.ModuleDict({g: Gate(in_dim, num_experts) for g in gate_names})
-        self.towers = nn.ModuleDict(
-            {t: Tower(self.experts.out_dim, tower_dims, activation, dropout) for t in self.tasks}
-        )
+        self.towers = self._build_towers(self.experts.out_dim)
 
     def _forward(self, dense: Tensor, sparse: KeyedJaggedTensor) -> tuple[Outputs, Gates]:
         x = self._input_vector(dense, sparse)
         experts = self._mark_representation(self.experts(x))  # [E, B, H]
         gates = {name: gate(x) for name, gate in self.gates.items()}  # [E, B] each
         if self.per_task_gates:
-            out = {t: self.towers[t](mix(gates[t], experts)) for t in self.tasks}
+            out = self._apply_towers({t: mix(gates[t], experts) for t in self.tasks})
         else:
             h = mix(gates[SHARED], experts)
-            out = {t: self.towers[t](h) for t in self.tasks}
+            out = self._apply_towers({t: h for t in self.tasks})
         return out, {name: g.t() for name, g in gates.items()}
 
     def last_shared_parameters(self) -> list[nn.Parameter]:
@@ -244,6 +246,8 @@ class PLE(MultiTaskModel):
         tower_dims: Sequence[int] = (8,),
         dropout: float = 0.0,
         activation: str = "relu",
+        task_feeds: Mapping[str, str] | None = None,
+        feed_stop_gradient: bool = True,
         num_levels: int = 2,
         num_shared_experts: int = 4,
         num_task_experts: int = 2,
@@ -257,6 +261,8 @@ class PLE(MultiTaskModel):
             tower_dims=tower_dims,
             dropout=dropout,
             activation=activation,
+            task_feeds=task_feeds,
+            feed_stop_gradient=feed_stop_gradient,
         )
         assert self.inputs is not None
         self.num_levels = _check_count("num_levels", num_levels, 1)
@@ -277,7 +283,7 @@ class PLE(MultiTaskModel):
             )
             self.levels.append(extraction)
             in_dim = extraction.out_dim
-        self.towers = nn.ModuleDict({t: Tower(in_dim, tower_dims, activation, dropout) for t in self.tasks})
+        self.towers = self._build_towers(in_dim)
 
     def _gate_name(self, name: str, level: int) -> str:
         return f"{name}@level{level}"
@@ -291,7 +297,7 @@ class PLE(MultiTaskModel):
             assert shared_input is not None
             task_inputs, shared_input, level_gates = extraction(task_inputs, shared_input)
             gates.update({self._gate_name(k, level): g.t() for k, g in level_gates.items()})
-        return {t: self.towers[t](h) for t, h in zip(self.tasks, task_inputs)}, gates
+        return self._apply_towers(dict(zip(self.tasks, task_inputs))), gates
 
     def _task_owned(self, task: str) -> list[nn.Module | nn.Parameter | None]:
         last = self.levels[-1]
@@ -340,6 +346,8 @@ class CGC(PLE):
         tower_dims: Sequence[int] = (8,),
         dropout: float = 0.0,
         activation: str = "relu",
+        task_feeds: Mapping[str, str] | None = None,
+        feed_stop_gradient: bool = True,
         num_shared_experts: int = 4,
         num_task_experts: int = 2,
         expert_dims: Sequence[int] = (16,),
@@ -352,6 +360,8 @@ class CGC(PLE):
             tower_dims=tower_dims,
             dropout=dropout,
             activation=activation,
+            task_feeds=task_feeds,
+            feed_stop_gradient=feed_stop_gradient,
             num_levels=1,
             num_shared_experts=num_shared_experts,
             num_task_experts=num_task_experts,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -10,7 +10,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from mtrec.data.batch import FeatureSpec
 from mtrec.models.base import Gates, MultiTaskModel, Outputs
-from mtrec.models.layers import MLP, GroupedLinear, Tower, check_dims, make_activation
+from mtrec.models.layers import MLP, GroupedLinear, check_dims, make_activation
 
 
 class L2Sharing(MultiTaskModel):
@@ -54,6 +54,8 @@ class L2Sharing(MultiTaskModel):
         tower_dims: Sequence[int] = (8,),
         dropout: float = 0.0,
         activation: str = "relu",
+        task_feeds: Mapping[str, str] | None = None,
+        feed_stop_gradient: bool = True,
         bottom_dims: Sequence[int] = (113,),
         l2_weight: float = 1e-3,
     ) -> None:
@@ -65,6 +67,8 @@ class L2Sharing(MultiTaskModel):
             tower_dims=tower_dims,
             dropout=dropout,
             activation=activation,
+            task_feeds=task_feeds,
+            feed_stop_gradient=feed_stop_gradient,
         )
         if l2_weight < 0:
             raise ValueError(f"l2_weight must be >= 0, got {l2_weight}")
@@ -74,11 +78,11 @@ class L2Sharing(MultiTaskModel):
         in_dim = self.inputs.out_dim
         self.bottoms = nn.ModuleDict({t: MLP(in_dim, dims, activation, dropout) for t in self.tasks})
         out_dim = dims[-1]
-        self.towers = nn.ModuleDict({t: Tower(out_dim, tower_dims, activation, dropout) for t in self.tasks})
+        self.towers = self._build_towers(out_dim)
 
     def _forward(self, dense: Tensor, sparse: KeyedJaggedTensor) -> tuple[Outputs, Gates]:
         x = self._input_vector(dense, sparse)
-        return {t: self.towers[t](self.bottoms[t](x)) for t in self.tasks}, {}
+        return self._apply_towers({t: self.bottoms[t](x) for t in self.tasks}), {}
 
     def regularization(self) -> Tensor:
         columns = [list(self.bottoms[t].parameters()) for t in self.tasks]
@@ -132,6 +136,8 @@ class CrossStitch(MultiTaskModel):
         tower_dims: Sequence[int] = (8,),
         dropout: float = 0.0,
         activation: str = "relu",
+        task_feeds: Mapping[str, str] | None = None,
+        feed_stop_gradient: bool = True,
         bottom_dims: Sequence[int] = (64, 32),
         alpha_self: float = 0.9,
     ) -> None:
@@ -143,6 +149,8 @@ class CrossStitch(MultiTaskModel):
             tower_dims=tower_dims,
             dropout=dropout,
             activation=activation,
+            task_feeds=task_feeds,
+            feed_stop_gradient=feed_stop_gradient,
         )
         if not 0.0 <= alpha_self <= 1.0:
             raise ValueError(f"alpha_self must be in [0, 1], got {alpha_self}")
@@ -162,14 +170,14 @@ class CrossStitch(MultiTaskModel):
             init = torch.full((k, k), (1.0 - alpha_self) / (k - 1))
             init.fill_diagonal_(alpha_self)
         self.stitch = nn.Parameter(init.expand(len(dims), k, k).clone())
-        self.towers = nn.ModuleDict({t: Tower(d, tower_dims, activation, dropout) for t in self.tasks})
+        self.towers = self._build_towers(d)
 
     def _forward(self, dense: Tensor, sparse: KeyedJaggedTensor) -> tuple[Outputs, Gates]:
         h = self._input_vector(dense, sparse)  # [B, D], the same input for every column
         for layer, alpha in zip(self.columns, self.stitch):
             y = self.drop(self.act(layer(h)))  # [k, B, H], column-major
             h = (alpha @ y.reshape(len(self.tasks), -1)).view(y.shape)  # h'[u] = sum_v alpha[u, v] y[v]
-        return {t: self.towers[t](h[i]) for i, t in enumerate(self.tasks)}, {}
+        return self._apply_towers({t: h[i] for i, t in enumerate(self.tasks)}), {}
 
     def _task_owned(self, task: str) -> list[nn.Module | nn.Parameter | None]:
         return [self.towers[task]]
