@@ -3,12 +3,25 @@
 Imports torch only; never ``mtrec``, ``mtrl`` or ``serving``.
 """
 
+from mtl.gradients import GRADIENT_METHODS, GradientMethod, build_gradient_method
 from mtl.metrics import auc, log_loss, mae, mse
 from mtl.optim import build_param_groups
+from mtl.scheduling import SCHEDULERS, TaskScheduler, TaskStreams, build_scheduler
 from mtl.tasks import TaskSpec, compute_losses, total_loss
+from mtl.weighting import WEIGHTINGS, Weighting, build_weighting
 
 __all__ = [
+    "GRADIENT_METHODS",
+    "SCHEDULERS",
+    "WEIGHTINGS",
+    "GradientMethod",
+    "TaskScheduler",
     "TaskSpec",
+    "TaskStreams",
+    "Weighting",
+    "build_gradient_method",
+    "build_scheduler",
+    "build_weighting",
     "auc",
     "build_param_groups",
     "compute_losses",

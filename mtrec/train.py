@@ -71,11 +71,17 @@ def select_tasks(tasks: list[TaskSpec], names: Any) -> list[TaskSpec]:
     return [by_name[n] for n in names]
 
 
-def build_optimizer(node: Any, model: torch.nn.Module, tasks: list[TaskSpec]) -> torch.optim.Optimizer:
+def build_optimizer(
+    node: Any,
+    model: torch.nn.Module,
+    tasks: list[TaskSpec],
+    extra: dict[str, list[torch.nn.Parameter]] | None = None,
+) -> torch.optim.Optimizer:
     """The optimiser with one param group for shared parameters and one per task.
 
     ``optimizer.shared_lr`` / ``shared_weight_decay`` set the shared group; ``tasks.<name>.lr`` /
     ``weight_decay`` set a task's group; everything else falls back to ``optimizer.lr`` / ``weight_decay``.
+    ``extra`` adds named groups at the default settings (e.g. a weighting's learnable log-variances).
     """
     node = OmegaConf.to_container(node, resolve=True)
     shared_lr = node.pop("shared_lr", None)
@@ -89,6 +95,9 @@ def build_optimizer(node: Any, model: torch.nn.Module, tasks: list[TaskSpec]) ->
     groups = build_param_groups(
         named, tasks, lr=lr, weight_decay=wd, shared_lr=shared_lr, shared_weight_decay=shared_wd
     )
+    for name, params in (extra or {}).items():
+        if params:
+            groups.append({"params": list(params), "lr": lr, "weight_decay": 0.0, "name": name})
     return instantiate(node)(groups)
 
 
@@ -107,11 +116,20 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     tasks = select_tasks(bundle.tasks, cfg.get("task_names"))
     tasks = apply_task_overrides(tasks, cfg.get("tasks"))
     seed_everything(seed)  # model initialisation does not depend on how much randomness data loading used
-    model = instantiate(cfg.model)(features=bundle.features, tasks=[t.name for t in tasks])
-    optimizer = build_optimizer(cfg.optimizer, model, tasks)
+    names = [t.name for t in tasks]
+    model = instantiate(cfg.model)(features=bundle.features, tasks=names)
+    # Every label column is dense here, so each task trains on every training row.
+    sizes = {t: len(bundle.train) for t in names}
+    weighting = instantiate(cfg.weighting)(tasks=tasks, sizes=sizes, seed=seed)
+    gradient = instantiate(cfg.gradient)(seed=seed)
+    total_steps = tcfg.max_steps or tcfg.max_epochs * bundle.train.num_batches(tcfg.batch_size)
+    scheduler = instantiate(cfg.schedule)(tasks=names, sizes=sizes, seed=seed, total_steps=total_steps)
+    optimizer = build_optimizer(cfg.optimizer, model, tasks, extra={"weighting": weighting.trainable_parameters()})
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
 
-    trainer = Trainer(model, optimizer, tasks, tcfg, run_dir, seed=seed)
+    trainer = Trainer(
+        model, optimizer, tasks, tcfg, run_dir, seed=seed, weighting=weighting, gradient=gradient, scheduler=scheduler
+    )
     trainer.fit(bundle.train, bundle.val)
     trainer.load_best()
     best_val = trainer.best_val

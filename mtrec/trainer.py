@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +17,10 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from mtl.checkpoint import atomic_torch_save, load_checkpoint, rng_state, set_rng_state
-from mtl.tasks import TaskSpec, compute_losses, total_loss
+from mtl.gradients import GradientMethod, Plain
+from mtl.scheduling import TaskScheduler
+from mtl.tasks import TaskSpec, compute_losses
+from mtl.weighting import Static, Weighting
 from mtrec.data.batch import Batch, TabularDataset
 
 LAST = "last.pt"
@@ -166,9 +169,11 @@ def _flatten(prefix: str, metrics: dict[str, dict[str, float]]) -> dict[str, flo
 class Trainer:
     """Trains a multi-task model on a :class:`TabularDataset`.
 
-    The step computes the per-task loss dict (``mtl.compute_losses``), combines it with
-    ``objective`` (default: the tasks' static weights) plus ``model.regularization()`` when the model
-    has one, and steps the optimiser.
+    One step: the scheduler (``mtl.scheduling``, default: every task) picks the tasks that count; the
+    per-task loss dict (``mtl.compute_losses``) goes through the weighting (``mtl.weighting``, default:
+    each TaskSpec's static weight) and the gradient method (``mtl.gradients``, default: plain backward
+    of the sum), which leaves the gradients in ``.grad``; ``model.regularization()`` is added when the
+    model has one; then the optimiser steps. Stateful strategies are checkpointed with the rest.
 
     Checkpoints: ``last.pt`` (everything needed to continue: model, optimiser, RNG states, position in
     the epoch, early-stopping state) and ``best.pt`` (weights at the best validation score). Batches
@@ -185,7 +190,9 @@ class Trainer:
         run_dir: str | Path,
         *,
         seed: int = 0,
-        objective: Callable[[dict[str, Tensor]], Tensor] | None = None,
+        weighting: Weighting | None = None,
+        gradient: GradientMethod | None = None,
+        scheduler: TaskScheduler | None = None,
     ) -> None:
         self.model = model
         self.optimizer = optimizer
@@ -194,9 +201,20 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.seed = seed
-        self.objective = objective or (lambda losses: total_loss(self.tasks, losses))
         self.device = resolve_device(config.device)
         self.model.to(self.device)
+        self.weighting = (weighting if weighting is not None else Static(self.tasks)).to(self.device)
+        self.gradient = gradient if gradient is not None else Plain()
+        self.scheduler = scheduler
+        groups = model.parameter_groups() if hasattr(model, "parameter_groups") else {"shared": model.parameters()}
+        self.shared_params = [p for p in groups.get("shared", []) if p.requires_grad]
+        shared_ids = {id(p) for p in self.shared_params}
+        self.other_params = [p for p in model.parameters() if p.requires_grad and id(p) not in shared_ids]
+        self.other_params += [p for p in self.weighting.trainable_parameters() if id(p) not in shared_ids]
+        last_shared = getattr(model, "last_shared_parameters", None)
+        self.last_shared = list(last_shared()) if last_shared is not None else self.shared_params[-2:]
+        self._epoch_loss_sum: dict[str, float] = {}
+        self._epoch_loss_count: dict[str, int] = {}
         # Training position and early-stopping state (all saved in last.pt).
         self.epoch = 0
         self.batch_in_epoch = 0
@@ -222,6 +240,10 @@ class Trainer:
             "bad_evals": self.bad_evals,
             "stop_reason": self.stop_reason,
             "seed": self.seed,
+            "weighting": self.weighting.state_dict(),
+            "gradient": self.gradient.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "epoch_losses": (self._epoch_loss_sum, self._epoch_loss_count),
             "trainer": asdict(self.cfg),
         }
 
@@ -245,33 +267,78 @@ class Trainer:
         for key in ("epoch", "batch_in_epoch", "step", "best_score", "best_step", "best_val", "bad_evals"):
             setattr(self, key, state[key])
         self.stop_reason = state["stop_reason"]
+        self.weighting.load_state_dict(state["weighting"])
+        self.gradient.load_state_dict(state["gradient"])
+        if self.scheduler is not None and state.get("scheduler") is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        self._epoch_loss_sum, self._epoch_loss_count = (dict(d) for d in state["epoch_losses"])
         return True
 
     # ----------------------------------------------------------------- training
+    def active_tasks(self) -> list[TaskSpec]:
+        """The tasks whose losses count at the current step."""
+        if self.scheduler is None:
+            return self.tasks
+        chosen = set(self.scheduler.select(self.step))
+        return [t for t in self.tasks if t.name in chosen]
+
     def train_step(self, batch: Batch) -> dict[str, float]:
         batch = batch_to(batch, self.device)
         self.model.train()
-        outputs = self.model(batch.dense, batch.sparse)
-        losses = compute_losses(self.tasks, outputs, batch.labels)
-        loss = self.objective(losses)
-        reg = getattr(self.model, "regularization", None)
-        if reg is not None:
-            loss = loss + reg()
+        tasks = self.active_tasks()
+        representation = None
+        if self.gradient.requires_representation:
+            outputs, representation = self.model.forward_with_representation(batch.dense, batch.sparse)
+            if representation is None:
+                raise ValueError(
+                    f"gradient method {type(self.gradient).__name__} works on the shared representation, but "
+                    f"{type(self.model).__name__} shares none; pick a model with shared layers"
+                )
+        else:
+            outputs = self.model(batch.dense, batch.sparse)
+        losses = compute_losses(tasks, outputs, batch.labels)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        weighted = self.weighting.weighted(losses, shared=self.last_shared)
+        stats = self.gradient.backward(
+            weighted, self.shared_params, others=self.other_params, representation=representation
+        )
+        reg = self.model.regularization() if hasattr(self.model, "regularization") else None
+        if reg is not None and reg.requires_grad:
+            reg.backward()
         if self.cfg.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         self.optimizer.step()
+        if self.weighting.wants_losses_after_step:
+            with torch.no_grad():
+                after = compute_losses(tasks, self.model(batch.dense, batch.sparse), batch.labels)
+            self.weighting.after_step(after)
+        plain = {k: v.item() for k, v in losses.items()}
+        if self.scheduler is not None:
+            self.scheduler.observe(self.step, plain)
+        for k, v in plain.items():
+            self._epoch_loss_sum[k] = self._epoch_loss_sum.get(k, 0.0) + v
+            self._epoch_loss_count[k] = self._epoch_loss_count.get(k, 0) + 1
         self.step += 1
-        record = {f"train/{k}/loss": v.item() for k, v in losses.items()}
-        record["train/loss"] = loss.item()
-        if not math.isfinite(record["train/loss"]):
+        total = sum(v.item() for v in weighted.values()) + (reg.item() if reg is not None else 0.0)
+        record = {f"train/{k}/loss": v for k, v in plain.items()}
+        record.update({f"train/{k}/weight": v for k, v in self.weighting.current_weights().items()})
+        record.update({f"grad/{k}": float(v) for k, v in stats.items() if isinstance(v, (int, float))})
+        record["train/loss"] = total
+        if not math.isfinite(total):
             raise FloatingPointError(
-                f"training loss became {record['train/loss']} at step {self.step}: "
-                + ", ".join(f"{k}={v:.4g}" for k, v in record.items())
+                f"training loss became {total} at step {self.step}: "
+                + ", ".join(f"{k}={v:.4g}" for k, v in plain.items())
                 + " (lower the learning rate or set trainer.grad_clip)"
             )
         return record
+
+    def end_epoch(self) -> None:
+        """Hand the epoch's mean task losses to the weighting (DWA) and start a new epoch."""
+        means = {k: self._epoch_loss_sum[k] / self._epoch_loss_count[k] for k in self._epoch_loss_sum}
+        self.weighting.on_epoch_end(means)
+        self._epoch_loss_sum, self._epoch_loss_count = {}, {}
+        self.epoch += 1
+        self.batch_in_epoch = 0
 
     def _validate(self, val: TabularDataset, logger: _Logger) -> bool:
         """Evaluate on validation; update best; returns True when early stopping triggers."""
@@ -333,8 +400,7 @@ class Trainer:
                         break
                 bar.close()
                 if self.stop_reason is None:  # a full epoch
-                    self.epoch += 1
-                    self.batch_in_epoch = 0
+                    self.end_epoch()
                 if self._validate(val, logger) and self.stop_reason is None:
                     self.stop_reason = "early_stopping"
                 self.save_last()

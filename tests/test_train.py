@@ -169,3 +169,38 @@ def test_estimate_as_feature_from_config(stop_gradient: str, tmp_path: Path) -> 
             "trainer.max_steps=4", *TINY)
     metrics = run(c, tmp_path)
     assert set(metrics["test"]) == {"click", "conversion", "dwell"}
+
+
+STRATEGY_CONFIGS = [
+    f"{group}={p.stem}"
+    for group in ("weighting", "gradient", "schedule")
+    for p in sorted((Path(CONFIG_DIR) / group).glob("*.yaml"))
+]
+
+
+@pytest.mark.parametrize("override", STRATEGY_CONFIGS)
+def test_every_weighting_gradient_and_schedule_config_trains_mmoe(override: str, tmp_path: Path) -> None:
+    metrics = run(cfg("model=mmoe", override, "trainer.max_steps=5", "trainer.max_epochs=1", *TINY), tmp_path)
+    assert set(metrics["test"]) == {"click", "conversion", "dwell"}
+    last = load_checkpoint(tmp_path / "last.pt")
+    assert last["step"] == 5
+
+
+@pytest.mark.parametrize(
+    "strategies",
+    [
+        ["weighting=famo", "gradient=pcgrad", "schedule=bandit"],
+        ["weighting=dwa", "gradient=gradvac", "schedule=random"],
+        ["weighting=uncertainty", "gradient=mgda_ub", "schedule=all"],
+    ],
+)
+def test_resume_is_exact_with_stateful_strategies(strategies: list[str], tmp_path: Path) -> None:
+    common = ["model=mmoe", *strategies, *TINY]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    run(cfg("trainer.max_steps=14", *common), straight)
+    run(cfg("trainer.max_steps=7", *common), split)
+    run(cfg("trainer.max_steps=14", "trainer.resume=true", *common), split)
+    a, b = load_checkpoint(straight / "last.pt"), load_checkpoint(split / "last.pt")
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=0, msg=k)
+    assert a["weighting"].keys() == b["weighting"].keys()

@@ -1,0 +1,1049 @@
+"""Gradient modulation for multi-task learning: one interface, one class per method, each citing its paper.
+
+A :class:`GradientMethod` replaces ``sum(losses).backward()`` in a training step::
+
+    method = build_gradient_method("pcgrad", seed=0)
+    stats = method.backward(losses, shared=body.parameters(), others=[*heads.parameters()])
+    optimizer.step()
+
+``losses`` are the (already weighted) per-task scalar losses of one step. Afterwards every shared parameter's
+``.grad`` is *set* to the method's aggregated gradient, and every parameter in ``others`` (task towers,
+weighting parameters) has the plain gradient of ``sum(losses)`` *accumulated* into its ``.grad``, as
+``Tensor.backward`` does (zero gradients before the step as usual). Parameters in neither list get nothing.
+:class:`Plain` (``"none"``) is literally ``sum(losses).backward()``.
+
+All methods but :class:`Plain`, :class:`MGDAUB` and :class:`GREAT` aggregate the Jacobian ``G [k, P]`` (row
+``i``: the gradient of task ``i`` over the flattened shared parameters), computed in one batched autograd
+call (``is_grads_batched=True``); if that raises, a loop over tasks is used from then on (stat ``batched``).
+Each of them only depends on the Gram matrix ``M = G G^T`` and returns ``g = w^T G`` for task weights ``w``:
+the pure functions ``<method>_weights(M, ...) -> (w, info)`` and ``aggregate_<method>(G, ...) -> (g, info)``
+are what the classes call, and what the tests check on known vectors. ``M`` is moved to the CPU in float64
+once per step; the small solvers of :mod:`mtl.solvers` run there.
+
+Scale of the aggregated gradient (``none`` gives ``sum_i g_i``):
+
+===============  ===============================================================================================
+``pcgrad``       ``sum_i g_i^PC`` (sum, as the paper and its official code)
+``gradvac``      ``sum_i g_i'`` (sum)
+``cagrad``       ``(g0 + lambda g_w) / (1 + c^2)`` with ``g0`` the *mean* gradient (official ``rescale=1``)
+``mgda``         ``sum_i alpha_i g_i``, ``alpha`` on the simplex (a convex combination, not multiplied by k)
+``mgda_ub``      gradient of ``sum_i alpha_i L_i``, ``alpha`` on the simplex
+``imtl_g``       ``sum_i alpha_i g_i`` with ``sum_i alpha_i = 1``
+``aligned_mtl``  sum of the k aligned gradients, each of norm ``sigma_min(G)`` (orthogonal to one another)
+``nash_mtl``     ``sum_i alpha_i g_i`` with ``alpha`` for the Frobenius-normalised Gram, clipped to ``max_norm``
+``great``        ``sum_i g_i`` plus the reversed adversarial gradient ``-lam * grad L_disc``
+===============  ===============================================================================================
+
+Every method returns ``g_1`` for a single task and finite values for zero gradients. Stats returned by
+``backward`` (floats, for logging): ``batched`` (1 if the batched Jacobian ran, 0 if the loop), ``cos_mean``
+(mean pairwise cosine of the task gradients) and ``conflicts`` (number of pairs with a negative inner
+product) for k > 1, ``norm`` (of the aggregated shared gradient), ``weight/<task>`` (``w_i``), and a few
+method-specific ones.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mtl import solvers
+
+Info = dict[str, Tensor]
+Normalization = Literal["none", "l2", "loss", "loss+"]
+ScaleMode = Literal["min", "median", "rmse"]
+
+_F64 = torch.float64
+_CPU = torch.device("cpu")
+_F32_EPS = float(torch.finfo(torch.float32).eps)  # the official Aligned-MTL rank rule uses float32's eps
+
+# --------------------------------------------------------------------------------------------------------------
+# Per-task gradients
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _flat(grads: Sequence[Tensor | None], inputs: Sequence[Tensor], lead: tuple[int, ...]) -> Tensor:
+    parts = []
+    for g, x in zip(grads, inputs):
+        if g is None:
+            parts.append(torch.zeros(*lead, x.numel(), dtype=x.dtype, device=x.device))
+        else:
+            parts.append((g.to_dense() if g.is_sparse else g).reshape(*lead, x.numel()))
+    return torch.cat(parts, dim=-1)
+
+
+def task_gradients(
+    losses: Tensor, inputs: Sequence[Tensor], *, batched: bool = True, create_graph: bool = False
+) -> tuple[Tensor, bool]:
+    """The Jacobian ``G [k, P]`` of the ``k`` scalar ``losses`` w.r.t. ``inputs`` (flattened and concatenated).
+
+    With ``batched=True`` one call of ``torch.autograd.grad(losses, inputs, grad_outputs=eye(k),
+    is_grads_batched=True)``; if that raises ``RuntimeError``/``NotImplementedError`` (an op without a
+    batching rule), a loop of ``k`` calls. Inputs a loss does not reach get zero rows. The graph is kept
+    (``retain_graph=True``). Returns ``(G, whether the batched call ran)``.
+    """
+    k = losses.shape[0]
+    inputs = list(inputs)
+    if batched:
+        eye = torch.eye(k, dtype=losses.dtype, device=losses.device)
+        try:
+            grads = torch.autograd.grad(
+                losses,
+                inputs,
+                grad_outputs=eye,
+                is_grads_batched=True,
+                retain_graph=True,
+                create_graph=create_graph,
+                allow_unused=True,
+            )
+            return _flat(grads, inputs, (k,)), True
+        except (RuntimeError, NotImplementedError) as err:
+            warnings.warn(f"batched autograd failed ({err}); computing per-task gradients in a loop", stacklevel=2)
+    rows = [
+        _flat(
+            torch.autograd.grad(losses[i], inputs, retain_graph=True, create_graph=create_graph, allow_unused=True),
+            inputs,
+            (),
+        )
+        for i in range(k)
+    ]
+    return torch.stack(rows), False
+
+
+def gram(G: Tensor) -> Tensor:
+    """``G G^T`` as a float64 CPU tensor (computed on ``G``'s device in its dtype, at least float32)."""
+    G = G.detach().to(torch.promote_types(G.dtype, torch.float32))
+    return (G @ G.T).to(_CPU, _F64)
+
+
+def combine(G: Tensor, w: Tensor) -> Tensor:
+    """``sum_i w_i G_i`` in ``G``'s dtype and device."""
+    return w.to(G.device, G.dtype) @ G.detach()
+
+
+def _single(M: Tensor) -> tuple[Tensor, Info] | None:
+    """The answer for one task (``g = g_1``), or ``None`` for more."""
+    if M.shape[0] == 1:
+        return torch.ones(1, dtype=M.dtype), {"weights": torch.ones(1, dtype=M.dtype)}
+    return None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Weightings on the Gram matrix and aggregators of G (pure functions)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def sum_weights(M: Tensor) -> tuple[Tensor, Info]:
+    """``w = 1``: the plain sum of task gradients."""
+    w = torch.ones(M.shape[0], dtype=M.dtype)
+    return w, {"weights": w}
+
+
+def pcgrad_weights(M: Tensor, *, generator: torch.Generator | None = None) -> tuple[Tensor, Info]:
+    """PCGrad (Yu et al., "Gradient Surgery for Multi-Task Learning", NeurIPS 2020, Algorithm 1).
+
+    For each task ``i``: ``g_i' = g_i``; for every other task ``j`` in a random order (``torch.randperm``
+    with ``generator``, drawn anew for each ``i``): if ``g_i' . g_j < 0``, ``g_i' -= (g_i' . g_j) / ||g_j||^2
+    g_j`` (projection of the *current* ``g_i'`` onto the normal plane of the *original* ``g_j``). The result
+    is ``sum_i g_i'``. Computed on coefficients (``g_i' = sum_m C_im g_m``, dot products from ``M``), so
+    ``w = 1^T C``. Like the paper, ``j`` skips ``i`` (the official code includes it, a no-op in practice).
+    """
+    k = M.shape[0]
+    C = torch.eye(k, dtype=M.dtype)
+    for i in range(k):
+        for j in torch.randperm(k, generator=generator).tolist():
+            if j == i or M[j, j] <= 0:
+                continue
+            dot = C[i] @ M[:, j]
+            if dot < 0:
+                C[i, j] -= dot / M[j, j]
+    w = C.sum(0)
+    return w, {"weights": w}
+
+
+def gradvac_weights(
+    M: Tensor, targets: Tensor | None = None, *, beta: float = 0.01, generator: torch.Generator | None = None
+) -> tuple[Tensor, Info]:
+    """Gradient Vaccine (Wang et al., "Gradient Vaccine: Investigating and Improving Multi-task Optimization in
+    Massively Multilingual Models", ICLR 2021, Algorithm 1), on the whole shared parameter vector.
+
+    For each task ``i``: ``g_i' = g_i``; for every other task ``j`` in a random order: ``phi = cos(g_i', g_j)``;
+    if ``phi < phi_hat_ij`` (the target),
+    ``g_i' += ||g_i'|| (phi_hat sqrt(1 - phi^2) - phi sqrt(1 - phi_hat^2)) / (||g_j|| sqrt(1 - phi_hat^2)) g_j``
+    (which makes ``cos(g_i', g_j) = phi_hat``); then ``phi_hat_ij = (1 - beta) phi_hat_ij + beta phi`` (EMA of
+    the cosine before the adjustment). Result ``sum_i g_i'``. ``targets`` (``[k, k]``, zeros at the start, as
+    in the paper) are returned updated in ``info["targets"]``. Pairs involving a zero gradient are skipped.
+    With zero targets the update is exactly PCGrad's projection.
+    """
+    k = M.shape[0]
+    T = torch.zeros(k, k, dtype=M.dtype) if targets is None else targets.to(_CPU, M.dtype).clone()
+    if T.shape != (k, k):
+        raise ValueError(f"GradVac targets must be [{k}, {k}] for {k} tasks, got {list(T.shape)}")
+    C = torch.eye(k, dtype=M.dtype)
+    for i in range(k):
+        for j in torch.randperm(k, generator=generator).tolist():
+            if j == i:
+                continue
+            ni2, nj2 = float(C[i] @ M @ C[i]), float(M[j, j])
+            if ni2 <= 0.0 or nj2 <= 0.0:
+                continue
+            ni, nj = math.sqrt(ni2), math.sqrt(nj2)
+            phi = min(max(float(C[i] @ M[:, j]) / (ni * nj), -1.0), 1.0)
+            target = float(T[i, j])
+            if phi < target:
+                root_t = math.sqrt(max(1.0 - target**2, 1e-12))
+                C[i, j] += ni * (target * math.sqrt(1.0 - phi**2) - phi * root_t) / (nj * root_t)
+            T[i, j] = (1.0 - beta) * target + beta * phi
+    w = C.sum(0)
+    return w, {"weights": w, "targets": T}
+
+
+def cagrad_weights(
+    M: Tensor, *, c: float = 0.5, rescale: bool = True, max_iter: int = 1000, tol: float = 1e-9
+) -> tuple[Tensor, Info]:
+    """CAGrad (Liu et al., "Conflict-Averse Gradient Descent for Multi-task Learning", NeurIPS 2021).
+
+    ``d = argmax_{||d - g0|| <= c ||g0||} min_i g_i . d`` with ``g0 = mean_i g_i``. Its dual:
+    ``w = argmin_{w in simplex} g_w . g0 + c ||g0|| ||g_w||`` (:func:`mtl.solvers.cagrad_dual`), and
+    ``d = g0 + c ||g0|| / ||g_w|| g_w`` (``d = g0`` if ``||g_w|| <= 1e-8 ||g||_typical``). With
+    ``rescale=True`` the result is divided by ``1 + c^2``, the official code's default (``rescale=1``); the
+    official third option, ``1 + c``, is not offered. ``c = 0`` gives ``g0``. ``info["dual_weights"]`` is ``w``.
+    """
+    if (one := _single(M)) is not None:
+        return one
+    k = M.shape[0]
+    w_dual, iters = solvers.cagrad_dual(M, c, max_iter=max_iter, tol=tol)
+    g0_norm = math.sqrt(max(float(M.mean()), 0.0))
+    gw_norm = math.sqrt(max(float(w_dual @ M @ w_dual), 0.0))
+    typical = math.sqrt(max(float(M.diagonal().mean()), 0.0))
+    lam = c * g0_norm / gw_norm if gw_norm > 1e-8 * typical else 0.0
+    w = torch.full((k,), 1.0 / k, dtype=M.dtype) + lam * w_dual
+    if rescale:
+        w = w / (1.0 + c**2)
+    return w, {"weights": w, "dual_weights": w_dual, "iters": torch.tensor(float(iters))}
+
+
+def _normalizers(M: Tensor, losses: Tensor | None, normalization: str) -> Tensor:
+    """Sener & Koltun's ``gradient_normalizers``: ``g_i`` is divided by ``n_i`` before the min-norm solve."""
+    k = M.shape[0]
+    norms = M.diagonal().clamp_min(0.0).sqrt()
+    if normalization == "none":
+        return torch.ones(k, dtype=M.dtype)
+    if normalization == "l2":
+        return norms
+    if losses is None:
+        raise ValueError(f"normalization={normalization!r} needs the loss values; pass losses=")
+    losses = losses.detach().to(_CPU, M.dtype).reshape(k)
+    if bool((losses <= 0).any()):
+        raise ValueError(
+            f"normalization={normalization!r} divides gradients by the losses, which must be positive; "
+            f"got {losses.tolist()}. Use 'none' or 'l2' for losses that can be zero or negative."
+        )
+    if normalization == "loss":
+        return losses
+    if normalization == "loss+":
+        return losses * norms
+    raise ValueError(f"normalization must be one of 'none', 'l2', 'loss', 'loss+'; got {normalization!r}")
+
+
+def mgda_weights(
+    M: Tensor,
+    losses: Tensor | None = None,
+    *,
+    normalization: Normalization = "none",
+    max_iter: int = 1000,
+    tol: float = 1e-10,
+) -> tuple[Tensor, Info]:
+    """MGDA (Sener & Koltun, "Multi-Task Learning as Multi-Objective Optimization", NeurIPS 2018; Desideri 2012).
+
+    ``alpha = argmin_{alpha in simplex} ||sum_i alpha_i g_i / n_i||^2`` (closed form for two tasks,
+    Frank-Wolfe for more: :func:`mtl.solvers.min_norm_simplex`), with the official code's optional
+    normalisers ``n_i``: ``"none"`` 1, ``"l2"`` ``||g_i||``, ``"loss"`` ``L_i``, ``"loss+"`` ``L_i ||g_i||``.
+    The result is ``sum_i alpha_i g_i`` with the *unnormalised* gradients (the official code back-propagates
+    ``sum_i alpha_i L_i``; LibMTL combines the normalised ones instead); ``alpha`` sums to one, it is not
+    multiplied by k. Zero normalisers leave the task out of the min-norm problem.
+    """
+    if (one := _single(M)) is not None:
+        return one
+    n = _normalizers(M, losses, normalization)
+    inv = torch.where(n > 0, 1.0 / n.clamp_min(1e-300), torch.zeros_like(n))
+    alpha, iters = solvers.min_norm_simplex(M * inv[:, None] * inv[None, :], max_iter=max_iter, tol=tol)
+    return alpha, {"weights": alpha, "iters": torch.tensor(float(iters))}
+
+
+def imtl_g_weights(M: Tensor) -> tuple[Tensor, Info]:
+    """IMTL-G (Liu et al., "Towards Impartial Multi-task Learning", ICLR 2021, Section 3.2).
+
+    With unit gradients ``u_i = g_i / ||g_i||``, ``D`` rows ``g_1 - g_j`` and ``U`` rows ``u_1 - u_j``
+    (``j = 2..k``): ``alpha_{2..k} = g_1 U^T (D U^T)^{-1}``, ``alpha_1 = 1 - sum_{j>1} alpha_j``, so that
+    ``g = sum_i alpha_i g_i`` has the same projection onto every ``u_i``. All products come from ``M``
+    (``u_a . g_b = M_ab / ||g_a||``); the inverse is a pseudo-inverse, and a zero gradient gets ``u = 0``.
+    """
+    if (one := _single(M)) is not None:
+        return one
+    n = M.diagonal().clamp_min(0.0).sqrt()
+    inv = torch.where(n > 0, 1.0 / n.clamp_min(1e-300), torch.zeros_like(n))
+    x = M[0, 0] * inv[0] - M[0, 1:] * inv[1:]  # g_1 . (u_1 - u_b)
+    A = (M[0, 0] - M[1:, 0])[:, None] * inv[0] - (M[0, 1:][None, :] - M[1:, 1:]) * inv[None, 1:]
+    rest = x @ torch.linalg.pinv(A)
+    alpha = torch.cat([(1.0 - rest.sum()).reshape(1), rest])
+    return alpha, {"weights": alpha}
+
+
+def aligned_mtl_weights(M: Tensor, *, scale_mode: ScaleMode = "min", rank_eps: float = _F32_EPS) -> tuple[Tensor, Info]:
+    """Aligned-MTL (Senushkin et al., "Independent Component Alignment for Multi-Task Learning", CVPR 2023).
+
+    Eigendecomposition ``M = V diag(lambda) V^T`` (``lambda = sigma^2``, the squared singular values of
+    ``G``), keeping the ``r`` eigenvalues above ``lambda_max * k * rank_eps`` (the official code's rank
+    rule). The aligned gradients are the rows of ``W G`` with ``W = V_r diag(sqrt(s / lambda_r)) V_r^T`` and
+    ``s = lambda_min`` (``scale_mode="min"``, the paper's choice), ``median(lambda)`` (lower median, as
+    ``torch.median``) or ``mean(lambda)`` (``"rmse"``). For full rank ``(W G)(W G)^T = s I``: orthogonal
+    rows of equal norm ``sqrt(s)`` (all singular values equal to ``sqrt(s)``), the condition number is one.
+    The update is the sum of the aligned gradients, ``g = (W 1)^T G``. ``info["transform"]`` is ``W``.
+    """
+    if (one := _single(M)) is not None:
+        return one
+    k = M.shape[0]
+    lam, V = torch.linalg.eigh(M)
+    keep = lam > lam.max() * k * rank_eps
+    if not bool(keep.any()):
+        w = torch.zeros(k, dtype=M.dtype)
+        return w, {"weights": w, "transform": torch.zeros(k, k, dtype=M.dtype), "rank": torch.tensor(0.0)}
+    lam_r, V_r = lam[keep], V[:, keep]
+    if scale_mode == "min":
+        s = lam_r.min()
+    elif scale_mode == "median":
+        s = lam_r.median()
+    elif scale_mode == "rmse":
+        s = lam_r.mean()
+    else:
+        raise ValueError(f"scale_mode must be 'min', 'median' or 'rmse'; got {scale_mode!r}")
+    W = V_r @ torch.diag(torch.sqrt(s / lam_r)) @ V_r.T
+    w = W.sum(1)
+    return w, {"weights": w, "transform": W, "rank": torch.tensor(float(keep.sum()))}
+
+
+def nash_mtl_weights(
+    M: Tensor,
+    alpha0: Tensor | None = None,
+    *,
+    normalize: bool = True,
+    max_norm: float = 1.0,
+    max_iter: int = 100,
+    tol: float = 1e-10,
+) -> tuple[Tensor, Info]:
+    """Nash-MTL (Navon et al., "Multi-Task Learning as a Bargaining Game", ICML 2022).
+
+    ``alpha > 0`` with ``(M' alpha)_i alpha_i = 1`` (:func:`mtl.solvers.nash_bargaining`, warm-started from
+    ``alpha0``), where ``M' = M / ||M||_F`` if ``normalize`` (the official code's normalisation) else ``M``.
+    ``g = sum_i alpha_i g_i``, scaled down to norm ``max_norm`` if longer (the official code clips the shared
+    gradient norm at 1.0; ``max_norm=0`` disables). ``info["alpha"]`` is the unclipped ``alpha``.
+    """
+    if (one := _single(M)) is not None:
+        return one
+    fro = float(torch.linalg.matrix_norm(M))
+    Mn = M / fro if normalize and fro > 0 else M
+    alpha, iters = solvers.nash_bargaining(Mn, alpha0=alpha0, max_iter=max_iter, tol=tol)
+    w = alpha
+    if max_norm > 0:
+        norm = math.sqrt(max(float(alpha @ M @ alpha), 0.0))
+        if norm > max_norm:
+            w = alpha * (max_norm / norm)
+    return w, {"weights": w, "alpha": alpha, "iters": torch.tensor(float(iters))}
+
+
+def aggregate_sum(G: Tensor) -> tuple[Tensor, Info]:
+    """``sum_i g_i``: what ``sum(losses).backward()`` gives the shared parameters."""
+    w, info = sum_weights(gram(G))
+    return combine(G, w), info
+
+
+def aggregate_pcgrad(G: Tensor, *, generator: torch.Generator | None = None) -> tuple[Tensor, Info]:
+    """PCGrad of the task gradients ``G [k, P]``; see :func:`pcgrad_weights`."""
+    w, info = pcgrad_weights(gram(G), generator=generator)
+    return combine(G, w), info
+
+
+def aggregate_gradvac(
+    G: Tensor, targets: Tensor | None = None, *, beta: float = 0.01, generator: torch.Generator | None = None
+) -> tuple[Tensor, Info]:
+    """GradVac of ``G [k, P]``; see :func:`gradvac_weights` (new targets in ``info["targets"]``)."""
+    w, info = gradvac_weights(gram(G), targets, beta=beta, generator=generator)
+    return combine(G, w), info
+
+
+def aggregate_cagrad(
+    G: Tensor, *, c: float = 0.5, rescale: bool = True, max_iter: int = 1000, tol: float = 1e-9
+) -> tuple[Tensor, Info]:
+    """CAGrad of ``G [k, P]``; see :func:`cagrad_weights`."""
+    w, info = cagrad_weights(gram(G), c=c, rescale=rescale, max_iter=max_iter, tol=tol)
+    return combine(G, w), info
+
+
+def aggregate_mgda(
+    G: Tensor,
+    losses: Tensor | None = None,
+    *,
+    normalization: Normalization = "none",
+    max_iter: int = 1000,
+    tol: float = 1e-10,
+) -> tuple[Tensor, Info]:
+    """MGDA's min-norm combination of ``G [k, P]``; see :func:`mgda_weights`."""
+    w, info = mgda_weights(gram(G), losses, normalization=normalization, max_iter=max_iter, tol=tol)
+    return combine(G, w), info
+
+
+def aggregate_imtl_g(G: Tensor) -> tuple[Tensor, Info]:
+    """IMTL-G of ``G [k, P]``; see :func:`imtl_g_weights`."""
+    w, info = imtl_g_weights(gram(G))
+    return combine(G, w), info
+
+
+def aggregate_aligned_mtl(
+    G: Tensor, *, scale_mode: ScaleMode = "min", rank_eps: float = _F32_EPS
+) -> tuple[Tensor, Info]:
+    """Aligned-MTL of ``G [k, P]``; see :func:`aligned_mtl_weights`."""
+    w, info = aligned_mtl_weights(gram(G), scale_mode=scale_mode, rank_eps=rank_eps)
+    return combine(G, w), info
+
+
+def aggregate_nash_mtl(
+    G: Tensor,
+    alpha0: Tensor | None = None,
+    *,
+    normalize: bool = True,
+    max_norm: float = 1.0,
+    max_iter: int = 100,
+    tol: float = 1e-10,
+) -> tuple[Tensor, Info]:
+    """Nash-MTL of ``G [k, P]``; see :func:`nash_mtl_weights`."""
+    w, info = nash_mtl_weights(gram(G), alpha0, normalize=normalize, max_norm=max_norm, max_iter=max_iter, tol=tol)
+    return combine(G, w), info
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The interface
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _stack_losses(losses: Mapping[str, Tensor]) -> tuple[list[str], Tensor]:
+    if not isinstance(losses, Mapping) or not losses:
+        raise ValueError(f"losses must be a non-empty mapping {{task: scalar loss}}, got {losses!r}")
+    names = list(losses)
+    for name in names:
+        loss = losses[name]
+        if not isinstance(loss, Tensor) or loss.numel() != 1:
+            shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+            raise ValueError(f"the loss of task {name!r} must be a scalar tensor, got {shape}")
+    return names, torch.stack([losses[n].reshape(()) for n in names])
+
+
+def _split_params(
+    shared: Iterable[nn.Parameter], others: Iterable[nn.Parameter]
+) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    def unique(params: Iterable[nn.Parameter]) -> list[nn.Parameter]:
+        out: dict[int, nn.Parameter] = {}
+        for p in params:
+            if p.requires_grad:
+                out.setdefault(id(p), p)
+        return list(out.values())
+
+    shared_l, others_l = unique(shared), unique(others)
+    if not shared_l:
+        raise ValueError("no trainable shared parameters were given; pass the parameters every task uses")
+    both = {id(p) for p in shared_l} & {id(p) for p in others_l}
+    if both:
+        raise ValueError(f"{len(both)} parameter(s) appear in both `shared` and `others`; each belongs to one")
+    return shared_l, others_l
+
+
+def _set_grads(params: Sequence[nn.Parameter], g: Tensor) -> None:
+    """Set (not accumulate) each parameter's ``.grad`` to its slice of the flat vector ``g``."""
+    for p, chunk in zip(params, torch.split(g.detach(), [p.numel() for p in params])):
+        p.grad = chunk.view_as(p).to(p.dtype)
+
+
+def _set_grad_list(params: Sequence[nn.Parameter], grads: Sequence[Tensor | None]) -> None:
+    for p, g in zip(params, grads):
+        p.grad = torch.zeros_like(p) if g is None else g.detach()
+
+
+def _grad_norm(params: Sequence[nn.Parameter]) -> float:
+    return float(
+        torch.stack([p.grad.detach().double().pow(2).sum() for p in params if p.grad is not None]).sum().sqrt()
+    )
+
+
+def _backward_others(total: Tensor, others: Sequence[nn.Parameter]) -> None:
+    if others:
+        torch.autograd.backward(total, inputs=list(others))
+
+
+def _pair_stats(M: Tensor) -> dict[str, float]:
+    k = M.shape[0]
+    if k < 2:
+        return {}
+    n = M.diagonal().clamp_min(0.0).sqrt()
+    den = n[:, None] * n[None, :]
+    cos = torch.where(den > 0, M / den.clamp_min(1e-300), torch.zeros_like(M))
+    iu = torch.triu_indices(k, k, 1)
+    pairs = M[iu[0], iu[1]]
+    return {"cos_mean": float(cos[iu[0], iu[1]].mean()), "conflicts": float((pairs < 0).sum())}
+
+
+def _stats(names: Sequence[str], M: Tensor, w: Tensor, info: Info, batched: bool) -> dict[str, float]:
+    out = {"batched": float(batched), **_pair_stats(M), "norm": math.sqrt(max(float(w @ M @ w), 0.0))}
+    out.update({f"weight/{n}": float(wi) for n, wi in zip(names, w)})
+    out.update({key: float(v) for key, v in info.items() if v.numel() == 1 and key != "weights"})
+    return out
+
+
+class GradientMethod:
+    """How one step's per-task losses become gradients (see the module docstring for the contract).
+
+    Subclasses set ``requires_representation`` when they need the shared representation tensor ``Z``
+    (``[B, ...]``, the output of the shared body that every task head reads) and implement ``backward``;
+    stateful ones override ``state_dict``/``load_state_dict``. Every class takes ``seed`` (used by the
+    randomised ones) so a trainer can build any of them as ``cls(seed=...)``.
+    """
+
+    name: ClassVar[str] = ""
+    requires_representation: ClassVar[bool] = False
+
+    def __init__(self, *, seed: int = 0) -> None:
+        self.seed = seed
+        self._batched = True  # becomes False after batched autograd failed once
+
+    def backward(
+        self,
+        losses: Mapping[str, Tensor],
+        shared: Iterable[nn.Parameter],
+        *,
+        others: Iterable[nn.Parameter] = (),
+        representation: Tensor | None = None,
+    ) -> dict[str, float]:
+        """Put the method's gradients in ``.grad``: aggregated for ``shared`` (set), plain for ``others``
+        (accumulated). Returns statistics for logging."""
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        """State needed to resume exactly (empty for stateless methods)."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+
+    def _jacobian(self, losses: Tensor, inputs: Sequence[Tensor], *, create_graph: bool = False) -> tuple[Tensor, bool]:
+        G, batched = task_gradients(losses, inputs, batched=self._batched, create_graph=create_graph)
+        self._batched = batched
+        return G, batched
+
+    def _representation(self, representation: Tensor | None) -> Tensor:
+        if representation is None:
+            raise ValueError(
+                f"{type(self).__name__} needs the shared representation: call backward(..., representation=Z) "
+                "with Z [B, ...] the shared body's output that the task heads read"
+            )
+        if not representation.requires_grad:
+            raise ValueError(f"{type(self).__name__}: the representation must be part of the graph (requires_grad)")
+        return representation
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(seed={self.seed})"
+
+
+class Plain(GradientMethod):
+    """No modulation: ``sum(losses).backward()`` (every leaf accumulates its plain gradient)."""
+
+    name = "none"
+
+    def backward(
+        self,
+        losses: Mapping[str, Tensor],
+        shared: Iterable[nn.Parameter],
+        *,
+        others: Iterable[nn.Parameter] = (),
+        representation: Tensor | None = None,
+    ) -> dict[str, float]:
+        _, L = _stack_losses(losses)
+        L.sum().backward()
+        return {}
+
+
+class AggregatingMethod(GradientMethod):
+    """A method that aggregates the Jacobian ``G [k, P]`` over the shared parameters through task weights
+    computed from ``G G^T``: subclasses implement :meth:`weights`."""
+
+    def weights(self, M: Tensor, losses: Tensor | None) -> tuple[Tensor, Info]:
+        """Task weights ``w`` (``g = w^T G``) from the float64 CPU Gram matrix; may update the state."""
+        raise NotImplementedError
+
+    def aggregate(self, G: Tensor, losses: Tensor | None = None) -> tuple[Tensor, Info]:
+        """``g [P]`` for the task gradients ``G [k, P]`` (and the loss values, for loss normalisations)."""
+        w, info = self.weights(gram(G), None if losses is None else losses.detach().to(_CPU, _F64))
+        return combine(G, w), info
+
+    def backward(
+        self,
+        losses: Mapping[str, Tensor],
+        shared: Iterable[nn.Parameter],
+        *,
+        others: Iterable[nn.Parameter] = (),
+        representation: Tensor | None = None,
+    ) -> dict[str, float]:
+        names, L = _stack_losses(losses)
+        shared_l, others_l = _split_params(shared, others)
+        G, batched = self._jacobian(L, shared_l)
+        M = gram(G)
+        w, info = self.weights(M, L.detach().to(_CPU, _F64))
+        _set_grads(shared_l, combine(G, w))
+        _backward_others(L.sum(), others_l)
+        return _stats(names, M, w, info, batched)
+
+
+def _generator_state(gen: torch.Generator) -> Tensor:
+    return gen.get_state().clone()
+
+
+class PCGrad(AggregatingMethod):
+    """PCGrad (Yu et al., NeurIPS 2020): project each task gradient onto the normal plane of every gradient it
+    conflicts with, in a random order, and sum (:func:`pcgrad_weights`).
+
+    Args:
+        seed: seed of the generator of the random orders (its state is in ``state_dict``).
+    """
+
+    name = "pcgrad"
+
+    def __init__(self, *, seed: int = 0) -> None:
+        super().__init__(seed=seed)
+        self._generator = torch.Generator().manual_seed(seed)
+
+    def weights(self, M: Tensor, losses: Tensor | None) -> tuple[Tensor, Info]:
+        return pcgrad_weights(M, generator=self._generator)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": _generator_state(self._generator)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self._generator.set_state(state["generator"])
+
+
+class GradVac(AggregatingMethod):
+    """Gradient Vaccine (Wang et al., ICLR 2021): raise each pairwise cosine to an EMA target (:func:`gradvac_weights`).
+
+    Args:
+        beta: EMA rate of the cosine targets (paper: 0.01, 0.001 or 0.0001 depending on the setting).
+        seed: seed of the random orders.
+    """
+
+    name = "gradvac"
+
+    def __init__(self, *, beta: float = 0.01, seed: int = 0) -> None:
+        if not 0.0 <= beta <= 1.0:
+            raise ValueError(f"GradVac beta must be in [0, 1], got {beta}")
+        super().__init__(seed=seed)
+        self.beta = beta
+        self._generator = torch.Generator().manual_seed(seed)
+        self.targets: Tensor | None = None
+
+    def weights(self, M: Tensor, losses: Tensor | None) -> tuple[Tensor, Info]:
+        w, info = gradvac_weights(M, self.targets, beta=self.beta, generator=self._generator)
+        self.targets = info["targets"]
+        return w, info
+
+    def state_dict(self) -> dict[str, Any]:
+        targets = None if self.targets is None else self.targets.clone()
+        return {"targets": targets, "generator": _generator_state(self._generator)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.targets = None if state["targets"] is None else state["targets"].to(_CPU, _F64).clone()
+        self._generator.set_state(state["generator"])
+
+
+class CAGrad(AggregatingMethod):
+    """CAGrad (Liu et al., NeurIPS 2021): the best worst-task improvement within ``c ||g0||`` of the mean
+    gradient ``g0`` (:func:`cagrad_weights`).
+
+    Args:
+        c: radius factor (official default 0.5; 0 gives the mean gradient).
+        rescale: divide by ``1 + c^2`` as the official code does by default.
+        max_iter, tol: of the dual solver.
+    """
+
+    name = "cagrad"
+
+    def __init__(
+        self, *, c: float = 0.5, rescale: bool = True, max_iter: int = 1000, tol: float = 1e-9, seed: int = 0
+    ) -> None:
+        if c < 0:
+            raise ValueError(f"CAGrad c must be >= 0, got {c}")
+        super().__init__(seed=seed)
+        self.c, self.rescale, self.max_iter, self.tol = c, rescale, max_iter, tol
+
+    def weights(self, M: Tensor, losses: Tensor | None) -> tuple[Tensor, Info]:
+        return cagrad_weights(M, c=self.c, rescale=self.rescale, max_iter=self.max_iter, tol=self.tol)
+
+
+_NORMALIZATIONS = ("none", "l2", "loss", "loss+")
+
+
+def _check_normalization(normalization: str) -> None:
+    if normalization not in _NORMALIZATIONS:
+        raise ValueError(f"normalization must be one of {_NORMALIZATIONS}, got {normalization!r}")
+
+
+class MGDA(AggregatingMethod):
+    """MGDA (Sener & Koltun, NeurIPS 2018): the min-norm point of the convex hull of the task gradients
+    (:func:`mgda_weights`).
+
+    Args:
+        normalization: ``"none"`` (default), ``"l2"``, ``"loss"`` or ``"loss+"`` (official code's options).
+        max_iter, tol: of the Frank-Wolfe solver (k > 2).
+    """
+
+    name = "mgda"
+
+    def __init__(
+        self, *, normalization: Normalization = "none", max_iter: int = 1000, tol: float = 1e-10, seed: int = 0
+    ) -> None:
+        _check_normalization(normalization)
+        super().__init__(seed=seed)
+        self.normalization, self.max_iter, self.tol = normalization, max_iter, tol
+
+    def weights(self, M: Tensor, losses: Tensor | None) -> tuple[Tensor, Info]:
+        return mgda_weights(M, losses, normalization=self.normalization, max_iter=self.max_iter, tol=self.tol)
+
+
+class MGDAUB(GradientMethod):
+    """MGDA-UB (Sener & Koltun, NeurIPS 2018, Section 3.3): MGDA's weights from the gradients w.r.t. the shared
+    representation ``Z`` (an upper bound of the shared-parameter problem), so only the task heads are
+    back-propagated k times.
+
+    ``alpha = mgda_weights(J J^T)`` with ``J [k, Z.numel()]`` the batched Jacobian of the losses w.r.t. ``Z``;
+    the shared parameters get ``grad sum_i alpha_i L_i`` (one backward), ``others`` the plain gradient of
+    ``sum_i L_i`` (a second backward restricted to them; the official code gives the heads the
+    ``alpha``-weighted gradient too). Assumes what MGDA-UB assumes: the shared parameters reach the losses
+    through ``Z`` only; the backward itself is exact regardless.
+    """
+
+    name = "mgda_ub"
+    requires_representation = True
+
+    def __init__(
+        self, *, normalization: Normalization = "none", max_iter: int = 1000, tol: float = 1e-10, seed: int = 0
+    ) -> None:
+        _check_normalization(normalization)
+        super().__init__(seed=seed)
+        self.normalization, self.max_iter, self.tol = normalization, max_iter, tol
+
+    def backward(
+        self,
+        losses: Mapping[str, Tensor],
+        shared: Iterable[nn.Parameter],
+        *,
+        others: Iterable[nn.Parameter] = (),
+        representation: Tensor | None = None,
+    ) -> dict[str, float]:
+        names, L = _stack_losses(losses)
+        shared_l, others_l = _split_params(shared, others)
+        Z = self._representation(representation)
+        J, batched = self._jacobian(L, [Z])
+        M = gram(J)
+        alpha, info = mgda_weights(
+            M, L.detach().to(_CPU, _F64), normalization=self.normalization, max_iter=self.max_iter, tol=self.tol
+        )
+        weighted = (alpha.to(L.device, L.dtype) * L).sum()
+        grads = torch.autograd.grad(weighted, shared_l, retain_graph=bool(others_l), allow_unused=True)
+        _set_grad_list(shared_l, grads)
+        _backward_others(L.sum(), others_l)
+        stats = _stats(names, M, alpha, info, batched)
+        stats["norm"] = _grad_norm(shared_l)
+        return stats
+
+
+class IMTLG(AggregatingMethod):
+    """IMTL-G (Liu et al., ICLR 2021): the combination with equal projections onto every unit task gradient
+    (:func:`imtl_g_weights`)."""
+
+    name = "imtl_g"
+
+    def weights(self, M: Tensor, losses: Tensor | None) -> tuple[Tensor, Info]:
+        return imtl_g_weights(M)
+
+
+class AlignedMTL(AggregatingMethod):
+    """Aligned-MTL (Senushkin et al., CVPR 2023): make the task gradients orthogonal with equal norms (condition
+    number one) by a Procrustes-type transform, then sum (:func:`aligned_mtl_weights`).
+
+    Args:
+        scale_mode: ``"min"`` (paper: the smallest singular value), ``"median"`` or ``"rmse"``.
+    """
+
+    name = "aligned_mtl"
+
+    def __init__(self, *, scale_mode: ScaleMode = "min", seed: int = 0) -> None:
+        if scale_mode not in ("min", "median", "rmse"):
+            raise ValueError(f"scale_mode must be 'min', 'median' or 'rmse'; got {scale_mode!r}")
+        super().__init__(seed=seed)
+        self.scale_mode = scale_mode
+
+    def weights(self, M: Tensor, losses: Tensor | None) -> tuple[Tensor, Info]:
+        return aligned_mtl_weights(M, scale_mode=self.scale_mode)
+
+
+class NashMTL(AggregatingMethod):
+    """Nash-MTL (Navon et al., ICML 2022): weights of the Nash bargaining solution, ``(G G^T alpha)_i = 1 /
+    alpha_i`` (:func:`nash_mtl_weights`), recomputed every ``update_every`` steps; in between the previous
+    ``alpha`` weights the losses (one backward, no per-task gradients), as in the official code.
+
+    Args:
+        update_every: steps between solves (official ``update_weights_every``, default 1).
+        max_norm: clip of the shared gradient's norm (official default 1.0; 0 disables).
+        normalize: solve on ``G G^T / ||G G^T||_F`` (official) rather than on ``G G^T``.
+        max_iter, tol: of the Newton solver.
+    """
+
+    name = "nash_mtl"
+
+    def __init__(
+        self,
+        *,
+        update_every: int = 1,
+        max_norm: float = 1.0,
+        normalize: bool = True,
+        max_iter: int = 100,
+        tol: float = 1e-10,
+        seed: int = 0,
+    ) -> None:
+        if update_every < 1:
+            raise ValueError(f"NashMTL update_every must be >= 1, got {update_every}")
+        if max_norm < 0:
+            raise ValueError(f"NashMTL max_norm must be >= 0 (0 disables clipping), got {max_norm}")
+        super().__init__(seed=seed)
+        self.update_every, self.max_norm, self.normalize = update_every, max_norm, normalize
+        self.max_iter, self.tol = max_iter, tol
+        self.step = 0
+        self.alpha: Tensor | None = None
+
+    def weights(self, M: Tensor, losses: Tensor | None) -> tuple[Tensor, Info]:
+        w, info = nash_mtl_weights(
+            M, self.alpha, normalize=self.normalize, max_norm=self.max_norm, max_iter=self.max_iter, tol=self.tol
+        )
+        self.alpha = info.get("alpha", w).clone()
+        return w, info
+
+    def backward(
+        self,
+        losses: Mapping[str, Tensor],
+        shared: Iterable[nn.Parameter],
+        *,
+        others: Iterable[nn.Parameter] = (),
+        representation: Tensor | None = None,
+    ) -> dict[str, float]:
+        names, L = _stack_losses(losses)
+        update = self.alpha is None or self.alpha.shape[0] != len(names) or self.step % self.update_every == 0
+        self.step += 1
+        if update:
+            return {**super().backward(losses, shared, others=others), "updated": 1.0}
+        assert self.alpha is not None
+        shared_l, others_l = _split_params(shared, others)
+        weighted = (self.alpha.to(L.device, L.dtype) * L).sum()
+        grads = torch.autograd.grad(weighted, shared_l, retain_graph=bool(others_l), allow_unused=True)
+        g = _flat(grads, shared_l, ())
+        norm = float(g.norm())
+        if self.max_norm > 0 and norm > self.max_norm:
+            g = g * (self.max_norm / norm)
+        _set_grads(shared_l, g)
+        _backward_others(L.sum(), others_l)
+        scale = min(1.0, self.max_norm / norm) if self.max_norm > 0 and norm > 0 else 1.0
+        out = {"updated": 0.0, "norm": float(g.norm())}
+        out.update({f"weight/{n}": float(a) * scale for n, a in zip(names, self.alpha)})
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "alpha": None if self.alpha is None else self.alpha.clone()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.step = int(state["step"])
+        self.alpha = None if state["alpha"] is None else state["alpha"].to(_CPU, _F64).clone()
+
+
+class _ReverseGrad(torch.autograd.Function):
+    """Gradient reversal layer (Ganin & Lempitsky, 2015): identity forward, ``-scale * grad`` backward."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, scale: float) -> Tensor:
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        return -ctx.scale * grad, None
+
+
+def unit_rows(J: Tensor) -> Tensor:
+    """Rows of ``J [..., D]`` scaled to unit norm: ``j / sqrt(||j||^2 + delta)`` with
+    ``delta = max(1e-12 * mean ||j||^2, 1e-20)`` (constant w.r.t. autograd), so zero rows stay zero and the
+    derivative stays finite. Computed in at least float32."""
+    J = J.to(torch.promote_types(J.dtype, torch.float32))
+    sq = J.pow(2).sum(-1, keepdim=True)
+    delta = (sq.detach().mean() * 1e-12).clamp_min(1e-20)
+    return J * torch.rsqrt(sq + delta)
+
+
+class GREAT(GradientMethod):
+    """GREAT for multi-task learning (Sinha et al., "Gradient Adversarial Training of Neural Networks", 2018,
+    arXiv:1806.08028, Section 3.3 "gradient alignment"): an auxiliary network learns to tell from a gradient
+    tensor which task produced it, and the shared body is trained, through gradient reversal, to make the
+    task gradients indistinguishable.
+
+    Construction, for one step with losses ``L_1..L_k`` and representation ``Z [B, ...]`` (rows flattened to
+    ``D`` features):
+
+    1. ``J_i = dL_i/dZ`` for all tasks in one batched autograd call with ``create_graph=True`` (so ``J``
+       depends differentiably on the parameters); each of the ``k * B`` rows ``J_i[b]`` is normalised to unit
+       length (:func:`unit_rows`) so only its direction carries information; label: ``i``.
+    2. The discriminator ``D_phi`` (``Linear(D, hidden) - ReLU - Linear(hidden, k)``, built on the first call
+       with ``seed``) gives ``L_disc = cross_entropy(D_phi(GRL_lam(R)), labels)`` (mean over rows), where
+       ``GRL_lam`` is the identity forward and multiplies the gradient by ``-lam`` backward.
+    3. One ``autograd.grad(sum_i L_i + L_disc, shared + phi)``: the shared parameters get
+       ``grad sum_i L_i - lam * grad L_disc`` (the reversal: the body *ascends* the discriminator's loss);
+       ``phi`` gets ``grad L_disc`` (the discriminator descends it), applied by its own Adam (``lr``) at once.
+    4. ``others`` get the plain gradient of ``sum_i L_i`` (the adversarial term would also reach the task
+       heads through ``J``; it is applied to the shared parameters only).
+
+    Stats: ``disc_loss`` and ``disc_acc`` (before this step's update), and the pair stats of ``J``.
+    ``state_dict`` holds the discriminator and its optimiser.
+
+    Args:
+        lam: weight of the reversed adversarial term (default 0.01).
+        lr: Adam learning rate of the discriminator (default 1e-3).
+        hidden: hidden width of the discriminator (default 64).
+        seed: seed of the discriminator's initialisation.
+    """
+
+    name = "great"
+    requires_representation = True
+
+    def __init__(self, *, lam: float = 0.01, lr: float = 1e-3, hidden: int = 64, seed: int = 0) -> None:
+        if lam < 0 or lr <= 0 or hidden < 1:
+            raise ValueError(f"GREAT needs lam >= 0, lr > 0, hidden >= 1; got lam={lam}, lr={lr}, hidden={hidden}")
+        super().__init__(seed=seed)
+        self.lam, self.lr, self.hidden = lam, lr, hidden
+        self.discriminator: nn.Sequential | None = None
+        self._optimizer: torch.optim.Adam | None = None
+        self._shape: tuple[int, int] | None = None  # (in_features, num_tasks)
+        self._pending: dict[str, Any] | None = None
+
+    def _build(self, in_features: int, k: int, device: torch.device, dtype: torch.dtype) -> nn.Sequential:
+        if self.discriminator is not None:
+            if self._shape != (in_features, k):
+                raise ValueError(
+                    f"GREAT's discriminator was built for (features, tasks) = {self._shape}, got {(in_features, k)}"
+                )
+            return self.discriminator
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            disc = nn.Sequential(nn.Linear(in_features, self.hidden), nn.ReLU(), nn.Linear(self.hidden, k))
+        disc = disc.to(device=device, dtype=dtype)
+        opt = torch.optim.Adam(disc.parameters(), lr=self.lr)
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            if tuple(pending["shape"]) != (in_features, k):
+                raise ValueError(
+                    f"GREAT state is for (features, tasks) = {tuple(pending['shape'])}, got {(in_features, k)}"
+                )
+            disc.load_state_dict(pending["discriminator"])
+            opt.load_state_dict(pending["optimizer"])
+        self.discriminator, self._optimizer, self._shape = disc, opt, (in_features, k)
+        return disc
+
+    def backward(
+        self,
+        losses: Mapping[str, Tensor],
+        shared: Iterable[nn.Parameter],
+        *,
+        others: Iterable[nn.Parameter] = (),
+        representation: Tensor | None = None,
+    ) -> dict[str, float]:
+        names, L = _stack_losses(losses)
+        shared_l, others_l = _split_params(shared, others)
+        Z = self._representation(representation)
+        k = len(names)
+        if k == 1:  # nothing to tell apart
+            grads = torch.autograd.grad(L.sum(), shared_l, retain_graph=bool(others_l), allow_unused=True)
+            _set_grad_list(shared_l, grads)
+            _backward_others(L.sum(), others_l)
+            return {}
+        B = Z.shape[0]
+        J, batched = self._jacobian(L, [Z], create_graph=True)
+        R = unit_rows(J.reshape(k, B, -1))
+        disc = self._build(R.shape[-1], k, R.device, R.dtype)
+        labels = torch.arange(k, device=R.device).repeat_interleave(B)
+        logits = disc(_ReverseGrad.apply(R, self.lam).reshape(k * B, -1))
+        disc_loss = F.cross_entropy(logits, labels)
+        phi = list(disc.parameters())
+        grads = torch.autograd.grad(
+            L.sum() + disc_loss, [*shared_l, *phi], retain_graph=bool(others_l), allow_unused=True
+        )
+        _set_grad_list(shared_l, grads[: len(shared_l)])
+        _backward_others(L.sum(), others_l)
+        assert self._optimizer is not None
+        for p, g in zip(phi, grads[len(shared_l) :]):
+            p.grad = None if g is None else g.detach()
+        self._optimizer.step()
+        self._optimizer.zero_grad(set_to_none=True)
+        acc = float((logits.detach().argmax(-1) == labels).float().mean())
+        out = {
+            "batched": float(batched),
+            **_pair_stats(gram(J)),
+            "disc_loss": float(disc_loss.detach()),
+            "disc_acc": acc,
+        }
+        out["norm"] = _grad_norm(shared_l)
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.discriminator is None:
+            return {} if self._pending is None else copy.deepcopy(self._pending)
+        assert self._optimizer is not None and self._shape is not None
+        return {
+            "shape": list(self._shape),
+            "discriminator": copy.deepcopy(self.discriminator.state_dict()),
+            "optimizer": copy.deepcopy(self._optimizer.state_dict()),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if not state:
+            return
+        self._pending = dict(state)
+        if self.discriminator is not None:  # rebuild on the next call, on the device of that call
+            self.discriminator, self._optimizer, self._shape = None, None, None
+
+
+GRADIENT_METHODS: dict[str, type[GradientMethod]] = {
+    "none": Plain,
+    "pcgrad": PCGrad,
+    "gradvac": GradVac,
+    "cagrad": CAGrad,
+    "mgda": MGDA,
+    "mgda_ub": MGDAUB,
+    "imtl_g": IMTLG,
+    "aligned_mtl": AlignedMTL,
+    "nash_mtl": NashMTL,
+    "great": GREAT,
+}
+
+
+def build_gradient_method(name: str, **kwargs: Any) -> GradientMethod:
+    """An instance of ``GRADIENT_METHODS[name]`` built with ``kwargs`` (e.g. ``seed=0``)."""
+    if name not in GRADIENT_METHODS:
+        raise ValueError(f"unknown gradient method {name!r}; known: {sorted(GRADIENT_METHODS)}")
+    return GRADIENT_METHODS[name](**kwargs)
