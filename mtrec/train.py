@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from mtl.checkpoint import atomic_write_json, seed_everything
 from mtl.optim import build_param_groups
 from mtl.tasks import TaskSpec
+from mtrec.data.batch import TabularDataset, split_by_task
 from mtrec.trainer import Trainer, TrainerConfig, evaluate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -118,11 +119,23 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     seed_everything(seed)  # model initialisation does not depend on how much randomness data loading used
     names = [t.name for t in tasks]
     model = instantiate(cfg.model)(features=bundle.features, tasks=names)
-    # Every label column is dense here, so each task trains on every training row.
-    sizes = {t: len(bundle.train) for t in names}
+    train: TabularDataset | dict[str, TabularDataset] = bundle.train
+    if cfg.get("task_split"):
+        # Tasks from separate datasets: each task trains on its own disjoint share of the training rows.
+        split = OmegaConf.to_container(cfg.task_split, resolve=True)
+        unknown = set(split) - set(names)
+        if unknown or set(split) != set(names):
+            raise ValueError(f"config key task_split: give a fraction for each of the tasks {names}, got {split}")
+        train = split_by_task(bundle.train, split, seed=seed)
+        sizes = {t: len(train[t]) for t in names}
+        rows_per_epoch = sum(sizes.values())
+    else:
+        # Every label column is dense, so each task trains on every training row.
+        sizes = {t: len(bundle.train) for t in names}
+        rows_per_epoch = len(bundle.train)
     weighting = instantiate(cfg.weighting)(tasks=tasks, sizes=sizes, seed=seed)
     gradient = instantiate(cfg.gradient)(seed=seed)
-    total_steps = tcfg.max_steps or tcfg.max_epochs * bundle.train.num_batches(tcfg.batch_size)
+    total_steps = tcfg.max_steps or tcfg.max_epochs * -(-rows_per_epoch // tcfg.batch_size)
     scheduler = instantiate(cfg.schedule)(tasks=names, sizes=sizes, seed=seed, total_steps=total_steps)
     optimizer = build_optimizer(cfg.optimizer, model, tasks, extra={"weighting": weighting.trainable_parameters()})
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
@@ -130,7 +143,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     trainer = Trainer(
         model, optimizer, tasks, tcfg, run_dir, seed=seed, weighting=weighting, gradient=gradient, scheduler=scheduler
     )
-    trainer.fit(bundle.train, bundle.val)
+    trainer.fit(train, bundle.val)
     trainer.load_best()
     best_val = trainer.best_val
     test = evaluate(model, bundle.test, tasks, tcfg.eval_batch_size, trainer.device)

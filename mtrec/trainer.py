@@ -4,10 +4,12 @@ atomic checkpoints, exact resume, JSONL (and TensorBoard) logs, test on the best
 
 from __future__ import annotations
 
+import functools
+import itertools
 import json
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +20,7 @@ from tqdm.auto import tqdm
 
 from mtl.checkpoint import atomic_torch_save, load_checkpoint, rng_state, set_rng_state
 from mtl.gradients import GradientMethod, Plain
-from mtl.scheduling import TaskScheduler
+from mtl.scheduling import TaskScheduler, TaskStreams
 from mtl.tasks import TaskSpec, compute_losses
 from mtl.weighting import Static, Weighting
 from mtrec.data.batch import Batch, TabularDataset
@@ -166,6 +168,11 @@ def _flatten(prefix: str, metrics: dict[str, dict[str, float]]) -> dict[str, flo
     return {f"{prefix}/{t}/{m}": v for t, d in metrics.items() for m, v in d.items()}
 
 
+def _task_pass(data: TabularDataset, batch_size: int, seed: int, pass_index: int) -> Iterator[Batch]:
+    """One shuffled pass over a task's own dataset (the ``pass_index``-th; seeded)."""
+    return data.batches(batch_size, shuffle=True, seed=seed, epoch=pass_index)
+
+
 class Trainer:
     """Trains a multi-task model on a :class:`TabularDataset`.
 
@@ -215,6 +222,7 @@ class Trainer:
         self.last_shared = list(last_shared()) if last_shared is not None else self.shared_params[-2:]
         self._epoch_loss_sum: dict[str, float] = {}
         self._epoch_loss_count: dict[str, int] = {}
+        self.streams: TaskStreams[Batch] | None = None  # per-task datasets (see fit)
         # Training position and early-stopping state (all saved in last.pt).
         self.epoch = 0
         self.batch_in_epoch = 0
@@ -244,6 +252,7 @@ class Trainer:
             "gradient": self.gradient.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "epoch_losses": (self._epoch_loss_sum, self._epoch_loss_count),
+            "streams": self.streams.state_dict() if self.streams is not None else None,
             "trainer": asdict(self.cfg),
         }
 
@@ -272,6 +281,8 @@ class Trainer:
         if self.scheduler is not None and state.get("scheduler") is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         self._epoch_loss_sum, self._epoch_loss_count = (dict(d) for d in state["epoch_losses"])
+        if self.streams is not None and state.get("streams") is not None:
+            self.streams.load_state_dict(state["streams"])
         return True
 
     # ----------------------------------------------------------------- training
@@ -282,21 +293,48 @@ class Trainer:
         chosen = set(self.scheduler.select(self.step))
         return [t for t in self.tasks if t.name in chosen]
 
-    def train_step(self, batch: Batch) -> dict[str, float]:
-        batch = batch_to(batch, self.device)
-        self.model.train()
-        tasks = self.active_tasks()
-        representation = None
+    def _task_batches(self, tasks: list[TaskSpec], streams: TaskStreams[Batch]) -> dict[str, Batch]:
+        """The next batch of each task's own dataset."""
         if self.gradient.requires_representation:
-            outputs, representation = self.model.forward_with_representation(batch.dense, batch.sparse)
+            raise ValueError(
+                f"gradient method {type(self.gradient).__name__} needs one shared representation per step, but "
+                "with per-task datasets every task sees a different batch; use a parameter-space method"
+            )
+        return {t.name: batch_to(streams.next(t.name), self.device) for t in tasks}
+
+    def _losses(
+        self, tasks: list[TaskSpec], batches: Batch | dict[str, Batch]
+    ) -> tuple[dict[str, Tensor], Tensor | None]:
+        """Per-task losses (and the shared representation when the gradient method needs it).
+
+        A joint batch takes one forward pass for every task; per-task batches take one pass per task.
+        """
+        if isinstance(batches, dict):
+            losses: dict[str, Tensor] = {}
+            for t in tasks:
+                b = batches[t.name]
+                losses.update(compute_losses([t], self.model(b.dense, b.sparse), b.labels))
+            return losses, None
+        if self.gradient.requires_representation:
+            outputs, representation = self.model.forward_with_representation(batches.dense, batches.sparse)
             if representation is None:
                 raise ValueError(
                     f"gradient method {type(self.gradient).__name__} works on the shared representation, but "
                     f"{type(self.model).__name__} shares none; pick a model with shared layers"
                 )
-        else:
-            outputs = self.model(batch.dense, batch.sparse)
-        losses = compute_losses(tasks, outputs, batch.labels)
+            return compute_losses(tasks, outputs, batches.labels), representation
+        return compute_losses(tasks, self.model(batches.dense, batches.sparse), batches.labels), None
+
+    def train_step(self, batch: Batch | TaskStreams[Batch]) -> dict[str, float]:
+        """One optimiser step on a joint batch (every label present) or on per-task ``TaskStreams``.
+
+        Scheduler picks tasks -> losses -> weighting -> gradient method (fills ``.grad``) -> regulariser
+        -> clipping -> optimiser step -> FAMO-style post-step losses -> scheduler feedback.
+        """
+        self.model.train()
+        tasks = self.active_tasks()
+        batches = self._task_batches(tasks, batch) if isinstance(batch, TaskStreams) else batch_to(batch, self.device)
+        losses, representation = self._losses(tasks, batches)
         self.optimizer.zero_grad(set_to_none=True)
         weighted = self.weighting.weighted(losses, shared=self.last_shared)
         stats = self.gradient.backward(
@@ -310,8 +348,9 @@ class Trainer:
         self.optimizer.step()
         if self.weighting.wants_losses_after_step:
             with torch.no_grad():
-                after = compute_losses(tasks, self.model(batch.dense, batch.sparse), batch.labels)
+                after, _ = self._losses(tasks, batches)
             self.weighting.after_step(after)
+
         plain = {k: v.item() for k, v in losses.items()}
         if self.scheduler is not None:
             self.scheduler.observe(self.step, plain)
@@ -357,18 +396,38 @@ class Trainer:
         logger.log({"step": self.step, "epoch": self.epoch, "val/score": score, **_flatten("val", metrics)})
         return self.bad_evals >= self.cfg.patience
 
-    def fit(self, train: TabularDataset, val: TabularDataset) -> dict[str, dict[str, float]]:
-        """Train until early stopping, ``max_epochs`` or ``max_steps``; returns the best validation metrics."""
+    def fit(
+        self, train: TabularDataset | Mapping[str, TabularDataset], val: TabularDataset
+    ) -> dict[str, dict[str, float]]:
+        """Train until early stopping, ``max_epochs`` or ``max_steps``; returns the best validation metrics.
+
+        ``train`` is one dataset whose batches carry every task's label, or ``{task: dataset}`` when
+        tasks come from separate datasets (of any sizes): then each step draws the next batch of every
+        scheduled task from its own never-ending stream (a new shuffled pass starts when one ends), and an
+        epoch is ``sum of sizes / batch_size`` steps.
+        """
         cfg = self.cfg
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
+        if isinstance(train, Mapping):
+            missing = [t.name for t in self.tasks if t.name not in train]
+            if missing:
+                raise ValueError(f"per-task training data has no dataset for tasks {missing}; got {sorted(train)}")
+            self.streams = TaskStreams(
+                {
+                    t.name: functools.partial(_task_pass, train[t.name], cfg.batch_size, self.seed * 1009 + i)
+                    for i, t in enumerate(self.tasks)
+                }
+            )
+            n_batches = -(-sum(len(train[t.name]) for t in self.tasks) // cfg.batch_size)
+        else:
+            n_batches = train.num_batches(cfg.batch_size)
         if cfg.resume and self.load_last():
             if self.stop_reason == "max_steps" and (cfg.max_steps is None or self.step < cfg.max_steps):
                 self.stop_reason = None  # a capped run continues under a larger cap
             if self.stop_reason is not None:
                 return self.best_val
         logger = _Logger(self.run_dir, cfg.tensorboard)
-        n_batches = train.num_batches(cfg.batch_size)
         t0 = time.perf_counter()
         try:
             while self.stop_reason is None:
@@ -383,9 +442,14 @@ class Trainer:
                     leave=False,
                     dynamic_ncols=True,
                 )
-                batches = train.batches(
-                    cfg.batch_size, shuffle=True, seed=self.seed, epoch=self.epoch, start=self.batch_in_epoch
-                )
+                if self.streams is not None:
+                    batches: Iterable[Batch | TaskStreams[Batch]] = itertools.repeat(
+                        self.streams, n_batches - self.batch_in_epoch
+                    )
+                else:
+                    batches = train.batches(  # type: ignore[union-attr]
+                        cfg.batch_size, shuffle=True, seed=self.seed, epoch=self.epoch, start=self.batch_in_epoch
+                    )
                 for batch in batches:
                     record = self.train_step(batch)
                     self.batch_in_epoch += 1

@@ -190,3 +190,30 @@ def split_indices(n: int, fractions: Sequence[float], seed: int) -> list[Tensor]
     n_train = int(round(fractions[0] * n))
     n_val = int(round(fractions[1] * n))
     return [perm[:n_train], perm[n_train : n_train + n_val], perm[n_train + n_val :]]
+
+
+def split_by_task(
+    data: TabularDataset, fractions: Mapping[str, float], seed: int = 0
+) -> dict[str, TabularDataset]:
+    """Disjoint random subsets of ``data``, one per task, of the given fractions of its rows.
+
+    Simulates tasks that come from separate datasets of different sizes (each subset still carries
+    every label column, but a trainer uses only its own task's).
+    """
+    if not fractions:
+        raise ValueError("split_by_task: fractions is empty; give {task: fraction}")
+    bad = {t: f for t, f in fractions.items() if not 0 < f <= 1}
+    if bad or sum(fractions.values()) > 1 + 1e-9:
+        raise ValueError(f"split_by_task: fractions must be in (0, 1] and sum to at most 1, got {dict(fractions)}")
+    missing = [t for t in fractions if t not in data.labels]
+    if missing:
+        raise ValueError(f"split_by_task: no label column for tasks {missing}; labels: {sorted(data.labels)}")
+    n = len(data)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    out: dict[str, TabularDataset] = {}
+    start = 0
+    for task, f in fractions.items():
+        size = max(1, int(round(f * n)))
+        out[task] = data.subset(perm[start : start + size])
+        start += size
+    return out
