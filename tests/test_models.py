@@ -622,11 +622,12 @@ def test_shared_representation_carries_every_shared_gradient_path(name: str) -> 
         assert rep is None  # nothing is shared
         return
     assert rep is not None and rep.requires_grad
+    assert rep.shape[0] == 6  # batch-first
     for t in tasks:
         (g,) = torch.autograd.grad(outputs[t].sum(), rep, retain_graph=True)
         assert g.abs().sum() > 0, f"task {t} does not read the representation"
     if name in ("mmoe", "omoe"):
-        assert rep.shape[:2] == (model.num_experts, 6)  # [E, B, H]: the experts' outputs
+        assert rep.shape[:2] == (6, model.num_experts)  # [B, E, H]: the experts' outputs, batch-first
     assert model._representation is None  # nothing kept after the call
 
 

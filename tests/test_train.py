@@ -242,3 +242,11 @@ def test_representation_methods_refuse_per_task_datasets(tmp_path: Path) -> None
     with pytest.raises(ValueError, match="different batch"):
         run(cfg("task_split={click:0.5,conversion:0.3,dwell:0.2}", "gradient=mgda_ub", "trainer.max_steps=2", *TINY),
             tmp_path)
+
+
+@pytest.mark.parametrize("method", ["great", "mgda_ub"])
+def test_representation_methods_through_a_ragged_last_batch(method: str, tmp_path: Path) -> None:
+    # 2400 train rows / 256 = 9 full batches and one of 96 rows: the representation's batch size changes.
+    metrics = run(cfg(f"gradient={method}", "trainer.max_epochs=1", *TINY), tmp_path)
+    assert load_checkpoint(tmp_path / "last.pt")["step"] == 10
+    assert set(metrics["test"]) == {"click", "conversion", "dwell"}

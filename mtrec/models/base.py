@@ -13,9 +13,9 @@
   ``ctr`` and ``ctcvr`` use it).
 * ``regularization() -> scalar``: an extra term to add to the objective (zero unless overridden).
 * ``forward_with_representation(dense, sparse) -> (outputs, Z)``: ``Z`` is the shared representation
-  that every task head reads (the experts' outputs of a mixture, the shared bottom's output, else the
-  input vector), for methods that work on gradients with respect to it (MGDA-UB, GREAT). ``None`` for
-  models that share nothing.
+  that every task head reads (the experts' outputs of a mixture as ``[B, E, H]``, the shared bottom's
+  output, else the input vector), batch-first, for methods that work on gradients with respect to it
+  (MGDA-UB, GREAT). ``None`` for models that share nothing.
 """
 
 from __future__ import annotations

@@ -67,7 +67,8 @@ class _MixtureOfExperts(MultiTaskModel):
 
     def _forward(self, dense: Tensor, sparse: KeyedJaggedTensor) -> tuple[Outputs, Gates]:
         x = self._input_vector(dense, sparse)
-        experts = self._mark_representation(self.experts(x))  # [E, B, H]
+        # The shared representation is batch-first, [B, E, H]; the experts' own layout is [E, B, H].
+        experts = self._mark_representation(self.experts(x).transpose(0, 1)).transpose(0, 1)
         gates = {name: gate(x) for name, gate in self.gates.items()}  # [E, B] each
         if self.per_task_gates:
             out = self._apply_towers({t: mix(gates[t], experts) for t in self.tasks})
