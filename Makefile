@@ -49,6 +49,10 @@ bench-peers:
 	@# threadpoolctl and narwhals; pandas) is listed here.
 	$(PIP) install --no-deps --target benchmarks/.peers torch-rechub==0.9.0 \
 	  pandas==3.1.1 scikit-learn==1.9.1 scipy==1.17.1 joblib==1.6.0 threadpoolctl==3.8.0 narwhals==2.28.0
+	@# LibMTL (benchmarks/gradient_overhead.py): --no-deps because it declares torchvision, which has no CPU
+	@# build here and would pull a CUDA torch; the benchmark stubs `torchvision.models.utils` (reached only by
+	@# LibMTL/model/resnet.py) before `import LibMTL`. Its CAGrad imports scipy, installed by the line above.
+	$(PIP) install --no-deps --target benchmarks/.peers LibMTL==1.1.5
 
 clean:
 	rm -rf $(VENV) outputs multirun *.egg-info
