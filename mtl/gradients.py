@@ -155,15 +155,20 @@ def pcgrad_weights(M: Tensor, *, generator: torch.Generator | None = None) -> tu
     ``w = 1^T C``. Like the paper, ``j`` skips ``i`` (the official code includes it, a no-op in practice).
     """
     k = M.shape[0]
-    C = torch.eye(k, dtype=M.dtype)
+    cols = M.T.tolist()  # cols[j] = M[:, j]; the k x k loop runs on Python floats (cheaper than tiny tensors)
+    diag = [cols[j][j] for j in range(k)]
+    w_list = [0.0] * k
     for i in range(k):
+        row = [0.0] * k  # C[i]
+        row[i] = 1.0
         for j in torch.randperm(k, generator=generator).tolist():
-            if j == i or M[j, j] <= 0:
+            if j == i or diag[j] <= 0:
                 continue
-            dot = C[i] @ M[:, j]
+            dot = sum(c * m for c, m in zip(row, cols[j]))
             if dot < 0:
-                C[i, j] -= dot / M[j, j]
-    w = C.sum(0)
+                row[j] -= dot / diag[j]
+        w_list = [a + c for a, c in zip(w_list, row)]
+    w = torch.tensor(w_list, dtype=M.dtype)
     return w, {"weights": w}
 
 
@@ -219,13 +224,13 @@ def cagrad_weights(
         return one
     k = M.shape[0]
     w_dual, iters = solvers.cagrad_dual(M, c, max_iter=max_iter, tol=tol)
-    g0_norm = math.sqrt(max(float(M.mean()), 0.0))
-    gw_norm = math.sqrt(max(float(w_dual @ M @ w_dual), 0.0))
-    typical = math.sqrt(max(float(M.diagonal().mean()), 0.0))
+    Ml, wl = M.tolist(), w_dual.tolist()  # a few k x k sums: cheaper on Python floats than on tiny tensors
+    g0_norm = math.sqrt(max(sum(map(sum, Ml)) / (k * k), 0.0))
+    gw_norm = math.sqrt(max(sum(wi * sum(m * x for m, x in zip(row, wl)) for wi, row in zip(wl, Ml)), 0.0))
+    typical = math.sqrt(max(sum(Ml[i][i] for i in range(k)) / k, 0.0))
     lam = c * g0_norm / gw_norm if gw_norm > 1e-8 * typical else 0.0
-    w = torch.full((k,), 1.0 / k, dtype=M.dtype) + lam * w_dual
-    if rescale:
-        w = w / (1.0 + c**2)
+    scale = 1.0 + c**2 if rescale else 1.0
+    w = torch.tensor([(1.0 / k + lam * x) / scale for x in wl], dtype=M.dtype)
     return w, {"weights": w, "dual_weights": w_dual, "iters": torch.tensor(float(iters))}
 
 
@@ -489,17 +494,25 @@ def _pair_stats(M: Tensor) -> dict[str, float]:
     k = M.shape[0]
     if k < 2:
         return {}
-    n = M.diagonal().clamp_min(0.0).sqrt()
-    den = n[:, None] * n[None, :]
-    cos = torch.where(den > 0, M / den.clamp_min(1e-300), torch.zeros_like(M))
-    iu = torch.triu_indices(k, k, 1)
-    pairs = M[iu[0], iu[1]]
-    return {"cos_mean": float(cos[iu[0], iu[1]].mean()), "conflicts": float((pairs < 0).sum())}
+    Ml = M.tolist()  # k x k floats: a Python loop is cheaper than a dozen ops on tiny tensors
+    n = [math.sqrt(max(Ml[i][i], 0.0)) for i in range(k)]
+    cos_sum, conflicts = 0.0, 0
+    for i in range(k - 1):
+        row, ni = Ml[i], n[i]
+        for j in range(i + 1, k):
+            den = ni * n[j]
+            if den > 0:
+                cos_sum += row[j] / max(den, 1e-300)
+            if row[j] < 0:
+                conflicts += 1
+    return {"cos_mean": cos_sum / (k * (k - 1) // 2), "conflicts": float(conflicts)}
 
 
 def _stats(names: Sequence[str], M: Tensor, w: Tensor, info: Info, batched: bool) -> dict[str, float]:
-    out = {"batched": float(batched), **_pair_stats(M), "norm": math.sqrt(max(float(w @ M @ w), 0.0))}
-    out.update({f"weight/{n}": float(wi) for n, wi in zip(names, w)})
+    wl, Ml = w.tolist(), M.tolist()
+    wMw = sum(wi * sum(m * x for m, x in zip(row, wl)) for wi, row in zip(wl, Ml))
+    out = {"batched": float(batched), **_pair_stats(M), "norm": math.sqrt(max(wMw, 0.0))}
+    out.update({f"weight/{n}": float(wi) for n, wi in zip(names, wl)})
     out.update({key: float(v) for key, v in info.items() if v.numel() == 1 and key != "weights"})
     return out
 

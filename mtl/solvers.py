@@ -1,14 +1,18 @@
 """Small solvers on a k x k Gram matrix ``M = G G^T`` of task gradients (k = number of tasks).
 
-Pure functions of tensors, used by :mod:`mtl.gradients`. They are meant for k of at most a few dozen and
-run on whatever device ``M`` lives on; :mod:`mtl.gradients` hands them a float64 CPU copy, so each
-iteration costs microseconds and the accelerator is synchronised once per step.
+Pure functions of tensors, used by :mod:`mtl.gradients`. They are meant for k of at most a few dozen:
+the iterative ones copy ``M`` once into Python floats (``M.tolist()``), iterate on those (a few
+microseconds per iteration, far below the per-call overhead of torch ops on k-element tensors) and return
+tensors on ``M``'s device and dtype. :mod:`mtl.gradients` hands them a float64 CPU copy, so the accelerator
+is synchronised once per step.
 
 Every solver is invariant to a positive rescaling of the gradients (it normalises ``M`` internally), so
 gradients of any magnitude, including all-zero ones, give finite answers.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
@@ -19,18 +23,43 @@ def _scale(M: Tensor) -> float:
     return float(M.diagonal().mean().clamp_min(0.0))
 
 
+# The k x k problems are solved on Python lists of floats: for k of a few dozen, a Python loop over the
+# entries is cheaper than the per-call overhead of torch ops on tiny tensors, and it needs no other module.
+# Each public solver converts ``M`` once (``M.tolist()``) and returns a tensor on ``M``'s device and dtype.
+
+Vec = list[float]
+Mat = list[list[float]]
+
+
+_mul = float.__mul__  # map(_mul, x, y) is the fastest product of two float lists without extra imports
+
+
+def _matvec(M: Mat, x: Vec) -> Vec:
+    """``[sum_j row[j] * x[j] for row in M]``, each row summed left to right."""
+    return [sum(map(_mul, r, x)) for r in M]
+
+
+def _dot(x: Vec, y: Vec) -> float:
+    return sum(map(_mul, x, y))
+
+
+def _project_simplex_list(v: Vec) -> Vec:
+    """:func:`project_simplex` on a list of floats."""
+    u = sorted(v, reverse=True)
+    rho, total, theta_total = -1, 0.0, 0.0
+    for i, ui in enumerate(u):
+        total += ui
+        if ui - (total - 1.0) / (i + 1) > 0:
+            rho, theta_total = i, total - 1.0
+    if rho < 0:  # only for non-finite input
+        raise ValueError(f"project_simplex needs a finite vector, got {list(v)}")
+    theta = theta_total / (rho + 1)
+    return [max(x - theta, 0.0) for x in v]
+
+
 def project_simplex(v: Tensor) -> Tensor:
     """Euclidean projection of ``v [k]`` onto the probability simplex (Duchi et al., ICML 2008)."""
-    k = v.shape[0]
-    u, _ = torch.sort(v, descending=True)
-    css = torch.cumsum(u, 0) - 1.0
-    ind = torch.arange(1, k + 1, dtype=v.dtype, device=v.device)
-    positive = (u - css / ind > 0).nonzero()
-    if positive.numel() == 0:  # only for non-finite input
-        raise ValueError(f"project_simplex needs a finite vector, got {v.tolist()}")
-    rho = int(positive.max())
-    theta = css[rho] / (rho + 1)
-    return (v - theta).clamp_min(0.0)
+    return torch.tensor(_project_simplex_list(v.tolist()), dtype=v.dtype, device=v.device)
 
 
 def min_norm_2(m11: float, m12: float, m22: float) -> float:
@@ -43,6 +72,43 @@ def min_norm_2(m11: float, m12: float, m22: float) -> float:
     if den <= 1e-12 * max(m11 + m22, 1e-300):
         return 0.5
     return min(max((m22 - m12) / den, 0.0), 1.0)
+
+
+def _min_norm_list(M: Mat, max_iter: int, tol: float) -> tuple[Vec, int]:
+    """:func:`min_norm_simplex` for ``k > 2`` on a normalised matrix given as lists (of floats)."""
+    k = len(M)
+    cols = [list(c) for c in zip(*M)]  # cols[j] = M[:, j]
+    alpha = [1.0 / k] * k
+    it = 0
+    while it < max_iter:
+        Ma = _matvec(M, alpha)
+        aMa = _dot(alpha, Ma)
+        m_s = min(Ma)
+        s_idx = Ma.index(m_s)
+        gap_fw = aMa - m_s
+        if gap_fw < tol:
+            break
+        it += 1
+        v_idx = max((i for i in range(k) if alpha[i] > 0), key=Ma.__getitem__)
+        gap_away = Ma[v_idx] - aMa
+        if gap_fw >= gap_away:  # towards e_s
+            d = [-a for a in alpha]
+            d[s_idx] += 1.0
+            step_max = 1.0
+        else:  # away from e_v
+            d = list(alpha)
+            d[v_idx] -= 1.0
+            av = alpha[v_idx]
+            step_max = av / (1.0 - av) if av < 1.0 else 1.0
+        dMd, slope = _dot(_matvec(cols, d), d), _dot(Ma, d)  # (d^T M) d, in torch's order
+        step = step_max if dMd <= 0.0 else min(max(-slope / dMd, 0.0), step_max)
+        alpha = [a + step * di for a, di in zip(alpha, d)]
+        if gap_fw < gap_away and step == step_max:
+            alpha[v_idx] = 0.0  # drop the vertex exactly
+        alpha = [a if a > 0.0 else 0.0 for a in alpha]
+        total = sum(alpha)
+        alpha = [a / total for a in alpha]
+    return alpha, it
 
 
 def min_norm_simplex(M: Tensor, *, max_iter: int = 1000, tol: float = 1e-10) -> tuple[Tensor, int]:
@@ -66,39 +132,12 @@ def min_norm_simplex(M: Tensor, *, max_iter: int = 1000, tol: float = 1e-10) -> 
     s = _scale(M)
     if s == 0.0:
         return torch.full((k,), 1.0 / k, dtype=M.dtype, device=M.device), 0
-    M = M / s
+    Ml = [[x / s for x in row] for row in M.tolist()]
     if k == 2:
-        a = min_norm_2(float(M[0, 0]), float(M[0, 1]), float(M[1, 1]))
+        a = min_norm_2(Ml[0][0], Ml[0][1], Ml[1][1])
         return torch.tensor([a, 1.0 - a], dtype=M.dtype, device=M.device), 0
-    alpha = torch.full((k,), 1.0 / k, dtype=M.dtype, device=M.device)
-    it = 0
-    while it < max_iter:
-        Ma = M @ alpha
-        aMa = float(alpha @ Ma)
-        s_idx = int(torch.argmin(Ma))
-        gap_fw = aMa - float(Ma[s_idx])
-        if gap_fw < tol:
-            break
-        it += 1
-        v_idx = int(torch.argmax(Ma.masked_fill(alpha <= 0, float("-inf"))))
-        gap_away = float(Ma[v_idx]) - aMa
-        if gap_fw >= gap_away:  # towards e_s
-            d = -alpha
-            d[s_idx] += 1.0
-            step_max = 1.0
-        else:  # away from e_v
-            d = alpha.clone()
-            d[v_idx] -= 1.0
-            av = float(alpha[v_idx])
-            step_max = av / (1.0 - av) if av < 1.0 else 1.0
-        dMd, slope = float(d @ M @ d), float(Ma @ d)
-        step = step_max if dMd <= 0.0 else min(max(-slope / dMd, 0.0), step_max)
-        alpha = alpha + step * d
-        if gap_fw < gap_away and step == step_max:
-            alpha[v_idx] = 0.0  # drop the vertex exactly
-        alpha = alpha.clamp_min(0.0)
-        alpha = alpha / alpha.sum()
-    return alpha, it
+    alpha, it = _min_norm_list(Ml, max_iter, tol)
+    return torch.tensor(alpha, dtype=M.dtype, device=M.device), it
 
 
 def cagrad_dual(M: Tensor, c: float, *, max_iter: int = 1000, tol: float = 1e-9) -> tuple[Tensor, int]:
@@ -119,44 +158,57 @@ def cagrad_dual(M: Tensor, c: float, *, max_iter: int = 1000, tol: float = 1e-9)
     Returns ``(w, iterations)``.
     """
     k = M.shape[0]
-    uniform = torch.full((k,), 1.0 / k, dtype=M.dtype, device=M.device)
     s = _scale(M)
     if k == 1 or s == 0.0:
-        return uniform, 0
-    M = M / s
-    b = M @ uniform
-    root_phi = c * float(uniform @ b) ** 0.5 if float(uniform @ b) > 0 else 0.0
+        return torch.full((k,), 1.0 / k, dtype=M.dtype, device=M.device), 0
+    Ml = [[x / s for x in row] for row in M.tolist()]
+    w, it = _cagrad_dual_list(Ml, c, max_iter, tol)
+    return torch.tensor(w, dtype=M.dtype, device=M.device), it
+
+
+def _cagrad_dual_list(M: Mat, c: float, max_iter: int, tol: float) -> tuple[Vec, int]:
+    """:func:`cagrad_dual` for ``k > 1`` on a normalised matrix given as lists."""
+    k = len(M)
+    uniform = [1.0 / k] * k
+    b = _matvec(M, uniform)
+    ub = _dot(uniform, b)
+    root_phi = c * ub**0.5 if ub > 0 else 0.0
     eps = 1e-14
     if c >= 1.0:
         # F(w) >= (c - 1) ||g0|| ||g_w|| >= 0, so a w with g_w = 0 (if any) is optimal
-        alpha, _ = min_norm_simplex(M)
-        if float(alpha @ M @ alpha) <= eps:
+        if k == 2:
+            a = min_norm_2(M[0][0], M[0][1], M[1][1])
+            alpha = [a, 1.0 - a]
+        else:
+            alpha, _ = _min_norm_list(M, 1000, 1e-10)
+        if _dot(alpha, _matvec(M, alpha)) <= eps:
             return alpha, 0
 
-    def value_grad(w: Tensor) -> tuple[float, Tensor]:
-        Mw = M @ w
-        norm = torch.sqrt((w @ Mw).clamp_min(0.0) + eps)
-        return float(b @ w + root_phi * norm), b + root_phi * Mw / norm
+    def value_grad(w: Vec) -> tuple[float, Vec]:
+        Mw = _matvec(M, w)
+        norm = math.sqrt(max(_dot(w, Mw), 0.0) + eps)
+        return _dot(b, w) + root_phi * norm, [bi + root_phi * mi / norm for bi, mi in zip(b, Mw)]
 
     w = uniform
     f, grad = value_grad(w)
     step, stalled = 1.0, 0
     it = 0
     while it < max_iter and stalled < 10:
-        if float(grad @ w - grad.min()) < tol:
+        if _dot(grad, w) - min(grad) < tol:
             break
         it += 1
-        step = min(step, 10.0 / max(float(grad.abs().max()), 1e-30))  # a longer step only projects further
+        step = min(step, 10.0 / max(max(abs(g) for g in grad), 1e-30))  # a longer step only projects further
         while True:
-            new = project_simplex(w - step * grad)
-            d = new - w
+            new = _project_simplex_list([wi - step * gi for wi, gi in zip(w, grad)])
+            d = [ni - wi for ni, wi in zip(new, w)]
             f_new, grad_new = value_grad(new)
-            if f_new <= f + float(grad @ d) + float(d @ d) / (2.0 * step) + 1e-15 or step < 1e-12:
+            dd = _dot(d, d)
+            if f_new <= f + _dot(grad, d) + dd / (2.0 * step) + 1e-15 or step < 1e-12:
                 break
             step *= 0.5
-        y = grad_new - grad
-        sy = float(d @ y)
-        step = min(max(float(d @ d) / sy, 1e-10), 1e10) if sy > 1e-30 else min(2.0 * step, 1e10)
+        y = [gn - g for gn, g in zip(grad_new, grad)]
+        sy = _dot(d, y)
+        step = min(max(dd / sy, 1e-10), 1e10) if sy > 1e-30 else min(2.0 * step, 1e10)
         stalled = stalled + 1 if f - f_new <= 1e-14 else 0
         w, f, grad = new, f_new, grad_new
     return w, it

@@ -494,14 +494,14 @@ class RLW(Weighting):
 
 
 def famo_logit_grad(logits: Tensor, delta: Tensor) -> Tensor:
-    """``J_softmax(logits)^T delta``: FAMO's gradient of the task logits (via ``torch.autograd.grad``).
+    """``J_softmax(logits)^T delta``: FAMO's gradient of the task logits.
 
-    Equals ``z * (delta - <z, delta>)`` with ``z = softmax(logits)``.
+    Computed in closed form, ``z * (delta - <z, delta>)`` with ``z = softmax(logits)`` (what
+    ``torch.autograd.grad(softmax(xi), xi, grad_outputs=delta)`` gives, without building a graph).
     """
-    with torch.enable_grad():
-        xi = logits.detach().requires_grad_(True)
-        (grad,) = torch.autograd.grad(torch.softmax(xi, dim=0), xi, grad_outputs=delta.detach().to(xi))
-    return grad
+    z = torch.softmax(logits.detach(), dim=0)
+    delta = delta.detach().to(z)
+    return z * (delta - (z * delta).sum())
 
 
 class FAMO(Weighting):
@@ -519,7 +519,7 @@ class FAMO(Weighting):
       ``c`` held constant (the official ``get_weighted_loss``); only the value differs.
     * :meth:`after_step` (``wants_losses_after_step = True``) receives the losses of the same batch after
       the model's step and computes ``delta_t = log D_t(old) - log D_t(new)``, the logits' gradient
-      ``d = J_softmax(xi)^T delta`` (``torch.autograd.grad(z, xi, grad_outputs=delta)``,
+      ``d = J_softmax(xi)^T delta = z * (delta - <z, delta>)`` (closed form,
       :func:`famo_logit_grad`), and takes one step of its own ``Adam(lr, weight_decay=gamma)`` on the
       present tasks' logits: the L2 term ``gamma * xi`` is FAMO's regulariser, as in the official code
       (the paper's Algorithm 1 writes a plain gradient step ``xi -= beta * (d + gamma * xi)``). A task whose
@@ -569,8 +569,16 @@ class FAMO(Weighting):
         self._opt = torch.optim.Adam(list(self.logits), lr=self.lr, weight_decay=self.gamma)
         self._prev: tuple[list[int], Tensor] | None = None  # (tasks, losses) of the last training call
 
+    def _logit_list(self) -> list[nn.Parameter]:
+        """``list(self.logits)`` without ``ParameterList.__getitem__``'s per-item cost."""
+        return list(self.logits._parameters.values())  # type: ignore[arg-type]
+
+    def _mins(self, idx: list[int]) -> Tensor:
+        """The lower bounds of the tasks ``idx`` (ascending, distinct): no indexing when all are present."""
+        return self.min_losses if len(idx) == len(self.task_names) else self.min_losses[idx]
+
     def _shifted(self, idx: list[int], losses: Tensor) -> Tensor:
-        d = losses.detach() - self.min_losses[idx].to(losses) + self.eps
+        d = losses.detach() - self._mins(idx).to(losses) + self.eps
         if not bool((d > 0).all()):
             mins = self.min_losses[idx].tolist()
             pairs = zip(idx, losses.tolist(), mins)
@@ -584,7 +592,8 @@ class FAMO(Weighting):
     def _compute(self, idx: list[int], losses: list[Tensor], shared: list[nn.Parameter]) -> _Weights:
         current = torch.stack(losses).detach()
         d = self._shifted(idx, current)
-        z = torch.softmax(torch.stack([self.logits[i] for i in idx]).detach().to(d), dim=0)
+        logits = self._logit_list()
+        z = torch.softmax(torch.stack([logits[i] for i in idx]).detach().to(d), dim=0)
         w = z / d
         w = w / w.sum()
         if self._updates_state(losses):
@@ -605,9 +614,75 @@ class FAMO(Weighting):
             return
         idx = [prev_idx[j] for j in pos]
         new = torch.stack([torch.as_tensor(new_losses[self.task_names[i]]).detach() for i in idx]).to(prev)
-        delta = self._shifted(idx, prev[pos]).log() - self._shifted(idx, new).log()
-        params = [self.logits[i] for i in idx]
-        self._step_own_optimizer(params, famo_logit_grad(torch.stack(params).detach(), delta))
+        old = prev if len(pos) == len(prev_idx) else prev[pos]
+        # both shifted losses in one go (the same elementwise operations as two calls of _shifted)
+        both = torch.stack([old, new]) - self._mins(idx).to(prev) + self.eps
+        if not bool((both > 0).all()):
+            self._shifted(idx, old)  # raises, naming the task
+            self._shifted(idx, new)
+        log_both = both.log()
+        delta = log_both[0] - log_both[1]
+        logits = self._logit_list()
+        params = [logits[i] for i in idx]
+        xi = torch.stack(params).detach()  # the logits do not require gradients
+        grads = famo_logit_grad(xi, delta)
+        if not self._adam_step_stacked(params, xi, grads):
+            self._step_own_optimizer(params, grads)
+
+    def _adam_step_stacked(self, params: list[nn.Parameter], xi: Tensor, grads: Tensor) -> bool:
+        """The internal ``Adam`` step, done on the stacked logits ``xi`` (a few ops instead of a few per task).
+
+        Same state (``step``, ``exp_avg``, ``exp_avg_sq`` per logit, in the optimiser's ``state``) and the same
+        operations as ``torch.optim.Adam``'s single-tensor update, so it matches ``self._opt.step()`` up to
+        float rounding. Returns False (nothing done) where that shortcut does not apply: non-default Adam
+        options, or logits at different step counts (tasks absent on some steps); the caller then steps
+        the optimiser itself.
+        """
+        opt = self._opt
+        assert opt is not None
+        if len(opt.param_groups) != 1:
+            return False
+        group = opt.param_groups[0]
+        plain = {"amsgrad": False, "maximize": False, "capturable": False, "differentiable": False}
+        if any(group.get(key, value) != value for key, value in plain.items()):
+            return False
+        if group.get("fused") or group.get("decoupled_weight_decay") or isinstance(group["lr"], Tensor):
+            return False
+        states = [opt.state[p] for p in params]
+        if all(states):
+            if any(len(st) != 3 or "exp_avg_sq" not in st or "exp_avg" not in st for st in states):
+                return False
+            steps = set(torch.stack([st["step"] for st in states]).tolist())
+        elif any(states):
+            return False  # some logits have moments, others not: different step counts
+        else:
+            steps = {0.0}
+            scalar = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+            for p, st in zip(params, states):  # as torch.optim.Adam initialises its state
+                st["step"] = torch.tensor(0.0, dtype=scalar)
+                st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if len(steps) != 1:
+            return False
+        step = steps.pop() + 1.0
+        torch._foreach_add_([st["step"] for st in states], 1)  # Adam's ``step_t += 1``
+        lr, (beta1, beta2), eps, weight_decay = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+        with torch.no_grad():
+            grad = grads.detach().to(xi)
+            if weight_decay != 0:
+                grad = grad.add(xi, alpha=weight_decay)
+            exp_avg = torch.stack([st["exp_avg"] for st in states])
+            exp_avg_sq = torch.stack([st["exp_avg_sq"] for st in states])
+            exp_avg.lerp_(grad, 1 - beta1)
+            exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            step_size = lr / (1 - beta1**step)
+            denom = (exp_avg_sq.sqrt() / (1 - beta2**step) ** 0.5).add_(eps)
+            new = xi.addcdiv(exp_avg, denom, value=-step_size)
+            torch._foreach_copy_(
+                [*params, *(st["exp_avg"] for st in states), *(st["exp_avg_sq"] for st in states)],
+                [*new.unbind(), *exp_avg.unbind(), *exp_avg_sq.unbind()],
+            )
+        return True
 
     def get_extra_state(self) -> dict[str, Any]:
         assert self._opt is not None

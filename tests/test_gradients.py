@@ -287,6 +287,107 @@ def test_min_norm_solver_stops_early_on_easy_problems() -> None:
     assert iters == 0
 
 
+def _tensor_min_norm_simplex(M: Tensor, max_iter: int = 1000, tol: float = 1e-10) -> tuple[Tensor, int]:
+    """The same away-step Frank-Wolfe iteration as :func:`min_norm_simplex` (k > 2), on float64 tensors."""
+    k = M.shape[0]
+    M = M / float(M.diagonal().mean())
+    alpha = torch.full((k,), 1.0 / k, dtype=D64)
+    it = 0
+    while it < max_iter:
+        Ma = M @ alpha
+        aMa = float(alpha @ Ma)
+        s_idx = int(torch.argmin(Ma))
+        gap_fw = aMa - float(Ma[s_idx])
+        if gap_fw < tol:
+            break
+        it += 1
+        v_idx = int(torch.argmax(Ma.masked_fill(alpha <= 0, float("-inf"))))
+        gap_away = float(Ma[v_idx]) - aMa
+        if gap_fw >= gap_away:
+            d = -alpha
+            d[s_idx] += 1.0
+            step_max = 1.0
+        else:
+            d = alpha.clone()
+            d[v_idx] -= 1.0
+            av = float(alpha[v_idx])
+            step_max = av / (1.0 - av) if av < 1.0 else 1.0
+        dMd, slope = float(d @ M @ d), float(Ma @ d)
+        step = step_max if dMd <= 0.0 else min(max(-slope / dMd, 0.0), step_max)
+        alpha = alpha + step * d
+        if gap_fw < gap_away and step == step_max:
+            alpha[v_idx] = 0.0
+        alpha = alpha.clamp_min(0.0)
+        alpha = alpha / alpha.sum()
+    return alpha, it
+
+
+def _tensor_cagrad_dual(M: Tensor, c: float, max_iter: int = 1000, tol: float = 1e-9) -> tuple[Tensor, int]:
+    """The same projected BB descent as :func:`cagrad_dual` (k > 1, c < 1), on float64 tensors."""
+    k = M.shape[0]
+    M = M / float(M.diagonal().mean())
+    w = torch.full((k,), 1.0 / k, dtype=D64)
+    b = M @ w
+    root_phi, eps = c * float(w @ b) ** 0.5, 1e-14
+
+    def value_grad(x: Tensor) -> tuple[float, Tensor]:
+        Mx = M @ x
+        norm = torch.sqrt((x @ Mx).clamp_min(0.0) + eps)
+        return float(b @ x + root_phi * norm), b + root_phi * Mx / norm
+
+    def project(v: Tensor) -> Tensor:
+        u, _ = torch.sort(v, descending=True)
+        css = torch.cumsum(u, 0) - 1.0
+        rho = int((u - css / torch.arange(1, k + 1, dtype=D64) > 0).nonzero().max())
+        return (v - css[rho] / (rho + 1)).clamp_min(0.0)
+
+    f, grad = value_grad(w)
+    step, stalled, it = 1.0, 0, 0
+    while it < max_iter and stalled < 10:
+        if float(grad @ w - grad.min()) < tol:
+            break
+        it += 1
+        step = min(step, 10.0 / max(float(grad.abs().max()), 1e-30))
+        while True:
+            new = project(w - step * grad)
+            d = new - w
+            f_new, grad_new = value_grad(new)
+            if f_new <= f + float(grad @ d) + float(d @ d) / (2.0 * step) + 1e-15 or step < 1e-12:
+                break
+            step *= 0.5
+        sy = float(d @ (grad_new - grad))
+        step = min(max(float(d @ d) / sy, 1e-10), 1e10) if sy > 1e-30 else min(2.0 * step, 1e10)
+        stalled = stalled + 1 if f - f_new <= 1e-14 else 0
+        w, f, grad = new, f_new, grad_new
+    return w, it
+
+
+@pytest.mark.parametrize("k", [3, 5, 8, 12])
+def test_list_solvers_match_the_same_iterations_on_tensors(k: int) -> None:
+    """The solvers iterate on Python floats; the same iterations on float64 tensors give the same answer
+    on conflicting and on aligned gradients: the same iterates up to rounding (torch's dot products and sums
+    add in another order), so the same iteration count and weights equal to 1e-12, except where the stopping
+    test's gap lands within rounding of ``tol``: then one more or one fewer step, weights that differ at the
+    level of the solver's tolerance, and the same objective value."""
+    exact = 0
+    for seed in range(6):
+        G = rand_g(k, 40, seed) + (seed % 3) * rand_g(1, 40, 100 + seed)
+        M = G @ G.T
+        for (x, iters), (ref, ref_iters) in [
+            (min_norm_simplex(M), _tensor_min_norm_simplex(M)),
+            (cagrad_dual(M, 0.5), _tensor_cagrad_dual(M, 0.5)),
+        ]:
+            if iters == ref_iters:
+                exact += 1
+                torch.testing.assert_close(x, ref, rtol=0, atol=1e-12)
+            else:
+                assert abs(iters - ref_iters) == 1
+                torch.testing.assert_close(x, ref, rtol=0, atol=1e-8)
+                scale = float(M.diagonal().mean())
+                assert float(x @ M @ x) == pytest.approx(float(ref @ M @ ref), abs=1e-14 * scale)
+    assert exact >= 10  # of 12
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Shared property tests over every aggregator
 # ----------------------------------------------------------------------------------------------------------------

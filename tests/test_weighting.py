@@ -448,6 +448,39 @@ def test_famo_matches_naive_reference() -> None:
     assert ref.w.detach().abs().min() > 0.05  # the logits did move
 
 
+class _TorchAdamFAMO(FAMO):
+    """FAMO stepping its logits with ``torch.optim.Adam.step()`` itself (the generic path)."""
+
+    def _adam_step_stacked(self, params: list[nn.Parameter], xi: Tensor, grads: Tensor) -> bool:
+        return False
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.01])
+def test_famo_stacked_adam_step_matches_torch_adam(gamma: float) -> None:
+    gen = torch.Generator().manual_seed(0)
+    famo, ref = FAMO(TASKS, lr=0.1, gamma=gamma), _TorchAdamFAMO(TASKS, lr=0.1, gamma=gamma)
+    # all tasks, then steps where some tasks are absent (logits at different step counts), then all again
+    present = [["a", "b", "c"]] * 3 + [["a", "b"], ["b", "c"], ["a", "c"]] + [["a", "b", "c"]] * 3
+    for names in present:
+        old = {n: 0.5 + torch.rand((), generator=gen) for n in names}
+        new = {n: 0.5 + torch.rand((), generator=gen) for n in names}
+        for w in (famo, ref):
+            w.weighted({n: v.clone().requires_grad_(True) for n, v in old.items()})
+            w.after_step(new)
+        torch.testing.assert_close(
+            torch.stack([p.detach() for p in famo.logits]), torch.stack([p.detach() for p in ref.logits])
+        )
+    assert famo._opt is not None and ref._opt is not None
+    s1, s2 = famo._opt.state_dict(), ref._opt.state_dict()
+    assert s1["param_groups"] == s2["param_groups"] and s1["state"].keys() == s2["state"].keys()
+    for i, st in s1["state"].items():
+        assert st.keys() == s2["state"][i].keys()
+        for key, value in st.items():
+            assert value.dtype == s2["state"][i][key].dtype and value.shape == s2["state"][i][key].shape
+            torch.testing.assert_close(value, s2["state"][i][key], rtol=1e-6, atol=1e-9)
+    assert min(abs(p.item()) for p in famo.logits) > 1e-3  # the logits did move
+
+
 def test_famo_after_step_updates_only_tasks_in_both_calls() -> None:
     w = make("famo")
     w.weighted(scalars(a=1.0, b=1.0, c=1.0))
