@@ -26,7 +26,7 @@ from mtl.checkpoint import atomic_write_json, seed_everything
 from mtl.optim import build_param_groups
 from mtl.tasks import TaskSpec
 from mtrec.data.batch import TabularDataset, split_by_task
-from mtrec.trainer import Trainer, TrainerConfig, evaluate
+from mtrec.trainer import Trainer, TrainerConfig, evaluate, parameter_groups
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_DIR = str(REPO / "configs")
@@ -89,10 +89,7 @@ def build_optimizer(
     shared_wd = node.pop("shared_weight_decay", None)
     lr = node.get("lr", 1e-3)
     wd = node.get("weight_decay", 0.0)
-    if hasattr(model, "parameter_groups"):
-        named = model.parameter_groups()
-    else:
-        named = {"shared": list(model.parameters())}
+    named = parameter_groups(model)
     groups = build_param_groups(
         named, tasks, lr=lr, weight_decay=wd, shared_lr=shared_lr, shared_weight_decay=shared_wd
     )
@@ -123,8 +120,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     if cfg.get("task_split"):
         # Tasks from separate datasets: each task trains on its own disjoint share of the training rows.
         split = OmegaConf.to_container(cfg.task_split, resolve=True)
-        unknown = set(split) - set(names)
-        if unknown or set(split) != set(names):
+        if set(split) != set(names):
             raise ValueError(f"config key task_split: give a fraction for each of the tasks {names}, got {split}")
         train = split_by_task(bundle.train, split, seed=seed)
         sizes = {t: len(train[t]) for t in names}

@@ -168,6 +168,13 @@ def _flatten(prefix: str, metrics: dict[str, dict[str, float]]) -> dict[str, flo
     return {f"{prefix}/{t}/{m}": v for t, d in metrics.items() for m, v in d.items()}
 
 
+def parameter_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
+    """The model's ``{"shared": ..., task: ...}`` split; a model without one is all shared."""
+    if hasattr(model, "parameter_groups"):
+        return model.parameter_groups()
+    return {"shared": list(model.parameters())}
+
+
 def _task_pass(data: TabularDataset, batch_size: int, seed: int, pass_index: int) -> Iterator[Batch]:
     """One shuffled pass over a task's own dataset (the ``pass_index``-th; seeded)."""
     return data.batches(batch_size, shuffle=True, seed=seed, epoch=pass_index)
@@ -213,8 +220,7 @@ class Trainer:
         self.weighting = (weighting if weighting is not None else Static(self.tasks)).to(self.device)
         self.gradient = gradient if gradient is not None else Plain()
         self.scheduler = scheduler
-        groups = model.parameter_groups() if hasattr(model, "parameter_groups") else {"shared": model.parameters()}
-        self.shared_params = [p for p in groups.get("shared", []) if p.requires_grad]
+        self.shared_params = [p for p in parameter_groups(model).get("shared", []) if p.requires_grad]
         shared_ids = {id(p) for p in self.shared_params}
         self.other_params = [p for p in model.parameters() if p.requires_grad and id(p) not in shared_ids]
         self.other_params += [p for p in self.weighting.trainable_parameters() if id(p) not in shared_ids]
