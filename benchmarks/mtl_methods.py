@@ -24,6 +24,12 @@ so +AUC counts positive and +MSE negative. It is computed per seed against that 
 averaged (mean ± std over seeds). A run that fails (an exception, a diverging loss) is recorded with its
 error and shown as '—'. Each training runs in one torch thread, so several benchmarks can share a machine.
 Writes benchmarks/results/mtl_methods.json.
+
+Every finished run is appended to a JSON-lines log (``--runs-log``, default
+``benchmarks/results/mtl_methods_runs.jsonl``, or ``..._quick.jsonl`` with ``--quick``) together with its
+settings; a later invocation with the same settings reuses those runs instead of training again, so an
+interrupted sweep resumes where it stopped and a sweep can be split (``--methods ...``) over several
+invocations whose last one writes the whole table. ``--fresh`` ignores the log.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
 import argparse  # noqa: E402
+import json  # noqa: E402
 import math  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -156,6 +163,32 @@ def estimate_seconds(datasets: list[str], methods: dict[str, dict], args: argpar
     return total
 
 
+def run_key(dataset: str, seed: int, name: str, overrides: list[str], args: argparse.Namespace) -> str:
+    """What identifies one training run in the runs log: dataset, seed, method and every setting it used."""
+    return json.dumps(
+        {"dataset": dataset, "seed": seed, "name": name, "overrides": dataset_overrides(dataset, args) + overrides},
+        sort_keys=True,
+    )
+
+
+def load_runs(path: Any) -> dict[str, dict]:
+    """``{key: record}`` of the successful runs in the JSON-lines log (the last one wins)."""
+    runs: dict[str, dict] = {}
+    if not path.exists():
+        return runs
+    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError as exc:
+            print(f"{path}:{lineno}: skipping a line that is not JSON ({exc})")
+            continue
+        if "error" not in entry["record"]:
+            runs[entry["key"]] = entry["record"]
+    return runs
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     all_methods = discover_methods()
@@ -171,6 +204,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=0.001, help="synthetic learning rate")
     ap.add_argument("--patience", type=int, default=10, help="synthetic early-stopping patience (epochs)")
     ap.add_argument("--output", default="mtl_methods.json", help="file name under benchmarks/results/")
+    ap.add_argument("--runs-log", default=None, help="JSON-lines log of finished runs (default: see the docstring)")
+    ap.add_argument("--fresh", action="store_true", help="train every run again, ignoring the runs log")
     args = ap.parse_args()
     if os.path.basename(args.output) != args.output:
         ap.error("--output is a file name under benchmarks/results/, not a path")
@@ -180,6 +215,14 @@ def main() -> None:
     args.synthetic_epochs = args.epochs or (15 if args.quick else 200)
     args.seed_list = list(range(args.seeds))
     methods = {k: v for k, v in all_methods.items() if args.methods is None or k in args.methods}
+    runs_log = (
+        REPO / "benchmarks" / "results" / ("mtl_methods_runs_quick.jsonl" if args.quick else "mtl_methods_runs.jsonl")
+    )
+    if args.runs_log:
+        from pathlib import Path
+
+        runs_log = Path(args.runs_log).resolve()
+    done = {} if args.fresh else load_runs(runs_log)
 
     import torch
     from tqdm import tqdm
@@ -197,19 +240,28 @@ def main() -> None:
 
     baseline: list[dict] = []
     results: list[dict] = []
-    jobs = [
-        (ds, seed, name)
-        for ds in args.datasets
-        for seed in args.seed_list
-        for name in ["baseline", *methods]
-    ]
+    jobs = [(ds, seed, name) for ds in args.datasets for seed in args.seed_list for name in ["baseline", *methods]]
     base_by: dict[tuple[str, int], dict] = {}
     started = time.perf_counter()
     bar = tqdm(jobs, desc="mtl_methods", dynamic_ncols=True)
+    reused = 0
+
+    def cached_run(ds: str, model: str, overrides: list[str], seed: int, name: str) -> dict:
+        nonlocal reused
+        key = run_key(ds, seed, name, [f"model={model}", *overrides], args)
+        if key in done:
+            reused += 1
+            return {"metrics": done[key]["metrics"], "seconds": done[key]["seconds"], "reused": True}
+        out = safe_run(ds, model, overrides, seed, args)
+        runs_log.parent.mkdir(parents=True, exist_ok=True)
+        with runs_log.open("a") as f:  # one line per run, appended as soon as it ends
+            f.write(json.dumps({"key": key, "record": out}) + "\n")
+        return out
+
     for ds, seed, name in bar:
         bar.set_postfix_str(f"{ds} seed={seed} {name}")
         if name == "baseline":
-            out = safe_run(ds, BASELINE_MODEL, ["weighting=equal", "gradient=none"], seed, args)
+            out = cached_run(ds, BASELINE_MODEL, ["weighting=equal", "gradient=none"], seed, name)
             rec = {"dataset": ds, "seed": seed, "model": BASELINE_MODEL, **out}
             baseline.append(rec)
             base_by[(ds, seed)] = rec
@@ -217,7 +269,7 @@ def main() -> None:
             tqdm.write(f"[{ds} seed={seed}] baseline: {msg}")
             continue
         m = methods[name]
-        out = safe_run(ds, MODEL, m["overrides"], seed, args)
+        out = cached_run(ds, MODEL, m["overrides"], seed, name)
         rec = {"method": name, "kind": m["kind"], "dataset": ds, "seed": seed, "delta_m": None, **out}
         base = base_by[(ds, seed)]
         if "error" not in rec:
@@ -272,7 +324,7 @@ def main() -> None:
         for r in failed:
             first = r["error"].splitlines()[0][:300]
             print(f"  {r['dataset']} seed={r['seed']} {r.get('method', 'baseline')}: {first}")
-    print(f"\ntook {elapsed / 60:.1f} min for {n_runs} runs")
+    print(f"\ntook {elapsed / 60:.1f} min for {n_runs} runs ({reused} reused from {runs_log.name})")
 
     settings = {
         "model": MODEL,
@@ -281,15 +333,31 @@ def main() -> None:
         "datasets": args.datasets,
         "methods": {k: v["kind"] for k, v in methods.items()},
         "quick": args.quick,
-        "census": {"max_epochs": args.census_epochs, "batch_size": 1024, "monitor": "auc", "metric": "test auc",
-                   "tasks": list(DATASETS["census"]["tasks"]), "path": args.census_path},
-        "synthetic": {"max_epochs": args.synthetic_epochs, "batch_size": args.batch_size, "lr": args.lr,
-                      "patience": args.patience, "monitor": "loss", "n_train": args.n_train,
-                      "correlation": args.correlation, "metric": "test mse",
-                      "tasks": list(DATASETS["synthetic"]["tasks"])},
+        "census": {
+            "max_epochs": args.census_epochs,
+            "batch_size": 1024,
+            "monitor": "auc",
+            "metric": "test auc",
+            "tasks": list(DATASETS["census"]["tasks"]),
+            "path": args.census_path,
+        },
+        "synthetic": {
+            "max_epochs": args.synthetic_epochs,
+            "batch_size": args.batch_size,
+            "lr": args.lr,
+            "patience": args.patience,
+            "monitor": "loss",
+            "n_train": args.n_train,
+            "correlation": args.correlation,
+            "metric": "test mse",
+            "tasks": list(DATASETS["synthetic"]["tasks"]),
+        },
         "delta_m": "100/T * sum_t s_t (M_t - B_t) / B_t, s_t = +1 (AUC) / -1 (MSE), per seed vs same-seed baseline",
         "num_threads": 1,
         "elapsed_s": round(elapsed, 1),
+        "reused_runs": reused,
+        "runs_log": runs_log.name,
+        "training_seconds": round(sum(r.get("seconds", 0.0) for r in [*baseline, *results]), 1),
     }
     write_json(args.output, {"settings": settings, "baseline": baseline, "results": results})
 
