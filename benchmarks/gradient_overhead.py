@@ -177,6 +177,15 @@ def _factory(group: str, name: str, registry: dict[str, Any]) -> Callable[..., A
     return instantiate(node) if node is not None else registry[name]
 
 
+def weighting_names() -> list[str]:
+    """Every registered weighting, then every ``configs/weighting`` variant of one (e.g. ``famo_next``)."""
+    from mtl.weighting import WEIGHTINGS
+    from mtrec.train import CONFIG_DIR
+
+    extra = sorted(p.stem for p in (Path(CONFIG_DIR) / "weighting").glob("*.yaml") if p.stem not in WEIGHTINGS)
+    return [*WEIGHTINGS, *extra]
+
+
 def build_model(features: Any, tasks: list[Any], seed: int) -> Any:
     import torch
     from hydra.utils import instantiate
@@ -569,8 +578,13 @@ def main() -> None:
     ap.add_argument("--no-libmtl", action="store_true", help="time mtlib only")
     ap.add_argument("--no-reference", action="store_true", help="leave out the two lower-bound reference entries")
     ap.add_argument("--only", nargs="+", default=None, help="time only these methods (mtlib names or LibMTL classes)")
-    ap.add_argument("--profile", nargs="+", default=[], metavar="METHOD",
-                    help="torch.profiler table of these methods' steps at the largest k (e.g. famo, LibMTL:PCGrad)")
+    ap.add_argument(
+        "--profile",
+        nargs="+",
+        default=[],
+        metavar="METHOD",
+        help="torch.profiler table of these methods' steps at the largest k (e.g. famo, LibMTL:PCGrad)",
+    )
     ap.add_argument("--profile-steps", type=int, default=20)
     ap.add_argument("--peers", type=Path, default=PEERS, help="where `make bench-peers` installed LibMTL")
     ap.add_argument("--output", default="gradient_overhead", help="file stem of the JSON and PNG in benchmarks/results")
@@ -585,7 +599,6 @@ def main() -> None:
     import torch
 
     from mtl.gradients import GRADIENT_METHODS
-    from mtl.weighting import WEIGHTINGS
     from mtrec.models.base import count_parameters
 
     if args.threads:
@@ -618,7 +631,7 @@ def main() -> None:
         data, features, tasks = k_task_data(args.rows, k, correlation=args.correlation, seed=args.seed)
         run = Path(tmp.name) / f"k{k}"
         plan = [("baseline", "equal", "equal", "none"), ("control", "equal", "equal", "none")]
-        plan += [("weighting", w, w, "none") for w in WEIGHTINGS if w != "equal" and wanted(w)]
+        plan += [("weighting", w, w, "none") for w in weighting_names() if w != "equal" and wanted(w)]
         plan += [("gradient", g, "equal", g) for g in GRADIENT_METHODS if g != "none" and wanted(g)]
         if not args.no_reference:
             plan += [("reference", name, w, g) for name, (w, g) in reference_methods().items()]
@@ -799,7 +812,7 @@ def main() -> None:
     print()
     target_results = []
     for method, k, limit in TARGETS:
-        key = f"weighting:{method}" if method in WEIGHTINGS else f"gradient:{method}"
+        key = f"weighting:{method}" if method in weighting_names() else f"gradient:{method}"
         s = summaries.get((k, key))
         ratio = s["ratio_vs_equal"] if s else None
         quiet = s["ratio_vs_equal_quiet"] if s else None

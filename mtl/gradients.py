@@ -34,6 +34,14 @@ Scale of the aggregated gradient (``none`` gives ``sum_i g_i``):
 ``great``        ``sum_i g_i`` plus the reversed adversarial gradient ``-lam * grad L_disc``
 ===============  ===============================================================================================
 
+**Fast path.** When ``backward`` gets a :class:`~mtl.split.TaskSplit` as ``representation`` (the model cut
+its graph between the shared body and the task heads, see :mod:`mtl.split`), every method uses it: one plain
+backward through the heads gives all ``dL_i/dZ`` and the heads' gradients, and only the shared body is
+back-propagated per task (batched) or once with combined cotangents (MGDA-UB). The results are the same as
+on the uncut graph (the tests check it); only the cost differs: the batched Jacobian of the whole graph
+pushes ``k`` rows through every head, ``k^2`` head work. MGDA-UB and GREAT then use every cut tensor as
+the representation ``Z``.
+
 Every method returns ``g_1`` for a single task and finite values for zero gradients. Stats returned by
 ``backward`` (floats, for logging): ``batched`` (1 if the batched Jacobian ran, 0 if the loop), ``cos_mean``
 (mean pairwise cosine of the task gradients) and ``conflicts`` (number of pairs with a negative inner
@@ -54,6 +62,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mtl import solvers
+from mtl.split import TaskSplit, _flat
 
 Info = dict[str, Tensor]
 Normalization = Literal["none", "l2", "loss", "loss+"]
@@ -66,16 +75,6 @@ _F32_EPS = float(torch.finfo(torch.float32).eps)  # the official Aligned-MTL ran
 # --------------------------------------------------------------------------------------------------------------
 # Per-task gradients
 # --------------------------------------------------------------------------------------------------------------
-
-
-def _flat(grads: Sequence[Tensor | None], inputs: Sequence[Tensor], lead: tuple[int, ...]) -> Tensor:
-    parts = []
-    for g, x in zip(grads, inputs):
-        if g is None:
-            parts.append(torch.zeros(*lead, x.numel(), dtype=x.dtype, device=x.device))
-        else:
-            parts.append((g.to_dense() if g.is_sparse else g).reshape(*lead, x.numel()))
-    return torch.cat(parts, dim=-1)
 
 
 def task_gradients(
@@ -276,9 +275,11 @@ def mgda_weights(
     """
     if (one := _single(M)) is not None:
         return one
-    n = _normalizers(M, losses, normalization)
-    inv = torch.where(n > 0, 1.0 / n.clamp_min(1e-300), torch.zeros_like(n))
-    alpha, iters = solvers.min_norm_simplex(M * inv[:, None] * inv[None, :], max_iter=max_iter, tol=tol)
+    if normalization != "none":
+        n = _normalizers(M, losses, normalization)
+        inv = torch.where(n > 0, 1.0 / n.clamp_min(1e-300), torch.zeros_like(n))
+        M = M * inv[:, None] * inv[None, :]
+    alpha, iters = solvers.min_norm_simplex(M, max_iter=max_iter, tol=tol)
     return alpha, {"weights": alpha, "iters": torch.tensor(float(iters))}
 
 
@@ -528,10 +529,12 @@ class GradientMethod:
 
     name: ClassVar[str] = ""
     requires_representation: ClassVar[bool] = False
+    uses_split: ClassVar[bool] = True  # takes a TaskSplit as `representation` (everything but Plain)
 
     def __init__(self, *, seed: int = 0) -> None:
         self.seed = seed
         self._batched = True  # becomes False after batched autograd failed once
+        self._workspace: dict[int, Tensor] = {}  # memory for the stacked per-task rows (TaskSplit.head_backward)
 
     def backward(
         self,
@@ -539,10 +542,12 @@ class GradientMethod:
         shared: Iterable[nn.Parameter],
         *,
         others: Iterable[nn.Parameter] = (),
-        representation: Tensor | None = None,
+        representation: Tensor | TaskSplit | None = None,
     ) -> dict[str, float]:
         """Put the method's gradients in ``.grad``: aggregated for ``shared`` (set), plain for ``others``
-        (accumulated). Returns statistics for logging."""
+        (accumulated). ``representation``: the shared representation ``Z`` (methods with
+        ``requires_representation``) or a :class:`~mtl.split.TaskSplit` (any method but :class:`Plain`; the
+        fast path). Returns statistics for logging."""
         raise NotImplementedError
 
     def state_dict(self) -> dict[str, Any]:
@@ -557,7 +562,29 @@ class GradientMethod:
         self._batched = batched
         return G, batched
 
-    def _representation(self, representation: Tensor | None) -> Tensor:
+    def _shared_jacobian(
+        self,
+        names: Sequence[str],
+        L: Tensor,
+        shared: Sequence[nn.Parameter],
+        others: Sequence[nn.Parameter],
+        representation: Tensor | TaskSplit | None,
+    ) -> tuple[Tensor, bool]:
+        """``G [k, P]`` over ``shared``, and the plain gradient of ``sum(L)`` accumulated into ``others``:
+        through a :class:`TaskSplit` when given (one head backward + a batched body VJP), else the batched
+        Jacobian of the whole graph plus a backward restricted to ``others``."""
+        if isinstance(representation, TaskSplit):
+            J = representation.head_backward(names, L, others, workspace=self._workspace)
+            G, batched = representation.param_jacobian(J, shared, batched=self._batched)
+        else:
+            G, batched = task_gradients(L, shared, batched=self._batched)
+            _backward_others(L.sum(), others)
+        self._batched = batched
+        return G, batched
+
+    def _representation(self, representation: Tensor | TaskSplit | None) -> Tensor | TaskSplit:
+        if isinstance(representation, TaskSplit):
+            return representation
         if representation is None:
             raise ValueError(
                 f"{type(self).__name__} needs the shared representation: call backward(..., representation=Z) "
@@ -575,6 +602,7 @@ class Plain(GradientMethod):
     """No modulation: ``sum(losses).backward()`` (every leaf accumulates its plain gradient)."""
 
     name = "none"
+    uses_split = False
 
     def backward(
         self,
@@ -582,8 +610,10 @@ class Plain(GradientMethod):
         shared: Iterable[nn.Parameter],
         *,
         others: Iterable[nn.Parameter] = (),
-        representation: Tensor | None = None,
+        representation: Tensor | TaskSplit | None = None,
     ) -> dict[str, float]:
+        if isinstance(representation, TaskSplit):
+            raise ValueError("Plain backward needs the uncut graph; do not pass a TaskSplit")
         _, L = _stack_losses(losses)
         L.sum().backward()
         return {}
@@ -608,15 +638,14 @@ class AggregatingMethod(GradientMethod):
         shared: Iterable[nn.Parameter],
         *,
         others: Iterable[nn.Parameter] = (),
-        representation: Tensor | None = None,
+        representation: Tensor | TaskSplit | None = None,
     ) -> dict[str, float]:
         names, L = _stack_losses(losses)
         shared_l, others_l = _split_params(shared, others)
-        G, batched = self._jacobian(L, shared_l)
+        G, batched = self._shared_jacobian(names, L, shared_l, others_l, representation)
         M = gram(G)
         w, info = self.weights(M, L.detach().to(_CPU, _F64))
         _set_grads(shared_l, combine(G, w))
-        _backward_others(L.sum(), others_l)
         return _stats(names, M, w, info, batched)
 
 
@@ -762,20 +791,31 @@ class MGDAUB(GradientMethod):
         shared: Iterable[nn.Parameter],
         *,
         others: Iterable[nn.Parameter] = (),
-        representation: Tensor | None = None,
+        representation: Tensor | TaskSplit | None = None,
     ) -> dict[str, float]:
         names, L = _stack_losses(losses)
         shared_l, others_l = _split_params(shared, others)
         Z = self._representation(representation)
-        J, batched = self._jacobian(L, [Z])
-        M = gram(J)
-        alpha, info = mgda_weights(
-            M, L.detach().to(_CPU, _F64), normalization=self.normalization, max_iter=self.max_iter, tol=self.tol
-        )
-        weighted = (alpha.to(L.device, L.dtype) * L).sum()
-        grads = torch.autograd.grad(weighted, shared_l, retain_graph=bool(others_l), allow_unused=True)
-        _set_grad_list(shared_l, grads)
-        _backward_others(L.sum(), others_l)
+        if isinstance(Z, TaskSplit):
+            # One head backward for every dL_i/dZ (and the heads' plain gradients), one body backward.
+            J_cuts = Z.head_backward(names, L, others_l, workspace=self._workspace)
+            M = gram(Z.flat(J_cuts))
+            alpha, info = mgda_weights(
+                M, L.detach().to(_CPU, _F64), normalization=self.normalization, max_iter=self.max_iter, tol=self.tol
+            )
+            _set_grad_list(shared_l, Z.body_grads(Z.combine(J_cuts, alpha), shared_l))
+            stats = _stats(names, M, alpha, info, True)  # its "norm": of the combined gradient w.r.t. Z
+            return stats
+        else:
+            J, batched = self._jacobian(L, [Z])
+            M = gram(J)
+            alpha, info = mgda_weights(
+                M, L.detach().to(_CPU, _F64), normalization=self.normalization, max_iter=self.max_iter, tol=self.tol
+            )
+            weighted = (alpha.to(L.device, L.dtype) * L).sum()
+            grads = torch.autograd.grad(weighted, shared_l, retain_graph=bool(others_l), allow_unused=True)
+            _set_grad_list(shared_l, grads)
+            _backward_others(L.sum(), others_l)
         stats = _stats(names, M, alpha, info, batched)
         stats["norm"] = _grad_norm(shared_l)
         return stats
@@ -858,23 +898,27 @@ class NashMTL(AggregatingMethod):
         shared: Iterable[nn.Parameter],
         *,
         others: Iterable[nn.Parameter] = (),
-        representation: Tensor | None = None,
+        representation: Tensor | TaskSplit | None = None,
     ) -> dict[str, float]:
         names, L = _stack_losses(losses)
         update = self.alpha is None or self.alpha.shape[0] != len(names) or self.step % self.update_every == 0
         self.step += 1
         if update:
-            return {**super().backward(losses, shared, others=others), "updated": 1.0}
+            return {**super().backward(losses, shared, others=others, representation=representation), "updated": 1.0}
         assert self.alpha is not None
         shared_l, others_l = _split_params(shared, others)
-        weighted = (self.alpha.to(L.device, L.dtype) * L).sum()
-        grads = torch.autograd.grad(weighted, shared_l, retain_graph=bool(others_l), allow_unused=True)
+        if isinstance(representation, TaskSplit):
+            J_cuts = representation.head_backward(names, L, others_l, workspace=self._workspace)
+            grads = representation.body_grads(representation.combine(J_cuts, self.alpha), shared_l)
+        else:
+            weighted = (self.alpha.to(L.device, L.dtype) * L).sum()
+            grads = torch.autograd.grad(weighted, shared_l, retain_graph=bool(others_l), allow_unused=True)
+            _backward_others(L.sum(), others_l)
         g = _flat(grads, shared_l, ())
         norm = float(g.norm())
         if self.max_norm > 0 and norm > self.max_norm:
             g = g * (self.max_norm / norm)
         _set_grads(shared_l, g)
-        _backward_others(L.sum(), others_l)
         scale = min(1.0, self.max_norm / norm) if self.max_norm > 0 and norm > 0 else 1.0
         out = {"updated": 0.0, "norm": float(g.norm())}
         out.update({f"weight/{n}": float(a) * scale for n, a in zip(names, self.alpha)})
@@ -984,32 +1028,60 @@ class GREAT(GradientMethod):
         shared: Iterable[nn.Parameter],
         *,
         others: Iterable[nn.Parameter] = (),
-        representation: Tensor | None = None,
+        representation: Tensor | TaskSplit | None = None,
     ) -> dict[str, float]:
         names, L = _stack_losses(losses)
         shared_l, others_l = _split_params(shared, others)
         Z = self._representation(representation)
         k = len(names)
+        split = Z if isinstance(Z, TaskSplit) else None
         if k == 1:  # nothing to tell apart
+            if split is not None:
+                J_cuts = split.head_backward(names, L, others_l)
+                _set_grad_list(shared_l, split.body_grads([j[0] for j in J_cuts], shared_l))
+                return {}
             grads = torch.autograd.grad(L.sum(), shared_l, retain_graph=bool(others_l), allow_unused=True)
             _set_grad_list(shared_l, grads)
             _backward_others(L.sum(), others_l)
             return {}
-        B = Z.shape[0]
-        J, batched = self._jacobian(L, [Z], create_graph=True)
-        R = unit_rows(J.reshape(k, B, -1))
+        if split is not None:
+            J_cuts = split.head_backward(names, L, others_l, create_graph=True)
+            rows, batched = split.rows(J_cuts), True
+            J = rows.reshape(k, -1)
+        else:
+            assert isinstance(Z, Tensor)
+            J, batched = self._jacobian(L, [Z], create_graph=True)
+            rows = J.reshape(k, Z.shape[0], -1)
+        B = rows.shape[1]
+        R = unit_rows(rows)
         disc = self._build(R.shape[-1], k, R.device, R.dtype)
         labels = torch.arange(k, device=R.device).repeat_interleave(B)
         logits = disc(_ReverseGrad.apply(R, self.lam).reshape(k * B, -1))
         disc_loss = F.cross_entropy(logits, labels)
         phi = list(disc.parameters())
-        grads = torch.autograd.grad(
-            L.sum() + disc_loss, [*shared_l, *phi], retain_graph=bool(others_l), allow_unused=True
-        )
-        _set_grad_list(shared_l, grads[: len(shared_l)])
-        _backward_others(L.sum(), others_l)
+        if split is not None:
+            # The reversed adversarial gradient reaches the body through the leaves J was computed at:
+            # each cut's cotangent is sum_i (dL_i/dz + d(-lam L_disc)/d leaf_i).
+            leaves = [lv[n] for lv in split.leaves for n in names]
+            adv = torch.autograd.grad(disc_loss, [*leaves, *phi], allow_unused=True)
+            cot = []
+            for c, j in enumerate(J_cuts):
+                total = j.detach().sum(0)
+                for g in adv[c * k : (c + 1) * k]:
+                    if g is not None:
+                        total = total + g
+                cot.append(total)
+            _set_grad_list(shared_l, split.body_grads(cot, shared_l))
+            phi_grads = adv[len(leaves) :]
+        else:
+            grads = torch.autograd.grad(
+                L.sum() + disc_loss, [*shared_l, *phi], retain_graph=bool(others_l), allow_unused=True
+            )
+            _set_grad_list(shared_l, grads[: len(shared_l)])
+            _backward_others(L.sum(), others_l)
+            phi_grads = grads[len(shared_l) :]
         assert self._optimizer is not None
-        for p, g in zip(phi, grads[len(shared_l) :]):
+        for p, g in zip(phi, phi_grads):
             p.grad = None if g is None else g.detach()
         self._optimizer.step()
         self._optimizer.zero_grad(set_to_none=True)

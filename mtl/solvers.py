@@ -74,6 +74,128 @@ def min_norm_2(m11: float, m12: float, m22: float) -> float:
     return min(max((m22 - m12) / den, 0.0), 1.0)
 
 
+def _solve_linear(A: Mat, b: Vec) -> Vec | None:
+    """``x`` with ``A x = b`` by Gaussian elimination with partial pivoting; ``None`` if ``A`` is (nearly) singular."""
+    n = len(b)
+    rows = [list(r) + [v] for r, v in zip(A, b)]
+    scale = max(max(abs(x) for x in r[:n]) for r in rows) or 1.0
+    for c in range(n):
+        p = max(range(c, n), key=lambda r: abs(rows[r][c]))
+        if abs(rows[p][c]) <= 1e-13 * scale:
+            return None
+        rows[c], rows[p] = rows[p], rows[c]
+        pivot_row = rows[c]
+        inv = 1.0 / pivot_row[c]
+        for r in range(c + 1, n):
+            f = rows[r][c] * inv
+            if f != 0.0:
+                row = rows[r]
+                for j in range(c, n + 1):
+                    row[j] -= f * pivot_row[j]
+    x = [0.0] * n
+    for c in range(n - 1, -1, -1):
+        row = rows[c]
+        x[c] = (row[n] - sum(row[j] * x[j] for j in range(c + 1, n))) / row[c]
+    return x
+
+
+def _cholesky_solve_ones(A: Mat) -> Vec | None:
+    """``A^{-1} 1`` for a symmetric positive definite ``A`` (Cholesky); ``None`` if it is not (numerically)."""
+    n = len(A)
+    scale = max(A[i][i] for i in range(n))
+    if not scale > 0.0:
+        return None
+    L: Mat = [[0.0] * n for _ in range(n)]
+    for i in range(n):
+        Li, Ai = L[i], A[i]
+        for j in range(i + 1):
+            Lj = L[j]
+            acc = Ai[j] - sum(map(_mul, Li[:j], Lj[:j]))
+            if i == j:
+                if acc <= 1e-12 * scale:
+                    return None
+                Li[i] = math.sqrt(acc)
+            else:
+                Li[j] = acc / Lj[j]
+    y = [0.0] * n
+    for i in range(n):
+        y[i] = (1.0 - sum(map(_mul, L[i][:i], y[:i]))) / L[i][i]
+    x = [0.0] * n
+    for i in range(n - 1, -1, -1):
+        x[i] = (y[i] - sum(L[j][i] * x[j] for j in range(i + 1, n))) / L[i][i]
+    return x
+
+
+def _affine_min_norm(A: Mat) -> Vec | None:
+    """``argmin beta^T A beta`` subject to ``1^T beta = 1`` (no sign constraint): ``A^{-1} 1 / (1^T A^{-1} 1)``
+    when ``A`` is positive definite, else from the bordered KKT system; ``None`` if that is singular too."""
+    x = _cholesky_solve_ones(A)
+    if x is not None:
+        total = sum(x)
+        if total > 0.0:
+            return [v / total for v in x]
+    n = len(A)
+    sol = _solve_linear([list(r) + [1.0] for r in A] + [[1.0] * n + [0.0]], [0.0] * n + [1.0])
+    return None if sol is None else sol[:n]
+
+
+def _min_norm_active_set(M: Mat, tol: float) -> tuple[Vec, int] | None:
+    """Wolfe's min-norm-point algorithm (Wolfe, Math. Programming 1976) on the weights: exact in finitely
+    many steps (about one per vertex in the solution's support), for a normalised ``M`` given as lists.
+
+    Keeps a support ``S`` and weights on it. Each major step adds the vertex ``j`` minimising ``(M alpha)_j``
+    unless the Frank-Wolfe gap ``alpha^T M alpha - (M alpha)_j`` is at most ``tol`` (then ``alpha`` is optimal);
+    minor steps solve the affine problem ``min beta^T M_SS beta, 1^T beta = 1`` (its KKT system) and, where
+    ``beta`` leaves the simplex, move to the boundary and drop the vertex that reached zero. Returns ``None``
+    when a KKT system is numerically singular or the steps do not settle; the caller then falls back to
+    Frank-Wolfe.
+    """
+    k = len(M)
+    diag = [M[i][i] for i in range(k)]
+    first = diag.index(min(diag))
+    support = [first]
+    alpha = [0.0] * k
+    alpha[first] = 1.0
+    for it in range(4 * k + 8):
+        Ma = _matvec(M, alpha)
+        aMa = _dot(alpha, Ma)
+        m_j = min(Ma)
+        if aMa - m_j <= tol:
+            return alpha, it
+        j = Ma.index(m_j)
+        if j in support:
+            return None
+        support.append(j)
+        for _ in range(len(support)):  # minor steps: each drops a vertex or ends the loop
+            n = len(support)
+            beta = _affine_min_norm([[M[a][b] for b in support] for a in support])
+            if beta is None:
+                return None
+            if min(beta) > 0.0:
+                alpha = [0.0] * k
+                for i, b in zip(support, beta):
+                    alpha[i] = b
+                break
+            cur = [alpha[i] for i in support]
+            theta = min(c / (c - b) for c, b in zip(cur, beta) if b <= 0.0)
+            new = [c + theta * (b - c) for c, b in zip(cur, beta)]
+            drop = min(range(n), key=new.__getitem__)
+            alpha = [0.0] * k
+            kept = []
+            for pos, (i, v) in enumerate(zip(support, new)):
+                if pos != drop and v > 0.0:
+                    alpha[i] = v
+                    kept.append(i)
+            if not kept:
+                return None
+            total = sum(alpha)
+            alpha = [a / total for a in alpha]
+            support = kept
+        else:
+            return None
+    return None
+
+
 def _min_norm_list(M: Mat, max_iter: int, tol: float) -> tuple[Vec, int]:
     """:func:`min_norm_simplex` for ``k > 2`` on a normalised matrix given as lists (of floats)."""
     k = len(M)
@@ -114,7 +236,9 @@ def _min_norm_list(M: Mat, max_iter: int, tol: float) -> tuple[Vec, int]:
 def min_norm_simplex(M: Tensor, *, max_iter: int = 1000, tol: float = 1e-10) -> tuple[Tensor, int]:
     """Weights ``alpha`` on the simplex minimising ``alpha^T M alpha`` (the min-norm point of the convex hull).
 
-    k = 1: ``[1]``; k = 2: :func:`min_norm_2`; k > 2: Frank-Wolfe with exact line search started from the
+    k = 1: ``[1]``; k = 2: :func:`min_norm_2`; k > 2: Wolfe's exact active-set algorithm
+    (:func:`_min_norm_active_set`, a few linear solves of size at most k + 1), and where that meets a
+    numerically singular system, Frank-Wolfe with exact line search started from the
     uniform point, as in Algorithm 2 of Sener & Koltun (NeurIPS 2018), with away steps (Lacoste-Julien &
     Jaggi, NeurIPS 2015) so that it converges linearly instead of as ``O(1/t)``: each step either moves
     towards the vertex ``e_s`` minimising ``(M alpha)_s`` or away from the used vertex maximising it, whichever
@@ -129,14 +253,16 @@ def min_norm_simplex(M: Tensor, *, max_iter: int = 1000, tol: float = 1e-10) -> 
     k = M.shape[0]
     if k == 1:
         return torch.ones(1, dtype=M.dtype, device=M.device), 0
-    s = _scale(M)
+    Ml = M.tolist()
+    s = max(sum(Ml[i][i] for i in range(k)) / k, 0.0)  # _scale(M), without tensor ops
     if s == 0.0:
         return torch.full((k,), 1.0 / k, dtype=M.dtype, device=M.device), 0
-    Ml = [[x / s for x in row] for row in M.tolist()]
+    Ml = [[x / s for x in row] for row in Ml]
     if k == 2:
         a = min_norm_2(Ml[0][0], Ml[0][1], Ml[1][1])
         return torch.tensor([a, 1.0 - a], dtype=M.dtype, device=M.device), 0
-    alpha, it = _min_norm_list(Ml, max_iter, tol)
+    exact = _min_norm_active_set(Ml, tol)
+    alpha, it = exact if exact is not None else _min_norm_list(Ml, max_iter, tol)
     return torch.tensor(alpha, dtype=M.dtype, device=M.device), it
 
 

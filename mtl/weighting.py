@@ -83,6 +83,9 @@ class Weighting(nn.Module):
     #: When True the trainer recomputes the losses on the same batch after ``optimizer.step()`` (under
     #: ``torch.no_grad()``) and passes them to :meth:`after_step`.
     wants_losses_after_step: bool = False
+    #: When True :meth:`weighted` differentiates the losses w.r.t. the ``shared`` parameters, so the graph
+    #: must not be cut between body and heads (:class:`mtl.split.TaskSplit`).
+    needs_shared_graph: bool = False
 
     def __init__(self, tasks: Sequence[TaskSpec], *, sizes: Mapping[str, int] | None = None, seed: int = 0) -> None:
         super().__init__()
@@ -386,6 +389,7 @@ class GradNorm(Weighting):
     """
 
     name = "gradnorm"
+    needs_shared_graph = True
     _MIN_WEIGHT = 1e-4
 
     def __init__(
@@ -525,6 +529,12 @@ class FAMO(Weighting):
       (the paper's Algorithm 1 writes a plain gradient step ``xi -= beta * (d + gamma * xi)``). A task whose
       loss fell less than the others gains weight.
 
+    ``update="next_batch"`` drops the extra forward pass: the logits' update for step ``t`` uses the losses
+    the next training call brings (at the new parameters, but on the *next* batch) in place of the same
+    batch's post-step losses, just before that call's weights are computed. It costs nothing beyond
+    ``equal`` and adds the batch-to-batch loss noise to ``delta``; the default ``"same_batch"`` is the
+    paper's and the official code's update.
+
     The official code's clipping of the model's gradient norm (``max_norm``) is the trainer's business and
     is not done here. Losses must exceed ``min_losses`` (a ``ValueError`` says which task did not): for
     losses that can be negative (e.g. RL), pass lower bounds.
@@ -534,6 +544,8 @@ class FAMO(Weighting):
         gamma: weight decay of the logits (official default 0.01; 0.001 here).
         eps: added to ``L_t - min_t`` (official: 1e-8).
         min_losses: ``{task: lower bound of its loss}``; tasks not listed use 0.
+        update: ``"same_batch"`` (after the step, on the same batch: one more forward pass) or
+            ``"next_batch"`` (with the next training call's losses: no extra pass).
     """
 
     name = "famo"
@@ -547,10 +559,15 @@ class FAMO(Weighting):
         gamma: float = 1e-3,
         eps: float = 1e-8,
         min_losses: Mapping[str, float] | None = None,
+        update: str = "same_batch",
         sizes: Mapping[str, int] | None = None,
         seed: int = 0,
     ) -> None:
         super().__init__(tasks, sizes=sizes, seed=seed)
+        if update not in ("same_batch", "next_batch"):
+            raise ValueError(f"famo: update must be 'same_batch' or 'next_batch', got {update!r}")
+        self.update = update
+        self.wants_losses_after_step = update == "same_batch"
         if not lr > 0:
             raise ValueError(f"famo: lr must be > 0, got {lr}")
         if not gamma >= 0:
@@ -591,6 +608,9 @@ class FAMO(Weighting):
 
     def _compute(self, idx: list[int], losses: list[Tensor], shared: list[nn.Parameter]) -> _Weights:
         current = torch.stack(losses).detach()
+        if self.update == "next_batch" and self._prev is not None and self._updates_state(losses):
+            # The previous step's update, with this call's losses as its "after" losses.
+            self.after_step({self.task_names[i]: v for i, v in zip(idx, current)})
         d = self._shifted(idx, current)
         logits = self._logit_list()
         z = torch.softmax(torch.stack([logits[i] for i in idx]).detach().to(d), dim=0)

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from mtl.checkpoint import atomic_torch_save, load_checkpoint, rng_state, set_rng_state
 from mtl.gradients import GradientMethod, Plain
 from mtl.scheduling import TaskScheduler, TaskStreams
+from mtl.split import TaskSplit
 from mtl.tasks import TaskSpec, compute_losses
 from mtl.weighting import Static, Weighting
 from mtrec.data.batch import Batch, TabularDataset
@@ -64,6 +65,11 @@ class TrainerConfig:
     """``cpu``, ``cuda``, ``cuda:N`` or ``auto``."""
     num_threads: int | None = None
     """torch intra-op threads (``None`` = torch's default)."""
+    task_split: bool = True
+    """Let gradient methods cut the model's graph between shared body and task heads
+    (``MultiTaskModel.forward_with_split``, :mod:`mtl.split`) where the model, the weighting and the data
+    allow it: the same gradients, computed with one head backward instead of ``k``. ``false`` forces the
+    batched Jacobian of the whole graph (for comparison)."""
 
     def __post_init__(self) -> None:
         if self.monitor not in ("loss", "auc"):
@@ -226,6 +232,13 @@ class Trainer:
         self.other_params += [p for p in self.weighting.trainable_parameters() if id(p) not in shared_ids]
         last_shared = getattr(model, "last_shared_parameters", None)
         self.last_shared = list(last_shared()) if last_shared is not None else self.shared_params[-2:]
+        # Per-task gradients through a cut graph (joint batches only; see TrainerConfig.task_split).
+        self._use_split = bool(
+            self.cfg.task_split
+            and self.gradient.uses_split
+            and getattr(model, "can_split", False)
+            and not self.weighting.needs_shared_graph
+        )
         self._epoch_loss_sum: dict[str, float] = {}
         self._epoch_loss_count: dict[str, int] = {}
         self.streams: TaskStreams[Batch] | None = None  # per-task datasets (see fit)
@@ -310,17 +323,17 @@ class Trainer:
 
     def _losses(
         self, tasks: list[TaskSpec], batches: Batch | dict[str, Batch]
-    ) -> tuple[dict[str, Tensor], Tensor | None]:
-        """Per-task losses (and the shared representation when the gradient method needs it).
+    ) -> tuple[dict[str, Tensor], Tensor | TaskSplit | None]:
+        """Per-task losses (and the shared representation or the model's TaskSplit when the gradient method
+        uses it).
 
         A joint batch takes one forward pass for every task; per-task batches take one pass per task.
         """
         if isinstance(batches, dict):
-            losses: dict[str, Tensor] = {}
-            for t in tasks:
-                b = batches[t.name]
-                losses.update(compute_losses([t], self.model(b.dense, b.sparse), b.labels))
-            return losses, None
+            return self._plain_losses(tasks, batches), None
+        if self._use_split:
+            outputs, split = self.model.forward_with_split(batches.dense, batches.sparse)
+            return compute_losses(tasks, outputs, batches.labels), split
         if self.gradient.requires_representation:
             outputs, representation = self.model.forward_with_representation(batches.dense, batches.sparse)
             if representation is None:
@@ -330,6 +343,16 @@ class Trainer:
                 )
             return compute_losses(tasks, outputs, batches.labels), representation
         return compute_losses(tasks, self.model(batches.dense, batches.sparse), batches.labels), None
+
+    def _plain_losses(self, tasks: list[TaskSpec], batches: Batch | dict[str, Batch]) -> dict[str, Tensor]:
+        """Per-task losses from plain forward passes (no representation, no split)."""
+        if isinstance(batches, dict):
+            losses: dict[str, Tensor] = {}
+            for t in tasks:
+                b = batches[t.name]
+                losses.update(compute_losses([t], self.model(b.dense, b.sparse), b.labels))
+            return losses
+        return compute_losses(tasks, self.model(batches.dense, batches.sparse), batches.labels)
 
     def train_step(self, batch: Batch | TaskStreams[Batch]) -> dict[str, float]:
         """One optimiser step on a joint batch (every label present) or on per-task ``TaskStreams``.
@@ -353,8 +376,8 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         self.optimizer.step()
         if self.weighting.wants_losses_after_step:
-            with torch.no_grad():
-                after, _ = self._losses(tasks, batches)
+            with torch.inference_mode():
+                after = self._plain_losses(tasks, batches)
             self.weighting.after_step(after)
 
         plain = {k: v.item() for k, v in losses.items()}

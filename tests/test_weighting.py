@@ -510,7 +510,13 @@ def test_famo_bounds_and_protocol() -> None:
 
 # ---------------------------------------------------------------------------------------------- every method
 def test_registry_and_configs_cover_every_method() -> None:
-    assert set(WEIGHTINGS) == set(WEIGHT_SUM) == {p.stem for p in CONFIG_DIR.glob("*.yaml")}
+    from omegaconf import OmegaConf
+
+    assert set(WEIGHTINGS) == set(WEIGHT_SUM)
+    assert set(WEIGHTINGS) <= {p.stem for p in CONFIG_DIR.glob("*.yaml")}
+    targets = {cls.__module__ + "." + cls.__name__ for cls in WEIGHTINGS.values()}
+    for path in CONFIG_DIR.glob("*.yaml"):  # variants (famo_next) configure a registered class
+        assert OmegaConf.load(path)._target_ in targets, path.name
     for name, cls in WEIGHTINGS.items():
         assert cls.name == name and cls.__doc__
         assert isinstance(build_weighting(name, TASKS, sizes=SIZES, seed=3), cls)
@@ -604,16 +610,19 @@ def test_internal_optimizer_follows_dtype_and_device_moves(name: str) -> None:
 @pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.yaml")), ids=lambda p: p.stem)
 def test_every_config_instantiates_and_trains(path: Path) -> None:
     cfg = OmegaConf.load(path)
-    cls = WEIGHTINGS[path.stem]
-    assert cfg._target_ == f"mtl.weighting.{cls.__name__}" and cfg._partial_ is True
+    variant = path.stem not in WEIGHTINGS  # e.g. famo_next: a registered class with other settings
+    cls = next(c for c in WEIGHTINGS.values() if cfg._target_ == f"mtl.weighting.{c.__name__}")
+    assert variant or cls is WEIGHTINGS[path.stem]
+    assert cfg._partial_ is True
     assert path.read_text().startswith("#")  # a one-line description
-    # the config's hyperparameters are the constructor's, with the same defaults
+    # the config's hyperparameters are the constructor's, with the same defaults (variants: the same keys)
     defaults = {
         k: p.default
         for k, p in inspect.signature(cls.__init__).parameters.items()
         if p.kind is p.KEYWORD_ONLY and k not in {"sizes", "seed"}
     }
-    assert {k: v for k, v in cfg.items() if not k.startswith("_")} == defaults
+    values = {k: v for k, v in cfg.items() if not k.startswith("_")}
+    assert set(values) == set(defaults) if variant else values == defaults
 
     tasks = [TASKS[0], TaskSpec("b", "regression")]
     w = hydra.utils.instantiate(cfg)(tasks=tasks, sizes={"a": 1000, "b": 300}, seed=1)
@@ -639,3 +648,26 @@ def test_every_config_instantiates_and_trains(path: Path) -> None:
         if step % 5 == 4:
             w.on_epoch_end({n: v.item() for n, v in losses.items()})
     assert unweighted() < 0.9 * start
+
+
+def test_famo_next_batch_update_is_the_same_batch_update_with_the_next_losses() -> None:
+    tasks = [TaskSpec("a"), TaskSpec("b"), TaskSpec("c")]
+    same, nxt = FAMO(tasks, lr=0.1), FAMO(tasks, lr=0.1, update="next_batch")
+    assert same.wants_losses_after_step and not nxt.wants_losses_after_step
+    seq = [torch.tensor(v) for v in ([1.0, 2.0, 0.5], [0.8, 1.9, 0.45], [0.7, 1.5, 0.44], [0.6, 1.4, 0.3])]
+
+    def as_dict(v: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {t.name: x.clone().requires_grad_() for t, x in zip(tasks, v)}
+
+    same.weighted(as_dict(seq[0]))
+    nxt.weighted(as_dict(seq[0]))
+    for i in range(1, len(seq)):
+        same.after_step({t.name: x for t, x in zip(tasks, seq[i])})  # same_batch gets the "after" losses...
+        w_same = same.weighted(as_dict(seq[i]))
+        w_next = nxt.weighted(as_dict(seq[i]))  # ...next_batch takes them from the next call
+        torch.testing.assert_close(torch.stack(list(nxt.logits)), torch.stack(list(same.logits)))
+        for t in tasks:
+            torch.testing.assert_close(w_next[t.name], w_same[t.name])
+    assert float(torch.stack(list(nxt.logits)).abs().sum()) > 0  # the logits did move
+    with pytest.raises(ValueError, match="update"):
+        FAMO(tasks, update="later")

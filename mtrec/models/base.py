@@ -16,6 +16,11 @@
   that every task head reads (the experts' outputs of a mixture as ``[B, E, H]``, the shared bottom's
   output, else the input vector), batch-first, for methods that work on gradients with respect to it
   (MGDA-UB, GREAT). ``None`` for models that share nothing.
+* ``forward_with_split(dense, sparse) -> (outputs, TaskSplit)`` where ``can_split``: the same outputs, with
+  the graph cut between the shared body and the task heads (:mod:`mtl.split`): every tensor that crosses
+  the cut is fanned out to one leaf per task, so gradient methods get all per-task gradients from one head
+  backward. Offered by Shared-Bottom, OMoE, MMoE and CGC (PLE with one level), and not where a task's
+  output feeds another task's tower without a stop-gradient (that tower would be read by two losses).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import torch
 from torch import Tensor, nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from mtl.split import TaskSplit
 from mtrec.data.batch import FeatureSpec
 from mtrec.models.inputs import InputArch
 from mtrec.models.layers import Tower, check_dims
@@ -105,6 +111,7 @@ class MultiTaskModel(nn.Module):
         self.inputs: InputArch | None = None
         self._capture_representation = False
         self._representation: Tensor | None = None
+        self._split: TaskSplit | None = None
         if build_inputs:
             self.inputs = self.make_inputs()
 
@@ -185,6 +192,25 @@ class MultiTaskModel(nn.Module):
         finally:
             self._capture_representation, self._representation = False, None
 
+    @property
+    def can_split(self) -> bool:
+        """Whether :meth:`forward_with_split` is offered (see the module docstring)."""
+        return self._splittable() and not (self.task_feeds and not self.feed_stop_gradient)
+
+    def forward_with_split(self, dense: Tensor, sparse: KeyedJaggedTensor) -> tuple[Outputs, TaskSplit]:
+        """Outputs (equal to :meth:`forward`'s) computed with the graph cut between shared body and task heads."""
+        if not self.can_split:
+            raise ValueError(
+                f"{type(self).__name__} cannot cut its graph between the shared body and the task heads "
+                "(see MultiTaskModel.can_split); use forward() with the full Jacobian"
+            )
+        split = TaskSplit(self.tasks)
+        self._split = split
+        try:
+            return self._forward(dense, sparse)[0], split
+        finally:
+            self._split = None
+
     @torch.no_grad()
     def expert_utilisation(self, dense: Tensor, sparse: KeyedJaggedTensor) -> dict[str, Tensor]:
         """Mean gate weight per expert, ``{gate_name: Tensor[E]}`` (each sums to 1); ``{}`` if not gated.
@@ -231,6 +257,17 @@ class MultiTaskModel(nn.Module):
     def _task_owned(self, task: str) -> list[nn.Module | nn.Parameter | None]:
         """Modules or parameters only ``task``'s output depends on (default: none)."""
         return []
+
+    def _splittable(self) -> bool:
+        """Whether ``_forward`` fans out (:meth:`_fan_out`) every tensor that crosses from shared to task-owned
+        computation, so that every parameter downstream of the cut is owned by one task (default: no)."""
+        return False
+
+    def _fan_out(self, z: Tensor, batch_dim: int = 0) -> dict[str, Tensor]:
+        """``{task: z}``, or per-task leaf copies of ``z`` inside :meth:`forward_with_split`."""
+        if self._split is None:
+            return dict.fromkeys(self.tasks, z)
+        return self._split.fan_out(z, batch_dim=batch_dim)
 
     def _input_vector(self, dense: Tensor, sparse: KeyedJaggedTensor) -> Tensor:
         assert self.inputs is not None

@@ -126,7 +126,10 @@ class SharedBottom(MultiTaskModel):
 
     def _forward(self, dense: Tensor, sparse: KeyedJaggedTensor) -> tuple[Outputs, Gates]:
         h = self._mark_representation(self.bottom(self._input_vector(dense, sparse)))
-        return self._apply_towers({t: h for t in self.tasks}), {}
+        return self._apply_towers(self._fan_out(h)), {}
+
+    def _splittable(self) -> bool:
+        return True
 
     def last_shared_parameters(self) -> list[nn.Parameter]:
         """The shared bottom's last Linear layer."""

@@ -9,7 +9,7 @@ product for all of them) rather than a loop over small modules; gates are softma
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -69,13 +69,18 @@ class _MixtureOfExperts(MultiTaskModel):
         x = self._input_vector(dense, sparse)
         # The shared representation is batch-first, [B, E, H]; the experts' own layout is [E, B, H].
         experts = self._mark_representation(self.experts(x).transpose(0, 1)).transpose(0, 1)
-        gates = {name: gate(x) for name, gate in self.gates.items()}  # [E, B] each
         if self.per_task_gates:
-            out = self._apply_towers({t: mix(gates[t], experts) for t in self.tasks})
+            # The cut (forward_with_split): the experts' outputs and the gates' input are shared.
+            xs, es = self._fan_out(x), self._fan_out(experts, batch_dim=1)
+            gates = {t: self.gates[t](xs[t]) for t in self.tasks}  # [E, B] each
+            out = self._apply_towers({t: mix(gates[t], es[t]) for t in self.tasks})
         else:
-            h = mix(gates[SHARED], experts)
-            out = self._apply_towers({t: h for t in self.tasks})
+            gates = {SHARED: self.gates[SHARED](x)}
+            out = self._apply_towers(self._fan_out(mix(gates[SHARED], experts)))
         return out, {name: g.t() for name, g in gates.items()}
+
+    def _splittable(self) -> bool:
+        return True
 
     def last_shared_parameters(self) -> list[nn.Parameter]:
         """The experts' last layer."""
@@ -179,14 +184,20 @@ class _ExtractionLevel(nn.Module):
         self.out_dim = self.shared_experts.out_dim
 
     def forward(
-        self, task_inputs: Sequence[Tensor], shared_input: Tensor
+        self,
+        task_inputs: Sequence[Tensor],
+        shared_input: Tensor,
+        fan_out: Callable[[Tensor, int], dict[str, Tensor]] | None = None,
     ) -> tuple[list[Tensor], Tensor | None, dict[str, Tensor]]:
+        """``fan_out`` (``MultiTaskModel._fan_out``) hands each task gate its own copy of the shared experts'
+        output: the cut of a single-level model's split forward."""
         shared = self.shared_experts(shared_input)  # [S, B, H]
+        shared_for = fan_out(shared, 1) if fan_out is not None else dict.fromkeys(self.tasks, shared)
         own = [self.task_experts[t](x) for t, x in zip(self.tasks, task_inputs)] if self.task_experts else []
         gates: dict[str, Tensor] = {}
         task_out: list[Tensor] = []
         for i, (t, x) in enumerate(zip(self.tasks, task_inputs)):
-            candidates = torch.cat([own[i], shared], dim=0) if own else shared
+            candidates = torch.cat([own[i], shared_for[t]], dim=0) if own else shared_for[t]
             gates[t] = self.task_gates[t](x)
             task_out.append(mix(gates[t], candidates))
         shared_out: Tensor | None = None
@@ -291,14 +302,21 @@ class PLE(MultiTaskModel):
 
     def _forward(self, dense: Tensor, sparse: KeyedJaggedTensor) -> tuple[Outputs, Gates]:
         x = self._input_vector(dense, sparse)
-        task_inputs: list[Tensor] = [x] * len(self.tasks)
+        single = self.num_levels == 1  # then the cut of a split forward lies inside the one level
+        task_inputs: list[Tensor] = list(self._fan_out(x).values()) if single else [x] * len(self.tasks)
         shared_input: Tensor | None = x
         gates: Gates = {}
         for level, extraction in enumerate(self.levels):
             assert shared_input is not None
-            task_inputs, shared_input, level_gates = extraction(task_inputs, shared_input)
+            fan_out = self._fan_out if single else None
+            task_inputs, shared_input, level_gates = extraction(task_inputs, shared_input, fan_out)
             gates.update({self._gate_name(k, level): g.t() for k, g in level_gates.items()})
         return self._apply_towers(dict(zip(self.tasks, task_inputs))), gates
+
+    def _splittable(self) -> bool:
+        # With more levels, a task's gate below the last level is task-owned but sits upstream of the
+        # shared experts of the last level: no cut separates shared from task-owned parameters.
+        return self.num_levels == 1
 
     def _task_owned(self, task: str) -> list[nn.Module | nn.Parameter | None]:
         last = self.levels[-1]

@@ -1,0 +1,185 @@
+"""The cut between a multi-task network's shared body and its task heads, for cheap per-task gradients.
+
+Gradient methods need the per-task gradients ``dL_i/dtheta`` of the shared parameters, or ``dL_i/dZ`` of
+the shared representation. Asking autograd for them with ``k`` batched cotangents (``is_grads_batched``)
+over the whole graph pushes ``k`` rows through *every* head although only task ``i``'s head gives row
+``i`` anything: ``k^2`` head work. A :class:`TaskSplit` cuts the graph where the shared body ends: the
+model hands each task head its own leaf copy of every tensor that crosses the cut (:meth:`TaskSplit.fan_out`),
+so
+
+1. one ordinary backward of ``sum_i L_i`` (:meth:`TaskSplit.head_backward`) gives every ``dL_i/dZ`` exactly
+   (task ``i``'s leaf receives only task ``i``'s gradient) and the task heads' plain gradients, at the cost
+   of a single head backward;
+2. the shared parameters then need only the body: ``G = J_Z^T dZ/dtheta`` by one batched VJP through the
+   body (:meth:`TaskSplit.param_jacobian`), or one plain VJP of a combined cotangent
+   ``sum_i w_i dL_i/dZ`` (:meth:`TaskSplit.body_grads`) for methods that weight the representation
+   gradients (MGDA-UB).
+
+The model is responsible for the cut being a cut: every path from a shared parameter to a loss passes
+through a fanned-out tensor, and every parameter downstream of the cut belongs to one task. Models that
+cannot promise this do not offer a split, and gradient methods fall back to the batched Jacobian of the
+whole graph.
+
+Example (a shared body and two heads)::
+
+    split = TaskSplit(["a", "b"])
+    z = body(x)
+    zs = split.fan_out(z)                                   # {"a": leaf, "b": leaf}
+    losses = torch.stack([loss_a(head_a(zs["a"])), loss_b(head_b(zs["b"]))])
+    J = split.head_backward(["a", "b"], losses, heads.parameters())   # [[2, *z.shape]]
+    G, _ = split.param_jacobian(J, list(body.parameters()))           # [2, P]
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+
+class TaskSplit:
+    """Per-task leaf copies of the tensors that cross from the shared body to the task heads.
+
+    Args:
+        tasks: every task the model has (heads of tasks absent from a step's losses are ignored).
+    """
+
+    def __init__(self, tasks: Sequence[str]) -> None:
+        self.tasks = tuple(tasks)
+        self.cuts: list[Tensor] = []  # the body's outputs, still in the body's graph
+        self.leaves: list[dict[str, Tensor]] = []  # per cut: task -> leaf copy that only that task reads
+        self.batch_dims: list[int] = []
+
+    def fan_out(self, z: Tensor, *, batch_dim: int = 0) -> dict[str, Tensor]:
+        """``{task: leaf}``: one detached copy of ``z`` per task (sharing storage), recorded as a cut.
+
+        A tensor that does not require gradients carries no shared gradient: every task gets ``z`` itself
+        and nothing is recorded. ``batch_dim`` is where the batch lies in ``z`` (for per-sample rows).
+        """
+        if not z.requires_grad:
+            return {t: z for t in self.tasks}
+        leaves = {t: z.detach().requires_grad_() for t in self.tasks}
+        self.cuts.append(z)
+        self.leaves.append(leaves)
+        self.batch_dims.append(batch_dim)
+        return leaves
+
+    def _check(self, names: Sequence[str]) -> None:
+        if not self.cuts:
+            raise ValueError("TaskSplit: no tensor that requires gradients was fanned out; the shared body is empty")
+        unknown = [n for n in names if n not in self.tasks]
+        if unknown:
+            raise ValueError(f"TaskSplit: losses of unknown tasks {unknown}; the split has {list(self.tasks)}")
+
+    def head_backward(
+        self,
+        names: Sequence[str],
+        losses: Tensor,
+        others: Iterable[nn.Parameter] = (),
+        *,
+        create_graph: bool = False,
+        workspace: dict[int, Tensor] | None = None,
+    ) -> list[Tensor]:
+        """One backward of ``losses.sum()`` (``losses [k]`` in the order of ``names``) through the task heads.
+
+        Returns, per cut, ``J [k, *z.shape]`` with row ``i`` = ``dL_i/dz`` (zero where task ``i`` does not read
+        ``z``); the parameters in ``others`` get their plain gradient of ``sum_i L_i`` *accumulated* into
+        ``.grad``, as ``Tensor.backward`` does. With ``create_graph`` the rows stay differentiable (w.r.t. the
+        leaves and head parameters; the returned ``others`` gradients are detached either way).
+
+        ``workspace`` (a dict the caller keeps between steps) lends the memory of the stacked rows: the
+        returned tensors are overwritten by the next call with the same workspace, which saves allocating
+        (and, for large cuts, page-faulting) a fresh ``k`` times ``z``-sized block every step.
+        """
+        self._check(names)
+        others = list(others)
+        inputs = [leaves[n] for leaves in self.leaves for n in names]
+        grads = torch.autograd.grad(
+            losses.sum(), inputs + others, allow_unused=True, create_graph=create_graph, retain_graph=create_graph
+        )
+        for p, g in zip(others, grads[len(inputs) :]):
+            if g is not None:
+                g = g.detach()
+                p.grad = g if p.grad is None else p.grad + g
+        k = len(names)
+        out = []
+        for c, z in enumerate(self.cuts):
+            rows = [torch.zeros_like(z) if g is None else g for g in grads[c * k : (c + 1) * k]]
+            buf = None if workspace is None or create_graph else workspace.get(c)
+            if buf is not None and buf.shape == (k, *z.shape) and buf.dtype == z.dtype and buf.device == z.device:
+                out.append(torch.stack(rows, out=buf))
+            else:
+                out.append(torch.stack(rows))
+                if workspace is not None and not create_graph:
+                    workspace[c] = out[-1]
+        return out
+
+    def flat(self, J: Sequence[Tensor]) -> Tensor:
+        """``[k, D]``: every cut's rows flattened and concatenated (``D`` = total size of the cut tensors)."""
+        k = J[0].shape[0]
+        return torch.cat([j.reshape(k, -1) for j in J], dim=1) if len(J) > 1 else J[0].reshape(k, -1)
+
+    def rows(self, J: Sequence[Tensor]) -> Tensor:
+        """``[k, B, D]``: per task and sample, the gradient features of all cuts (batch dimension first)."""
+        k = J[0].shape[0]
+        parts = []
+        for j, bd in zip(J, self.batch_dims):
+            j = j.movedim(bd + 1, 1)
+            parts.append(j.reshape(k, j.shape[1], -1))
+        return torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
+
+    def param_jacobian(
+        self, J: Sequence[Tensor], params: Sequence[nn.Parameter], *, batched: bool = True
+    ) -> tuple[Tensor, bool]:
+        """``G [k, P]``: the per-task gradients of ``params`` (flattened, concatenated), ``J`` pulled back
+        through the body, in one batched VJP (``is_grads_batched``) or, where that fails, a loop over tasks.
+        Returns ``(G, whether the batched call ran)``."""
+        params = list(params)
+        k = J[0].shape[0]
+        if batched:
+            try:
+                grads = torch.autograd.grad(
+                    self.cuts,
+                    params,
+                    grad_outputs=list(J),
+                    is_grads_batched=True,
+                    retain_graph=True,
+                    allow_unused=True,
+                )
+                return _flat(grads, params, (k,)), True
+            except (RuntimeError, NotImplementedError) as err:
+                warnings.warn(
+                    f"batched autograd through the shared body failed ({err}); computing per-task gradients in a loop",
+                    stacklevel=2,
+                )
+        rows = []
+        for i in range(k):
+            grads = torch.autograd.grad(
+                self.cuts, params, grad_outputs=[j[i] for j in J], retain_graph=True, allow_unused=True
+            )
+            rows.append(_flat(grads, params, ()))
+        return torch.stack(rows), False
+
+    def body_grads(self, cotangents: Sequence[Tensor], params: Sequence[nn.Parameter]) -> list[Tensor]:
+        """Gradients of ``params`` for the cotangents ``[dz per cut]`` (one plain VJP); zeros where unused."""
+        params = list(params)
+        grads = torch.autograd.grad(self.cuts, params, grad_outputs=list(cotangents), allow_unused=True)
+        return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+
+    def combine(self, J: Sequence[Tensor], w: Tensor) -> list[Tensor]:
+        """``sum_i w_i J_i`` per cut (the cotangent of ``sum_i w_i L_i`` at the cut)."""
+        w = w.to(J[0].device, J[0].dtype)
+        return [torch.tensordot(w, j.detach(), dims=1) for j in J]
+
+
+def _flat(grads: Sequence[Tensor | None], inputs: Sequence[Tensor], lead: tuple[int, ...]) -> Tensor:
+    """Gradients flattened over ``inputs`` and concatenated: ``[*lead, sum numel]`` (zeros for ``None``)."""
+    parts = []
+    for g, x in zip(grads, inputs):
+        if g is None:
+            parts.append(torch.zeros(*lead, x.numel(), dtype=x.dtype, device=x.device))
+        else:
+            parts.append((g.to_dense() if g.is_sparse else g).reshape(*lead, x.numel()))
+    return torch.cat(parts, dim=-1)
