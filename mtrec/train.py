@@ -99,6 +99,13 @@ def build_optimizer(
     return instantiate(node)(groups)
 
 
+def _json_default(value: Any) -> Any:
+    """numpy scalars and arrays, tensors and paths in dataset metadata, as JSON values."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return str(value)
+
+
 def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     """Train and evaluate as configured; writes ``metrics.json`` and checkpoints into ``run_dir``.
 
@@ -135,6 +142,15 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     scheduler = instantiate(cfg.schedule)(tasks=names, sizes=sizes, seed=seed, total_steps=total_steps)
     optimizer = build_optimizer(cfg.optimizer, model, tasks, extra={"weighting": weighting.trainable_parameters()})
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    # What export and serving need to turn raw feature values into model inputs (vocabularies, scaling).
+    atomic_write_json(
+        {
+            "features": bundle.features.to_dict(),
+            "tasks": [{"name": t.name, "kind": t.kind} for t in tasks],
+            "meta": json.loads(json.dumps(bundle.meta, default=_json_default)),
+        },
+        run_dir / "features.json",
+    )
 
     trainer = Trainer(
         model, optimizer, tasks, tcfg, run_dir, seed=seed, weighting=weighting, gradient=gradient, scheduler=scheduler

@@ -79,6 +79,16 @@ def test_training_learns_and_tests_the_best_checkpoint(tmp_path: Path) -> None:
         -sum(metrics["val"][t]["loss"] for t in metrics["val"]) / 3
     )
     assert not list(tmp_path.glob(".*.tmp")), "no temporary checkpoint files left behind"
+    # What export needs: the feature spec (round-trips) and the tasks.
+    from hydra.utils import instantiate
+
+    from mtrec.data.batch import FeatureSpec
+
+    saved = json.loads((tmp_path / "features.json").read_text())
+    assert [t["name"] for t in saved["tasks"]] == ["click", "conversion", "dwell"]
+    assert saved["tasks"][2]["kind"] == "regression"
+    spec = FeatureSpec.from_dict(saved["features"])
+    assert spec == instantiate(c.data).features
 
 
 def test_early_stopping_stops_on_validation(tmp_path: Path) -> None:

@@ -60,6 +60,30 @@ class FeatureSpec:
     def sparse_names(self) -> tuple[str, ...]:
         return tuple(f.name for f in self.sparse)
 
+    def to_dict(self) -> dict[str, object]:
+        """JSON-ready form (``features.json`` of a run, the export's metadata); :meth:`from_dict` inverts it."""
+        return {
+            "dense_names": list(self.dense_names),
+            "sparse": [
+                {"name": f.name, "num_embeddings": f.num_embeddings, "max_len": f.max_len, "pooling": f.pooling}
+                for f in self.sparse
+            ],
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, object]) -> FeatureSpec:
+        try:
+            dense = tuple(str(n) for n in d["dense_names"])  # type: ignore[union-attr]
+            sparse = tuple(
+                SparseFeature(
+                    str(f["name"]), int(f["num_embeddings"]), int(f.get("max_len", 1)), str(f.get("pooling", "sum"))
+                )
+                for f in d["sparse"]  # type: ignore[union-attr]
+            )
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"not a feature spec (need dense_names and sparse[name, num_embeddings]): {err}") from err
+        return cls(dense, sparse)
+
 
 def build_kjt(ids: Mapping[str, Tensor], lengths: Mapping[str, Tensor], keys: Sequence[str]) -> KeyedJaggedTensor:
     """A KeyedJaggedTensor from padded per-feature ids ``[B, L]`` and lengths ``[B]``.
