@@ -65,7 +65,7 @@ class TrainerConfig:
     """``cpu``, ``cuda``, ``cuda:N`` or ``auto``."""
     num_threads: int | None = None
     """torch intra-op threads (``None`` = torch's default)."""
-    task_split: bool = True
+    cut_graph: bool = True
     """Let gradient methods cut the model's graph between shared body and task heads
     (``MultiTaskModel.forward_with_split``, :mod:`mtl.split`) where the model, the weighting and the data
     allow it: the same gradients, computed with one head backward instead of ``k``. ``false`` forces the
@@ -232,9 +232,9 @@ class Trainer:
         self.other_params += [p for p in self.weighting.trainable_parameters() if id(p) not in shared_ids]
         last_shared = getattr(model, "last_shared_parameters", None)
         self.last_shared = list(last_shared()) if last_shared is not None else self.shared_params[-2:]
-        # Per-task gradients through a cut graph (joint batches only; see TrainerConfig.task_split).
+        # Per-task gradients through a cut graph (joint batches only; see TrainerConfig.cut_graph).
         self._use_split = bool(
-            self.cfg.task_split
+            self.cfg.cut_graph
             and self.gradient.uses_split
             and getattr(model, "can_split", False)
             and not self.weighting.needs_shared_graph

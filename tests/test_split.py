@@ -251,11 +251,11 @@ def test_models_without_a_clean_cut_refuse_to_split() -> None:
     assert not make("mmoe", task_feeds={"like": "click"}, feed_stop_gradient=False).can_split
 
 
-def _train(name: str, gradient: str, task_split: bool, run_dir: Path, weighting=None, steps: int = 4) -> list[Tensor]:
+def _train(name: str, gradient: str, cut_graph: bool, run_dir: Path, weighting=None, steps: int = 4) -> list[Tensor]:
     model = make(name, seed=1)
     tasks = [TaskSpec(t, "binary") for t in TASKS]
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    cfg = TrainerConfig(batch_size=16, progress=False, tensorboard=False, task_split=task_split)
+    cfg = TrainerConfig(batch_size=16, progress=False, tensorboard=False, cut_graph=cut_graph)
     trainer = Trainer(
         model,
         opt,
@@ -266,7 +266,7 @@ def _train(name: str, gradient: str, task_split: bool, run_dir: Path, weighting=
         gradient=build_gradient_method(gradient, seed=0),
         weighting=weighting,
     )
-    assert trainer._use_split == (task_split and weighting is None)
+    assert trainer._use_split == (cut_graph and weighting is None)
     data = make_data(64, TASKS, seed=2)
     for b in list(data.batches(16, shuffle=True, seed=0))[:steps]:
         trainer.train_step(b)
