@@ -53,6 +53,10 @@ bench-peers:
 	@# build here and would pull a CUDA torch; the benchmark stubs `torchvision.models.utils` (reached only by
 	@# LibMTL/model/resnet.py) before `import LibMTL`. Its CAGrad imports scipy, installed by the line above.
 	$(PIP) install --no-deps --target benchmarks/.peers LibMTL==1.1.5
+	@# MLServer (benchmarks/serving.py) runs as its own server process, so it gets its own venv: its
+	@# fastapi/pydantic/uvicorn stack never meets the project's packages.
+	python3 -m venv benchmarks/.mlserver-venv
+	benchmarks/.mlserver-venv/bin/pip install mlserver==1.7.1 onnxruntime==1.31.1
 
 clean:
 	rm -rf $(VENV) outputs multirun *.egg-info
