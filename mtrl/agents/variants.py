@@ -1,0 +1,210 @@
+"""The named multi-task agents: one SAC core (:class:`~mtrl.agents.sac.SAC`), four ways to condition on the task.
+
+==================  ====================================================  ============  ============
+agent               encoder (actor and critic each have their own)        heads         temperature
+==================  ====================================================  ============  ============
+``mt_sac``          observation + task one-hot (:class:`OneHotEncoder`)   shared        one per task
+``multihead_sac``   observation (:class:`IdentityEncoder`)                one per task  one per task
+``care``            CARE mixture of encoders (:class:`CAREEncoder`)       shared        one per task
+``task_blind_sac``  observation (:class:`IdentityEncoder`)                shared        one for all
+==================  ====================================================  ============  ============
+
+* MT-SAC and multi-head SAC are the baselines of Yu et al., "Meta-World: A Benchmark and Evaluation for
+  Multi-Task and Meta Reinforcement Learning" (CoRL 2019, Section 5) and of the CARE paper; both learn a
+  temperature per task ("a separate alpha for each task", Meta-World Section 5.1).
+* CARE: Sodhani, Zhang & Pineau, "Multi-Task Reinforcement Learning with Context-based Representations"
+  (ICML 2021).
+* The task-blind agent sees neither the task index nor its metadata: on tasks that share observations
+  it can only learn one behaviour for all of them (a lower bound).
+
+Every builder has the signature the ``agent/`` config group instantiates (``_partial_: true``)::
+
+    agent = care(spec, config, actor_gradient=..., critic_gradient=..., hidden=[256, 256], num_experts=4)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from mtl.gradients import GradientMethod
+from mtrl.agents.networks import EnvSpec, SquashedGaussianActor, TwinCritic
+from mtrl.agents.sac import SAC, SACConfig
+from mtrl.encoders import CAREEncoder, IdentityEncoder, OneHotEncoder, TaskEncoder
+
+__all__ = ["AGENTS", "build_agent", "build_sac", "care", "mt_sac", "multihead_sac", "task_blind_sac"]
+
+EncoderFactory = Callable[[], TaskEncoder]
+
+
+def build_sac(
+    spec: EnvSpec,
+    config: SACConfig | None,
+    encoder: EncoderFactory,
+    *,
+    hidden: Sequence[int],
+    multi_head: bool,
+    per_task_temperature: bool,
+    actor_gradient: GradientMethod | None,
+    critic_gradient: GradientMethod | None,
+    name: str,
+) -> SAC:
+    """A :class:`SAC` whose actor and critic each read through their own ``encoder()``.
+
+    ``hidden``: the widths of the actor's MLP and of each critic's MLP; ``multi_head``: one output layer
+    per task; ``per_task_temperature``: one ``alpha`` per task.
+    """
+    config = config if config is not None else SACConfig()
+    heads = spec.num_tasks if multi_head else 1
+    actor = SquashedGaussianActor(
+        encoder(),
+        hidden,
+        spec.action_dim,
+        num_heads=heads,
+        log_std_min=config.log_std_min,
+        log_std_max=config.log_std_max,
+    )
+    critic = TwinCritic(encoder(), hidden, spec.action_dim, num_heads=heads)
+    return SAC(
+        actor,
+        critic,
+        spec,
+        config,
+        per_task_temperature=per_task_temperature,
+        actor_gradient=actor_gradient,
+        critic_gradient=critic_gradient,
+        name=name,
+    )
+
+
+def mt_sac(
+    spec: EnvSpec,
+    config: SACConfig | None = None,
+    *,
+    hidden: Sequence[int] = (256, 256),
+    actor_gradient: GradientMethod | None = None,
+    critic_gradient: GradientMethod | None = None,
+) -> SAC:
+    """MT-SAC (Yu et al. 2019): the task one-hot appended to the observation, one temperature per task."""
+    return build_sac(
+        spec,
+        config,
+        lambda: OneHotEncoder(spec.obs_dim, spec.num_tasks),
+        hidden=hidden,
+        multi_head=False,
+        per_task_temperature=True,
+        actor_gradient=actor_gradient,
+        critic_gradient=critic_gradient,
+        name="mt_sac",
+    )
+
+
+def multihead_sac(
+    spec: EnvSpec,
+    config: SACConfig | None = None,
+    *,
+    hidden: Sequence[int] = (256, 256),
+    actor_gradient: GradientMethod | None = None,
+    critic_gradient: GradientMethod | None = None,
+) -> SAC:
+    """Multi-head SAC (Yu et al. 2019): a shared trunk over the observation, one actor and one critic output
+    head per task (the heads are the task-specific parameters for gradient methods), one temperature per task."""
+    return build_sac(
+        spec,
+        config,
+        lambda: IdentityEncoder(spec.obs_dim, spec.num_tasks),
+        hidden=hidden,
+        multi_head=True,
+        per_task_temperature=True,
+        actor_gradient=actor_gradient,
+        critic_gradient=critic_gradient,
+        name="multihead_sac",
+    )
+
+
+def care(
+    spec: EnvSpec,
+    config: SACConfig | None = None,
+    *,
+    hidden: Sequence[int] = (256, 256),
+    num_experts: int = 4,
+    expert_hidden: Sequence[int] = (64,),
+    expert_dim: int = 64,
+    context_hidden: Sequence[int] = (64,),
+    context_dim: int = 32,
+    attention_temperature: float = 1.0,
+    normalize_metadata: bool = True,
+    actor_gradient: GradientMethod | None = None,
+    critic_gradient: GradientMethod | None = None,
+) -> SAC:
+    """CARE (Sodhani et al. 2021): the :class:`~mtrl.encoders.CAREEncoder` (``num_experts`` encoders mixed by
+    attention from the context of ``spec.metadata``) feeds actor and critics; one temperature per task.
+
+    Raises:
+        ValueError: the family has no metadata.
+    """
+    if spec.metadata is None:
+        raise ValueError("CARE needs task metadata (TaskFamily.metadata [K, M]); this family has none")
+
+    def encoder() -> TaskEncoder:
+        return CAREEncoder(
+            spec.obs_dim,
+            spec.num_tasks,
+            spec.metadata,
+            num_experts=num_experts,
+            expert_hidden=expert_hidden,
+            expert_dim=expert_dim,
+            context_hidden=context_hidden,
+            context_dim=context_dim,
+            temperature=attention_temperature,
+            normalize_metadata=normalize_metadata,
+        )
+
+    return build_sac(
+        spec,
+        config,
+        encoder,
+        hidden=hidden,
+        multi_head=False,
+        per_task_temperature=True,
+        actor_gradient=actor_gradient,
+        critic_gradient=critic_gradient,
+        name="care",
+    )
+
+
+def task_blind_sac(
+    spec: EnvSpec,
+    config: SACConfig | None = None,
+    *,
+    hidden: Sequence[int] = (256, 256),
+    actor_gradient: GradientMethod | None = None,
+    critic_gradient: GradientMethod | None = None,
+) -> SAC:
+    """Plain SAC that ignores the task (observation only, shared heads, one temperature): the baseline."""
+    return build_sac(
+        spec,
+        config,
+        lambda: IdentityEncoder(spec.obs_dim, spec.num_tasks),
+        hidden=hidden,
+        multi_head=False,
+        per_task_temperature=False,
+        actor_gradient=actor_gradient,
+        critic_gradient=critic_gradient,
+        name="task_blind_sac",
+    )
+
+
+AGENTS: dict[str, Callable[..., SAC]] = {
+    "mt_sac": mt_sac,
+    "multihead_sac": multihead_sac,
+    "care": care,
+    "task_blind_sac": task_blind_sac,
+}
+
+
+def build_agent(name: str, spec: EnvSpec, config: SACConfig | None = None, **kwargs: Any) -> SAC:
+    """``AGENTS[name](spec, config, **kwargs)``, with a clear error for an unknown name."""
+    if name not in AGENTS:
+        raise ValueError(f"unknown agent {name!r}; known: {sorted(AGENTS)}")
+    return AGENTS[name](spec, config, **kwargs)

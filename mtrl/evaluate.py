@@ -1,0 +1,291 @@
+"""``mtrl-eval``: per-task success rate and mean return of a trained policy over deterministic episodes.
+
+Examples::
+
+    mtrl-eval run_dir=outputs/mtrl/2025-01-01/12-00-00 episodes=20
+    mtrl-eval run_dir=RUN episodes=10 video=true              # + one rgb_array video per task
+
+Prints a table and writes ``RUN/evaluation.json`` (or ``output=PATH``)::
+
+    {"tasks": {task: {"success": s, "return": r}}, "mean_success": s, "mean_return": r,
+     "episodes": n, "seed": seed, "step": training step, "agent": name, "family": family.describe()}
+
+An episode is a success when ``info["success"]`` is true at any step (Meta-World's convention: Yu et al.,
+"Meta-World", CoRL 2019, Section 5); the policy is deterministic (``tanh(mean)``). Episode ``e`` of task
+``t`` starts with ``reset(seed=episode_seed(EVAL_STREAM, seed, t, e))``, so a result depends on the seed,
+the policy and the number of episodes only, not on how many envs run side by side. ``mtrl-train``'s
+periodic evaluations use the same function with the run's seed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import hydra
+import numpy as np
+import torch
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from mtl.checkpoint import atomic_write_json
+
+__all__ = [
+    "EVAL_STREAM",
+    "EvalConfig",
+    "Evaluator",
+    "episode_seed",
+    "evaluate",
+    "evaluate_run",
+    "format_table",
+    "main",
+    "record_videos",
+]
+
+log = logging.getLogger("mtrl.evaluate")
+EVAL_STREAM = 1  # episode-seed stream of evaluation envs (training uses mtrl.train.TRAIN_STREAM = 0)
+CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
+
+Policy = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+
+def episode_seed(stream: int, seed: int, index: int, episode: int) -> int:
+    """A 32-bit reset seed for episode ``episode`` of env (or task) ``index`` in a seed ``stream``
+    (``numpy.random.SeedSequence([stream, seed, index, episode])``: distinct streams never collide)."""
+    if min(stream, seed, index, episode) < 0:
+        raise ValueError(f"episode seeds need non-negative parts, got {(stream, seed, index, episode)}")
+    return int(np.random.SeedSequence([stream, seed, index, episode]).generate_state(1)[0])
+
+
+def as_policy(policy: Any) -> Policy:
+    """``(obs [N, D] float32, task [N] int64) -> actions [N, A]``: an agent's deterministic ``act`` (anything
+    with ``act(obs, task, deterministic=True)`` and ``device``) or a callable of that signature."""
+    if hasattr(policy, "act"):
+        device = getattr(policy, "device", torch.device("cpu"))
+
+        def act(obs: np.ndarray, task: np.ndarray) -> np.ndarray:
+            with torch.no_grad():
+                out = policy.act(torch.as_tensor(obs, device=device), torch.as_tensor(task, device=device), True)
+            return out.cpu().numpy()
+
+        return act
+    if callable(policy):
+        return policy
+    raise TypeError(f"policy must have act(obs, task, deterministic) or be callable, got {type(policy).__name__}")
+
+
+class Evaluator:
+    """Runs ``episodes`` deterministic episodes of every task, ``envs_per_task`` of them side by side.
+
+    The envs are made on the first call and kept for the next ones (training evaluates many times).
+
+    Args:
+        family: the task family.
+        episodes: episodes per task.
+        seed: seed of the episode seeds (see the module docstring).
+        envs_per_task: envs per task run side by side (``None`` = ``episodes``).
+    """
+
+    def __init__(self, family: Any, *, episodes: int = 10, seed: int = 0, envs_per_task: int | None = None) -> None:
+        if episodes < 1:
+            raise ValueError(f"episodes must be >= 1, got {episodes}")
+        if envs_per_task is not None and envs_per_task < 1:
+            raise ValueError(f"envs_per_task must be >= 1 or None, got {envs_per_task}")
+        self.family = family
+        self.task_names = tuple(family.task_names)
+        self.episodes, self.seed = int(episodes), int(seed)
+        self.width = min(self.episodes, envs_per_task or self.episodes)
+        self._envs: list[list[Any]] | None = None  # [task][slot]
+
+    def _make_envs(self) -> list[list[Any]]:
+        if self._envs is None:
+            self._envs = [[self.family.make_env(t) for _ in range(self.width)] for t in range(len(self.task_names))]
+        return self._envs
+
+    def __call__(self, policy: Any) -> dict[str, Any]:
+        """``{"tasks": {task: {"success", "return"}}, "mean_success", "mean_return", "episodes", "seed"}``."""
+        act = as_policy(policy)
+        envs = self._make_envs()
+        k = len(self.task_names)
+        returns = np.zeros((k, self.episodes))
+        success = np.zeros((k, self.episodes), dtype=bool)
+        for start in range(0, self.episodes, self.width):
+            slots = [(t, s) for t in range(k) for s in range(min(self.width, self.episodes - start))]
+            obs = {}
+            for t, s in slots:
+                o, _ = envs[t][s].reset(seed=episode_seed(EVAL_STREAM, self.seed, t, start + s))
+                obs[(t, s)] = np.asarray(o["obs"], dtype=np.float32)
+            active = list(slots)
+            while active:
+                x = np.stack([obs[a] for a in active])
+                tasks = np.array([a[0] for a in active], dtype=np.int64)
+                actions = act(x, tasks)
+                still = []
+                for (t, s), action in zip(active, actions):
+                    o, r, term, trunc, info = envs[t][s].step(action)
+                    returns[t, start + s] += float(r)
+                    success[t, start + s] |= bool(info.get("success", False))
+                    obs[(t, s)] = np.asarray(o["obs"], dtype=np.float32)
+                    if not (term or trunc):
+                        still.append((t, s))
+                active = still
+        tasks_out = {
+            name: {"success": float(success[t].mean()), "return": float(returns[t].mean())}
+            for t, name in enumerate(self.task_names)
+        }
+        return {
+            "tasks": tasks_out,
+            "mean_success": float(success.mean()),
+            "mean_return": float(returns.mean()),
+            "episodes": self.episodes,
+            "seed": self.seed,
+        }
+
+    def close(self) -> None:
+        for row in self._envs or []:
+            for env in row:
+                env.close()
+        self._envs = None
+
+
+def evaluate(
+    policy: Any, family: Any, *, episodes: int = 10, seed: int = 0, envs_per_task: int | None = None
+) -> dict[str, Any]:
+    """Per-task success rate and mean return over ``episodes`` deterministic episodes (see :class:`Evaluator`)."""
+    evaluator = Evaluator(family, episodes=episodes, seed=seed, envs_per_task=envs_per_task)
+    try:
+        return evaluator(policy)
+    finally:
+        evaluator.close()
+
+
+def _write_video(frames: Sequence[np.ndarray], stem: Path, fps: int) -> Path:
+    """``stem.mp4`` through imageio's ffmpeg plugin when installed, else ``stem.gif`` through Pillow."""
+    try:
+        import imageio.v2 as imageio
+
+        path = stem.with_suffix(".mp4")
+        imageio.mimwrite(path, list(frames), fps=fps)
+        return path
+    except Exception as err:  # no ffmpeg backend (imageio-ffmpeg) or no imageio: fall back to a GIF
+        log.debug("mp4 writer unavailable (%s); writing a GIF", err)
+        stem.with_suffix(".mp4").unlink(missing_ok=True)
+    from PIL import Image
+
+    path = stem.with_suffix(".gif")
+    images = [Image.fromarray(np.asarray(f, dtype=np.uint8)) for f in frames]
+    images[0].save(path, save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
+    return path
+
+
+def record_videos(policy: Any, family: Any, video_dir: str | Path, *, seed: int = 0, fps: int = 30) -> dict[str, str]:
+    """One video per task of evaluation episode 0 (``render_mode="rgb_array"``): ``{task: path or reason}``.
+
+    Tasks whose env cannot render (no ``rgb_array`` support, no frames) are skipped with the reason.
+    """
+    act = as_policy(policy)
+    video_dir = Path(video_dir)
+    video_dir.mkdir(parents=True, exist_ok=True)
+    out: dict[str, str] = {}
+    for t, name in enumerate(family.task_names):
+        try:
+            env = family.make_env(t, render_mode="rgb_array")
+        except Exception as err:  # families raise their own errors for unsupported render modes
+            out[name] = f"skipped: cannot make an rgb_array env ({err})"
+            continue
+        try:
+            o, _ = env.reset(seed=episode_seed(EVAL_STREAM, seed, t, 0))
+            frames = [env.render()]
+            if frames[0] is None:
+                out[name] = "skipped: the env renders no rgb_array frames"
+                continue
+            done = False
+            while not done:
+                action = act(np.asarray(o["obs"], dtype=np.float32)[None], np.array([t], dtype=np.int64))[0]
+                o, _, term, trunc, _ = env.step(action)
+                frames.append(env.render())
+                done = bool(term or trunc)
+            out[name] = str(_write_video(frames, video_dir / name, fps))
+        except NotImplementedError as err:
+            out[name] = f"skipped: rendering is not implemented ({err})"
+        finally:
+            env.close()
+    return out
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """The per-task results as a text table with a mean row."""
+    rows = [(name, f"{r['success']:.3f}", f"{r['return']:.2f}") for name, r in result["tasks"].items()]
+    rows.append(("mean", f"{result['mean_success']:.3f}", f"{result['mean_return']:.2f}"))
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(("task", "success", "return"))]
+    line = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+    header = line(("task", "success", "return"))
+    return "\n".join([header, "-" * len(header), *map(line, rows[:-1]), "-" * len(header), line(rows[-1])])
+
+
+@dataclass
+class EvalConfig:
+    """``mtrl-eval``'s config (``configs/mtrl_eval.yaml``)."""
+
+    run_dir: str = MISSING
+    """A ``mtrl-train`` run directory (``config.yaml`` and ``last.pt``)."""
+    episodes: int = 10
+    """Deterministic episodes per task."""
+    seed: int | None = None
+    """Seed of the episode seeds; ``null`` = the run's seed (the episodes its training evaluations used)."""
+    envs_per_task: int | None = None
+    """Envs per task run side by side (``null`` = ``episodes``)."""
+    device: str = "cpu"
+    """Where the policy runs."""
+    output: str | None = None
+    """Result JSON path; ``null`` = ``RUN/evaluation.json``."""
+    video: bool = False
+    """Also record evaluation episode 0 of every task (``rgb_array``; mp4, or GIF without ffmpeg)."""
+    video_dir: str | None = None
+    """Where videos go; ``null`` = ``RUN/videos``."""
+
+
+ConfigStore.instance().store(name="mtrl_eval_schema", node=EvalConfig)
+
+
+def evaluate_run(cfg: Any) -> dict[str, Any]:
+    """Evaluate a ``mtrl-train`` run as ``cfg`` (an :class:`EvalConfig` or a mapping of its fields) says,
+    print the table and write the JSON; returns the result."""
+    from mtrl.train import load_run
+
+    if isinstance(cfg, EvalConfig):
+        c = cfg
+    else:
+        try:
+            node = OmegaConf.merge(OmegaConf.structured(EvalConfig), cfg)
+            c = EvalConfig(**OmegaConf.to_container(node, resolve=True, throw_on_missing=True))
+        except OmegaConfBaseException as err:
+            raise ValueError(f"mtrl-eval config: {err} (e.g. mtrl-eval run_dir=RUN episodes=10)") from err
+    run = load_run(c.run_dir, c.device)
+    seed = int(run.cfg.seed) if c.seed is None else int(c.seed)
+    result = evaluate(run.agent, run.family, episodes=c.episodes, seed=seed, envs_per_task=c.envs_per_task)
+    result.update({"step": run.step, "agent": run.agent.name, "family": run.family.describe()})
+    if c.video:
+        video_dir = Path(c.video_dir) if c.video_dir else Path(c.run_dir) / "videos"
+        result["videos"] = record_videos(run.agent, run.family, video_dir, seed=seed)
+        for name, where in result["videos"].items():
+            print(f"video {name}: {where}")
+    output = Path(c.output) if c.output else Path(c.run_dir) / "evaluation.json"
+    atomic_write_json(result, output)
+    print(f"{run.agent.name} at step {run.step}, {c.episodes} deterministic episodes per task (seed {seed}):")
+    print(format_table(result))
+    print(f"wrote {output}")
+    return result
+
+
+@hydra.main(config_path=CONFIG_DIR, config_name="mtrl_eval", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    evaluate_run(cfg)
+
+
+if __name__ == "__main__":
+    main()

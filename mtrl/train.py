@@ -1,0 +1,654 @@
+"""``mtrl-train``: multi-task SAC agents on a task family, with exact resume (Hydra over ``configs/mtrl.yaml``).
+
+Examples::
+
+    mtrl-train                                                     # CARE on the 4-goal point-mass
+    mtrl-train agent=mt_sac trainer.total_steps=20000 seed=1
+    mtrl-train agent=mt_sac gradient=pcgrad                        # PCGrad on the per-task SAC losses
+    mtrl-train env=mt10 agent=care trainer.device=cuda
+    mtrl-train hydra.run.dir=runs/a trainer.resume=true trainer.total_steps=200000   # continue a run
+
+What one step is: every env of the pool (``K * envs_per_task`` single-task envs, env ``j`` running task
+``j % K``) takes one action; the transitions go to their task's replay buffer (:mod:`mtrl.replay`); then
+``updates_per_step`` SAC updates (:meth:`mtrl.agents.SAC.update`) each sample ``batch_size`` rows from
+every task. The first ``learning_starts`` steps act uniformly at random and do not update.
+
+Written into the run directory: ``config.yaml`` (resolved), ``last.pt`` (every ``checkpoint_interval``
+steps, at the end and on Ctrl-C; atomic, :mod:`mtl.checkpoint`), ``train_log.jsonl`` (training records
+every ``log_interval`` steps, evaluation records every ``eval_interval``) and ``eval.json`` (the final
+evaluation, :func:`mtrl.evaluate.evaluate`'s format). Ctrl-C or SIGTERM (a scheduler's or ``timeout``'s
+stop) finishes the current step, writes ``last.pt`` and exits (status 130 / 143).
+
+**Exact resume.** ``last.pt`` holds the agent (weights, target critics, temperatures, optimisers,
+gradient-method state), every task's replay buffer with its sampler's generator, the exploration
+generator, the global RNG states (Python, NumPy, torch, CUDA), and each env's position: its episode index
+and the actions taken so far in the current episode. Every episode of env ``j`` starts with
+``reset(seed=<derived from (seed, j, episode)>)``, and the families' envs are deterministic given their
+seed and actions, so a resumed run rebuilds each env's state by replaying the current episode's actions
+(checked against the saved observation) and then continues to bit-identical weights. Evaluation runs on
+its own envs and restores every RNG it might touch, so evaluating or not never changes training.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import signal
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import hydra
+import numpy as np
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from mtl.checkpoint import (
+    atomic_torch_save,
+    atomic_write_json,
+    load_checkpoint,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+)
+from mtrl.agents import SAC, EnvSpec, SACConfig
+from mtrl.evaluate import Evaluator, episode_seed
+from mtrl.replay import TaskReplay
+
+__all__ = [
+    "CONFIG_DIR",
+    "LAST",
+    "EnvPool",
+    "RLTrainer",
+    "RLTrainerConfig",
+    "build_agent_from_config",
+    "load_run",
+    "main",
+    "run",
+    "sac_config",
+    "trainer_config",
+]
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG_DIR = str(REPO / "configs")
+LAST = "last.pt"
+LOG_FILE = "train_log.jsonl"
+EVAL_FILE = "eval.json"
+TRAIN_STREAM = 0  # episode-seed stream of training envs (evaluation uses mtrl.evaluate.EVAL_STREAM)
+log = logging.getLogger("mtrl")
+
+
+@dataclass
+class RLTrainerConfig:
+    """Settings of :class:`RLTrainer` (the ``trainer`` section of ``configs/mtrl.yaml``)."""
+
+    total_steps: int = 50_000
+    """Pool steps to train for in total, across resumes (each step: one action in every env)."""
+    envs_per_task: int = 1
+    """Envs per task in the training pool (``K * envs_per_task`` transitions per step)."""
+    learning_starts: int = 1_000
+    """Steps of uniformly random actions before the first update."""
+    updates_per_step: float = 1.0
+    """SAC updates per pool step after ``learning_starts`` (fractions allowed: 0.5 = every other step)."""
+    batch_size: int = 128
+    """Rows sampled from *each* task's replay buffer per update."""
+    replay_capacity: int = 1_000_000
+    """Transitions kept per task."""
+    eval_interval: int = 5_000
+    """Evaluate every N steps (0 = only at the end)."""
+    eval_episodes: int = 10
+    """Deterministic episodes per task in each evaluation."""
+    eval_envs_per_task: int | None = None
+    """Evaluation envs per task run side by side (``null`` = ``eval_episodes``)."""
+    checkpoint_interval: int = 10_000
+    """Write ``last.pt`` every N steps (0 = only at the end and on interruption)."""
+    log_interval: int = 1_000
+    """Write a training record every N steps."""
+    resume: bool = False
+    """Continue from ``last.pt`` in the run directory (a fresh start when there is none)."""
+    progress: bool = True
+    """Show a tqdm progress bar."""
+    device: str = "cpu"
+    """``cpu``, ``cuda``, ``cuda:N`` or ``auto``."""
+    num_threads: int | None = None
+    """torch intra-op threads (``null`` = torch's default)."""
+
+    def __post_init__(self) -> None:
+        for key in ("total_steps", "envs_per_task", "batch_size", "replay_capacity", "eval_episodes", "log_interval"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"trainer.{key} must be >= 1, got {getattr(self, key)}")
+        for key in ("learning_starts", "eval_interval", "checkpoint_interval"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"trainer.{key} must be >= 0, got {getattr(self, key)}")
+        if not self.updates_per_step >= 0 or not math.isfinite(self.updates_per_step):
+            raise ValueError(f"trainer.updates_per_step must be a finite number >= 0, got {self.updates_per_step}")
+        if self.eval_envs_per_task is not None and self.eval_envs_per_task < 1:
+            raise ValueError(f"trainer.eval_envs_per_task must be >= 1 or null, got {self.eval_envs_per_task}")
+
+
+def _structured(schema: type, node: Any, section: str) -> Any:
+    """Validate a config node against a dataclass schema (an unknown key or a wrong type names the key)."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), node if node is not None else {})
+    except OmegaConfBaseException as err:
+        raise ValueError(f"config section {section!r}: {err}") from err
+    return schema(**OmegaConf.to_container(merged, resolve=True))
+
+
+def trainer_config(node: Any) -> RLTrainerConfig:
+    """The ``trainer`` node validated against :class:`RLTrainerConfig`."""
+    return _structured(RLTrainerConfig, node, "trainer")
+
+
+def sac_config(node: Any) -> SACConfig:
+    """The ``sac`` node validated against :class:`mtrl.agents.SACConfig`."""
+    return _structured(SACConfig, node, "sac")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"trainer.device={name!r} but CUDA is not available here; use cpu or auto")
+    return device
+
+
+def build_agent_from_config(cfg: DictConfig, spec: EnvSpec, *, seed: int, gradients: bool = True) -> SAC:
+    """The agent of ``cfg.agent`` (a partial builder of :mod:`mtrl.agents`) with ``cfg.sac`` and, when
+    ``gradients``, ``cfg.gradient`` (one instance for the actor, one for the critic)."""
+    kwargs: dict[str, Any] = {}
+    if gradients and cfg.get("gradient") is not None:
+        kwargs["actor_gradient"] = instantiate(cfg.gradient)(seed=seed)
+        kwargs["critic_gradient"] = instantiate(cfg.gradient)(seed=seed + 1)
+    try:
+        return instantiate(cfg.agent)(spec, sac_config(cfg.get("sac")), **kwargs)
+    except TypeError as err:
+        raise ValueError(f"config section 'agent': {err}") from err
+
+
+# ------------------------------------------------------------------------------------------- env pool
+
+
+class EnvPool:
+    """``K * envs_per_task`` single-task envs stepped in lockstep (env ``j`` runs task ``j % K``).
+
+    Each env is reset by hand when its episode ends, with ``reset(seed=episode_seed(seed, j, e))`` for its
+    ``e``-th episode, and the actions of the current episode are kept, so :meth:`load_state_dict` can rebuild
+    every env's state by replaying them (the families' envs are deterministic given seed and actions).
+    Stepping single envs rather than a gymnasium vector env is what makes that per-env replay possible.
+    """
+
+    def __init__(self, family: Any, envs_per_task: int, seed: int) -> None:
+        self.family = family
+        self.num_tasks = len(family.task_names)
+        self.seed = int(seed)
+        n = self.num_tasks * envs_per_task
+        self.tasks = np.arange(n, dtype=np.int64) % self.num_tasks
+        self.envs = [family.make_env(int(t)) for t in self.tasks]
+        self.episode = np.zeros(n, dtype=np.int64)
+        self.actions: list[list[np.ndarray]] = [[] for _ in range(n)]
+        self.obs: np.ndarray | None = None
+        self.ep_return = np.zeros(n, dtype=np.float64)
+        self.ep_success = np.zeros(n, dtype=bool)
+
+    def __len__(self) -> int:
+        return len(self.envs)
+
+    def _reset(self, j: int) -> np.ndarray:
+        obs, _ = self.envs[j].reset(seed=episode_seed(TRAIN_STREAM, self.seed, j, int(self.episode[j])))
+        if int(obs["task"]) != int(self.tasks[j]):
+            raise ValueError(f"env {j} was made for task {self.tasks[j]} but observes task {obs['task']}")
+        self.actions[j] = []
+        self.ep_return[j], self.ep_success[j] = 0.0, False
+        return np.asarray(obs["obs"], dtype=np.float32)
+
+    def reset(self) -> np.ndarray:
+        """Start every env's current episode; returns ``obs [N, obs_dim]``."""
+        self.obs = np.stack([self._reset(j) for j in range(len(self.envs))])
+        return self.obs
+
+    def step(self, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[tuple[int, float, bool]]]:
+        """Step every env; returns ``(next_obs [N, D], reward [N], terminated [N], finished)``.
+
+        ``next_obs`` is the observation the action led to (before any reset); ``finished`` lists
+        ``(task, return, success)`` of the episodes that ended (success: ``info["success"]`` at any step).
+        Ended envs are reset, and :attr:`obs` holds the observations the next step acts on.
+        """
+        assert self.obs is not None, "call reset() first"
+        n = len(self.envs)
+        next_obs = np.empty_like(self.obs)
+        reward = np.empty(n, dtype=np.float32)
+        terminated = np.empty(n, dtype=np.float32)
+        current = self.obs.copy()
+        finished: list[tuple[int, float, bool]] = []
+        for j, env in enumerate(self.envs):
+            action = actions[j]
+            obs, r, term, trunc, info = env.step(action)
+            self.actions[j].append(np.array(action, copy=True))
+            next_obs[j] = obs["obs"]
+            reward[j], terminated[j] = r, float(term)
+            self.ep_return[j] += float(r)
+            self.ep_success[j] |= bool(info.get("success", False))
+            if term or trunc:
+                finished.append((int(self.tasks[j]), float(self.ep_return[j]), bool(self.ep_success[j])))
+                self.episode[j] += 1
+                current[j] = self._reset(j)
+            else:
+                current[j] = next_obs[j]
+        self.obs = current
+        return next_obs, reward, terminated, finished
+
+    def state_dict(self) -> dict[str, Any]:
+        assert self.obs is not None
+        return {
+            "seed": self.seed,
+            "episode": self.episode.copy(),
+            "actions": [np.stack(a) if a else np.zeros((0,)) for a in self.actions],
+            "obs": self.obs.copy(),
+            "ep_return": self.ep_return.copy(),
+            "ep_success": self.ep_success.copy(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Rebuild every env's state: reset with its episode seed, replay the episode's actions, and check the
+        observation against the saved one.
+
+        Raises:
+            RuntimeError: an env does not reproduce its saved observation (it is not deterministic given
+                seed and actions, so the run cannot resume exactly).
+        """
+        if len(state["episode"]) != len(self.envs) or int(state["seed"]) != self.seed:
+            raise ValueError(
+                f"env pool state is for {len(state['episode'])} envs with seed {state['seed']}; this pool has "
+                f"{len(self.envs)} envs with seed {self.seed} (resume with the same env, envs_per_task and seed)"
+            )
+        self.episode = np.asarray(state["episode"], dtype=np.int64).copy()
+        obs = np.empty_like(state["obs"])
+        for j, env in enumerate(self.envs):
+            obs[j] = self._reset(j)
+            for action in state["actions"][j]:
+                o, *_ = env.step(action)
+                obs[j] = o["obs"]
+                self.actions[j].append(np.array(action, copy=True))
+            if not np.array_equal(obs[j], state["obs"][j]):
+                raise RuntimeError(
+                    f"env {j} (task {self.tasks[j]}) did not reproduce its saved observation after replaying "
+                    f"{len(self.actions[j])} actions: the environment is not deterministic given its seed and "
+                    "actions, so this run cannot resume exactly"
+                )
+        self.obs = obs
+        self.ep_return = np.asarray(state["ep_return"], dtype=np.float64).copy()
+        self.ep_success = np.asarray(state["ep_success"], dtype=bool).copy()
+
+    def close(self) -> None:
+        for env in self.envs:
+            env.close()
+
+
+# ---------------------------------------------------------------------------------------------- trainer
+
+
+def _updates_due(step: int, learning_starts: int, ratio: float) -> int:
+    """Updates after pool step ``step`` (1-based): ``floor(n r) - floor((n - 1) r)`` with ``n`` the steps
+    since ``learning_starts``, a function of the step alone (so resume does not depend on history)."""
+    n = step - learning_starts
+    if n <= 0:
+        return 0
+    return math.floor(n * ratio) - math.floor((n - 1) * ratio)
+
+
+class _StopSignals:
+    """Defers SIGINT and SIGTERM until the current step is complete (main thread only).
+
+    A signal sets :attr:`received`; the loop checks it between steps, writes ``last.pt`` of a consistent state
+    (never one torn mid-update) and stops. A second SIGINT while waiting interrupts at once. SIGTERM is what a
+    job scheduler or ``timeout`` sends before killing a command: the run then resumes from the signal's step.
+    """
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.received == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class _Log:
+    """``train_log.jsonl``: one JSON record per line."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def write(self, record: dict[str, Any]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def rewind(self, step: int) -> None:
+        """Drop records written after ``step`` (by an interrupted run past its last checkpoint)."""
+        if not self.path.exists():
+            return
+        keep = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        tmp.replace(self.path)
+
+
+class RLTrainer:
+    """Collects experience with the agent in an :class:`EnvPool`, updates it from a :class:`TaskReplay`,
+    evaluates, logs and checkpoints (see the module docstring).
+
+    Args:
+        family: the task family (:func:`mtrl.envs.make_family`).
+        agent: the agent (on its device).
+        config: the trainer settings.
+        run_dir: where checkpoints and logs go.
+        seed: the run's seed (exploration, replay sampling, env episode seeds).
+        fingerprint: JSON-ready facts that must match on resume (agent, env, SAC and gradient config).
+    """
+
+    def __init__(
+        self,
+        family: Any,
+        agent: SAC,
+        config: RLTrainerConfig,
+        run_dir: str | Path,
+        *,
+        seed: int = 0,
+        fingerprint: dict[str, Any] | None = None,
+    ) -> None:
+        self.family, self.agent, self.cfg = family, agent, config
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.seed = int(seed)
+        self.fingerprint = fingerprint or {}
+        self.device = agent.device
+        self.task_names = tuple(family.task_names)
+        spec = agent.spec
+        self.replay = TaskReplay(
+            spec.num_tasks, config.replay_capacity, spec.obs_dim, spec.action_dim, device=self.device, seed=self.seed
+        )
+        self.pool = EnvPool(family, config.envs_per_task, self.seed)
+        self.explore_rng = np.random.default_rng(np.random.SeedSequence([1, self.seed]))
+        self.evaluator = Evaluator(
+            family,
+            episodes=config.eval_episodes,
+            seed=self.seed,
+            envs_per_task=config.eval_envs_per_task,
+        )
+        self.log = _Log(self.run_dir / LOG_FILE)
+        self.step = 0
+        self.episodes = 0
+        self.last_eval: dict[str, Any] | None = None
+        self._window: list[tuple[int, float, bool]] = []  # episodes finished since the last training record
+        self._last_stats: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "episodes": self.episodes,
+            "seed": self.seed,
+            "fingerprint": self.fingerprint,
+            "trainer": asdict(self.cfg),
+            "agent": self.agent.training_state(),
+            "replay": self.replay.state_dict(),
+            "pool": self.pool.state_dict(),
+            "explore_rng": self.explore_rng.bit_generator.state,
+            "rng": rng_state(),
+            "window": list(self._window),
+            "last_eval": self.last_eval,
+        }
+
+    def save(self) -> None:
+        """Write ``last.pt`` atomically."""
+        atomic_torch_save(self.state_dict(), self.run_dir / LAST)
+
+    def load(self) -> bool:
+        """Restore ``last.pt``; False when there is none.
+
+        Raises:
+            ValueError: the checkpoint was written with another seed, agent, env, SAC or gradient config.
+        """
+        path = self.run_dir / LAST
+        if not path.exists():
+            return False
+        state = load_checkpoint(path)
+        if int(state["seed"]) != self.seed:
+            raise ValueError(f"{path} was trained with seed {state['seed']}, this run has seed {self.seed}")
+        diff = sorted(
+            k
+            for k in set(state["fingerprint"]) | set(self.fingerprint)
+            if state["fingerprint"].get(k) != self.fingerprint.get(k)
+        )
+        if diff:
+            raise ValueError(
+                f"{path} was written with a different {', '.join(diff)} config; resume with the run's own "
+                f"config.yaml settings (only trainer.* may change) or start a new run directory"
+            )
+        self.agent.load_training_state(state["agent"])
+        self.replay.load_state_dict(state["replay"])
+        self.pool.load_state_dict(state["pool"])
+        self.explore_rng.bit_generator.state = state["explore_rng"]
+        set_rng_state(state["rng"])
+        self.step, self.episodes = int(state["step"]), int(state["episodes"])
+        self._window = [tuple(w) for w in state["window"]]  # type: ignore[misc]
+        self.last_eval = state["last_eval"]
+        return True
+
+    # ------------------------------------------------------------------ loop
+    def _act(self, obs: np.ndarray) -> np.ndarray:
+        if self.step < self.cfg.learning_starts:
+            return self.explore_rng.uniform(-1.0, 1.0, size=(len(self.pool), self.agent.spec.action_dim)).astype(
+                np.float32
+            )
+        obs_t = torch.as_tensor(obs, device=self.device)
+        task_t = torch.as_tensor(self.pool.tasks, device=self.device)
+        return self.agent.act(obs_t, task_t).cpu().numpy()
+
+    def evaluate(self) -> dict[str, Any]:
+        """Evaluate the deterministic policy (RNG states untouched) and log it."""
+        state = rng_state()
+        try:
+            result = self.evaluator(self.agent)
+        finally:
+            set_rng_state(state)
+        result["step"] = self.step
+        self.last_eval = result
+        record: dict[str, Any] = {"step": self.step, "eval/mean_success": result["mean_success"]}
+        record["eval/mean_return"] = result["mean_return"]
+        for name, r in result["tasks"].items():
+            record[f"eval/{name}/success"] = r["success"]
+            record[f"eval/{name}/return"] = r["return"]
+        self.log.write(record)
+        return result
+
+    def _train_record(self, seconds: float) -> dict[str, Any]:
+        record: dict[str, Any] = {
+            "step": self.step,
+            "transitions": self.step * len(self.pool),
+            "updates": self.agent.num_updates,
+            "episodes": self.episodes,
+            "seconds": round(seconds, 3),
+        }
+        if self._window:
+            record["train/return"] = float(np.mean([w[1] for w in self._window]))
+            record["train/success"] = float(np.mean([w[2] for w in self._window]))
+            for t, name in enumerate(self.task_names):
+                mine = [w for w in self._window if w[0] == t]
+                if mine:
+                    record[f"train/{name}/success"] = float(np.mean([w[2] for w in mine]))
+        record.update(self._last_stats)
+        self._window = []
+        return record
+
+    def fit(self) -> dict[str, Any]:
+        """Train up to ``total_steps`` (resuming when configured) and return the final evaluation."""
+        cfg = self.cfg
+        if cfg.resume and self.load():
+            log.info("resumed from %s at step %d", self.run_dir / LAST, self.step)
+            self.log.rewind(self.step)
+        else:
+            self.log.rewind(-1)  # a fresh start: drop the log of any earlier run in this directory
+            self.pool.reset()
+        t0 = time.perf_counter()
+        bar = tqdm(
+            total=cfg.total_steps,
+            initial=min(self.step, cfg.total_steps),
+            desc=f"{self.agent.name}",
+            disable=not cfg.progress,
+            dynamic_ncols=True,
+        )
+        with _StopSignals() as stop:
+            while self.step < cfg.total_steps:
+                self._train_step()
+                bar.update(1)
+                if self.step % cfg.log_interval == 0:
+                    record = self._train_record(time.perf_counter() - t0)
+                    self.log.write(record)
+                    if "train/success" in record:
+                        bar.set_postfix(success=f"{record['train/success']:.2f}")
+                if cfg.eval_interval and self.step % cfg.eval_interval == 0 and self.step < cfg.total_steps:
+                    result = self.evaluate()
+                    bar.set_postfix(eval_success=f"{result['mean_success']:.2f}")
+                if cfg.checkpoint_interval and self.step % cfg.checkpoint_interval == 0:
+                    self.save()
+                if stop.received is not None:
+                    self.save()
+                    bar.close()
+                    name = signal.Signals(stop.received).name
+                    log.warning("%s at step %d: wrote %s; resume with trainer.resume=true", name, self.step, LAST)
+                    if stop.received == signal.SIGINT:
+                        raise KeyboardInterrupt
+                    raise SystemExit(128 + stop.received)
+        bar.close()
+        self.save()
+        if self.last_eval is None or self.last_eval.get("step") != self.step:
+            self.evaluate()
+        assert self.last_eval is not None
+        return self.last_eval
+
+    def _train_step(self) -> None:
+        cfg = self.cfg
+        obs = self.pool.obs
+        assert obs is not None
+        actions = self._act(obs)
+        next_obs, reward, terminated, finished = self.pool.step(actions)
+        self.replay.add(self.pool.tasks, obs, actions, reward, next_obs, terminated)
+        self.step += 1
+        self.episodes += len(finished)
+        self._window.extend(finished)
+        n = _updates_due(self.step, cfg.learning_starts, cfg.updates_per_step)
+        for i in range(n):
+            want_stats = i == n - 1 and self.step % cfg.log_interval == 0
+            stats = self.agent.update(self.replay.sample(cfg.batch_size), stats=want_stats)
+            if want_stats:
+                self._last_stats = stats
+
+    def close(self) -> None:
+        self.pool.close()
+        self.evaluator.close()
+
+
+# ------------------------------------------------------------------------------------------------- runs
+
+
+def _fingerprint(cfg: DictConfig) -> dict[str, Any]:
+    """The parts of the config a resumed run must share with the checkpoint."""
+    out: dict[str, Any] = {}
+    for key in ("env", "agent", "sac", "gradient"):
+        node = cfg.get(key)
+        out[key] = OmegaConf.to_container(node, resolve=True) if node is not None else None
+    out["envs_per_task"] = int(cfg.trainer.get("envs_per_task", 1))
+    out["replay_capacity"] = int(cfg.trainer.get("replay_capacity", RLTrainerConfig.replay_capacity))
+    return out
+
+
+def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
+    """Train as configured; writes ``config.yaml``, ``last.pt``, ``train_log.jsonl`` and ``eval.json`` into
+    ``run_dir``.
+
+    Returns the final evaluation: ``{"tasks": {task: {"success": s, "return": r}}, "mean_success": s,
+    "mean_return": r, "episodes": n, "step": N, "family": describe(), "agent": name}``.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tcfg = trainer_config(cfg.trainer)
+    if tcfg.num_threads:
+        torch.set_num_threads(tcfg.num_threads)
+    seed = int(cfg.seed)
+    seed_everything(seed)
+    family = instantiate(cfg.env)
+    spec = EnvSpec.from_family(family)
+    seed_everything(seed)  # the agent's initialisation does not depend on what building the family drew
+    agent = build_agent_from_config(cfg, spec, seed=seed).to(resolve_device(tcfg.device))
+    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    trainer = RLTrainer(family, agent, tcfg, run_dir, seed=seed, fingerprint=_fingerprint(cfg))
+    try:
+        result = trainer.fit()
+    finally:
+        trainer.close()
+    result = {**result, "agent": agent.name, "family": family.describe()}
+    atomic_write_json(result, run_dir / EVAL_FILE)
+    log.info("final mean success %.3f at step %d", result["mean_success"], result["step"])
+    return result
+
+
+@dataclass
+class LoadedRun:
+    """A trained run: its resolved config, family, agent (weights of ``last.pt``) and training step."""
+
+    cfg: DictConfig
+    family: Any
+    agent: SAC
+    step: int
+
+
+def load_run(run_dir: str | Path, device: str = "cpu") -> LoadedRun:
+    """Rebuild a ``mtrl-train`` run's family and agent from ``RUN/config.yaml`` and ``RUN/last.pt``.
+
+    Raises:
+        FileNotFoundError: no ``config.yaml`` or ``last.pt`` in ``run_dir``.
+    """
+    run_dir = Path(run_dir)
+    for name in ("config.yaml", LAST):
+        if not (run_dir / name).exists():
+            raise FileNotFoundError(f"{run_dir / name} not found: is {run_dir} a mtrl-train run directory?")
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    assert isinstance(cfg, DictConfig)
+    family = instantiate(cfg.env)
+    spec = EnvSpec.from_family(family)
+    agent = build_agent_from_config(cfg, spec, seed=int(cfg.seed), gradients=False)
+    state = load_checkpoint(run_dir / LAST)
+    agent.load_state_dict(state["agent"]["modules"])
+    agent.to(resolve_device(device)).eval()
+    return LoadedRun(cfg, family, agent, int(state["step"]))
+
+
+@hydra.main(config_path=CONFIG_DIR, config_name="mtrl", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    run(cfg, HydraConfig.get().runtime.output_dir)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,349 @@
+"""``mtrl-train`` / ``mtrl-eval`` / policy export on the point-mass family: short runs of every agent config,
+bit-identical resume, evaluation against hand-written policies, videos, ONNX parity, and the CLIs."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from mtl.checkpoint import load_checkpoint
+from mtrl.envs import make_family
+from mtrl.evaluate import EVAL_STREAM, episode_seed, evaluate, evaluate_run, format_table, record_videos
+from mtrl.train import CONFIG_DIR, LAST, EnvPool, _updates_due, load_run, run
+
+torch.set_num_threads(1)
+REPO = Path(__file__).resolve().parents[1]
+AGENT_CONFIGS = sorted(p.stem for p in (REPO / "configs" / "agent").glob("*.yaml"))
+
+TINY = [
+    "env.max_episode_steps=20",
+    "agent.hidden=[16,16]",
+    "trainer.total_steps=40",
+    "trainer.learning_starts=10",
+    "trainer.batch_size=8",
+    "trainer.replay_capacity=500",
+    "trainer.eval_episodes=2",
+    "trainer.eval_interval=20",
+    "trainer.log_interval=10",
+    "trainer.checkpoint_interval=0",
+    "trainer.progress=false",
+]
+TINY_CARE = ["agent.expert_hidden=[8]", "agent.expert_dim=8", "agent.context_hidden=[8]", "agent.context_dim=4"]
+
+
+def cfg_for(agent: str = "care", *overrides: str) -> DictConfig:
+    extra = TINY_CARE if agent == "care" else []
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose(config_name="mtrl", overrides=[f"agent={agent}", *TINY, *extra, *overrides])
+
+
+def _records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+
+
+# ------------------------------------------------------------------------------------------- training
+
+
+def test_short_training_run_writes_checkpoint_log_config_and_eval(tmp_path: Path) -> None:
+    result = run(cfg_for("care"), tmp_path)
+    for name in ("config.yaml", LAST, "train_log.jsonl", "eval.json"):
+        assert (tmp_path / name).is_file(), name
+    saved = json.loads((tmp_path / "eval.json").read_text())
+    assert saved == json.loads(json.dumps(result))
+    names = ["goal-0deg", "goal-90deg", "goal-180deg", "goal-270deg"]
+    assert list(saved["tasks"]) == names and saved["step"] == 40 and saved["agent"] == "care"
+    assert saved["family"]["family"] == "pointmass" and saved["episodes"] == 2
+    assert saved["mean_success"] == pytest.approx(np.mean([saved["tasks"][n]["success"] for n in names]))
+    records = _records(tmp_path)
+    assert [r["step"] for r in records if "eval/mean_success" in r] == [20, 40]
+    train = [r for r in records if "transitions" in r]
+    assert [r["step"] for r in train] == [10, 20, 30, 40]
+    # 4 envs per step; updates start after step 10 (one per step)
+    assert train[-1]["transitions"] == 160 and train[-1]["updates"] == 30
+    assert train[-1]["episodes"] == 8 and "loss/critic" in train[-1] and "alpha/goal-0deg" in train[-1]
+    state = load_checkpoint(tmp_path / LAST)
+    assert state["replay"]["size"].tolist() == [40, 40, 40, 40]
+
+
+def test_mt_sac_learns_to_head_for_the_goals(tmp_path: Path) -> None:
+    # 1,200 steps (about 4 s). Standing still returns -50 * (distance ~1) = -50 per episode; the best
+    # task-blind behaviour also averages about -50 (the mean distance to the 4 goals is smallest, 1, at the
+    # centre; heading for one goal and staying there averages (+14 - 65 - 65 - 88) / 4 = -51 even with the
+    # success bonus). A return above -35 means the policy moves towards each task's own goal.
+    cfg = cfg_for(
+        "mt_sac",
+        "env.max_episode_steps=50",
+        "agent.hidden=[32,32]",
+        "trainer.total_steps=1200",
+        "trainer.learning_starts=200",
+        "trainer.batch_size=32",
+        "trainer.eval_interval=0",
+        "trainer.eval_episodes=4",
+        "sac.actor_lr=1e-3",
+        "sac.critic_lr=1e-3",
+        "sac.temperature_lr=1e-3",
+        "sac.init_temperature=0.1",
+    )
+    result = run(cfg, tmp_path)
+    assert result["mean_return"] > -35, result
+
+
+@pytest.mark.parametrize("agent", AGENT_CONFIGS)
+def test_every_agent_config_trains_a_few_steps(agent: str, tmp_path: Path) -> None:
+    cfg = cfg_for(agent, "trainer.total_steps=25", "trainer.eval_interval=0")
+    result = run(cfg, tmp_path)
+    assert result["agent"] == agent and 0.0 <= result["mean_success"] <= 1.0
+    state = load_checkpoint(tmp_path / LAST)
+    assert state["agent"]["num_updates"] == 15  # steps 11..25
+    loaded = load_run(tmp_path)
+    assert loaded.agent.name == agent and loaded.step == 25
+    for key, value in loaded.agent.state_dict().items():
+        assert torch.equal(value, state["agent"]["modules"][key]), key
+    assert all(math.isfinite(v) for v in result["tasks"]["goal-0deg"].values())
+
+
+@pytest.mark.parametrize(("agent", "gradient"), [("care", "none"), ("mt_sac", "pcgrad")])
+def test_resume_continues_to_bit_identical_weights(agent: str, gradient: str, tmp_path: Path) -> None:
+    # 60 steps straight vs 30 + resume + 30. Episodes last 20 steps, so step 30 is mid-episode: the resumed
+    # run must rebuild the envs by replaying the episode's actions. Evaluations happen at different steps in
+    # the two runs (and must not matter).
+    common = [f"gradient={gradient}", "trainer.total_steps=60"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    run(cfg_for(agent, *common, "trainer.eval_interval=25"), straight)
+    run(cfg_for(agent, *common, "trainer.total_steps=30", "trainer.eval_interval=0"), split)
+    first = load_checkpoint(split / LAST)
+    assert first["step"] == 30 and any(len(a) == 10 for a in first["pool"]["actions"])
+    run(cfg_for(agent, *common, "trainer.resume=true", "trainer.eval_interval=0"), split)
+    a, b = load_checkpoint(straight / LAST), load_checkpoint(split / LAST)
+    assert a["step"] == b["step"] == 60
+    for key, value in a["agent"]["modules"].items():
+        assert torch.equal(value, b["agent"]["modules"][key]), key
+    for opt in ("actor", "critic", "temperature"):
+        sa, sb = a["agent"]["optimizers"][opt]["state"], b["agent"]["optimizers"][opt]["state"]
+        for i in sa:
+            for k in sa[i]:
+                assert torch.equal(sa[i][k], sb[i][k]), (opt, i, k)
+    for key in a["replay"]["data"]:
+        for ta, tb in zip(a["replay"]["data"][key], b["replay"]["data"][key]):
+            assert torch.equal(ta, tb), key
+    assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
+    assert np.array_equal(a["pool"]["obs"], b["pool"]["obs"])
+    # The resumed run's log continues from step 30 (nothing duplicated).
+    steps = [r["step"] for r in _records(split) if "transitions" in r]
+    assert steps == [10, 20, 30, 40, 50, 60]
+
+
+def test_resume_refuses_a_different_config(tmp_path: Path) -> None:
+    run(cfg_for("mt_sac", "trainer.total_steps=15", "trainer.eval_interval=0"), tmp_path)
+    with pytest.raises(ValueError, match="different agent config"):
+        run(cfg_for("multihead_sac", "trainer.total_steps=20", "trainer.resume=true"), tmp_path)
+    with pytest.raises(ValueError, match="seed 0, this run has seed 3"):
+        run(cfg_for("mt_sac", "trainer.total_steps=20", "trainer.resume=true", "seed=3"), tmp_path)
+
+
+def test_config_typos_name_the_key(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="totl_steps"):
+        run(cfg_for("mt_sac", "+trainer.totl_steps=5"), tmp_path)
+    with pytest.raises(ValueError, match="gama"):
+        run(cfg_for("mt_sac", "+sac.gama=0.9"), tmp_path)
+    with pytest.raises(ValueError, match="hiden"):
+        run(cfg_for("mt_sac", "+agent.hiden=[8]"), tmp_path)
+    with pytest.raises(ValueError, match="trainer.batch_size must be >= 1"):
+        run(cfg_for("mt_sac", "trainer.batch_size=0"), tmp_path)
+
+
+def test_updates_due_spreads_fractional_ratios() -> None:
+    assert [_updates_due(s, 2, 1.0) for s in range(1, 6)] == [0, 0, 1, 1, 1]
+    assert [_updates_due(s, 0, 0.5) for s in range(1, 7)] == [0, 1, 0, 1, 0, 1]
+    assert [_updates_due(s, 0, 2.0) for s in range(1, 4)] == [2, 2, 2]
+    assert sum(_updates_due(s, 0, 0.3) for s in range(1, 101)) == 30
+
+
+def test_env_pool_replays_episodes_and_detects_divergence() -> None:
+    family = make_family("pointmass", num_goals=4, max_episode_steps=7)
+    pool = EnvPool(family, envs_per_task=2, seed=5)
+    pool.reset()
+    rng = np.random.default_rng(0)
+    finished = []
+    for _ in range(10):
+        finished += pool.step(rng.uniform(-1, 1, (8, 2)).astype(np.float32))[3]
+    assert len(finished) == 8 and pool.episode.tolist() == [1] * 8  # every env finished one 7-step episode
+    state = pool.state_dict()
+    assert all(len(a) == 3 for a in state["actions"])
+    again = EnvPool(family, envs_per_task=2, seed=5)
+    again.load_state_dict(state)
+    assert np.array_equal(again.obs, pool.obs)
+    action = rng.uniform(-1, 1, (8, 2)).astype(np.float32)
+    assert np.array_equal(again.step(action)[0], pool.step(action)[0])
+    state["obs"][3] += 1.0
+    with pytest.raises(RuntimeError, match="did not reproduce its saved observation"):
+        EnvPool(family, envs_per_task=2, seed=5).load_state_dict(state)
+
+
+# ----------------------------------------------------------------------------------------- evaluation
+
+
+def _goal_policy(family, chase: int | None = None):
+    """Heads for the goal of each row's task (or always for task ``chase``), never overshooting."""
+    goals = family.goals
+
+    def act(obs: np.ndarray, task: np.ndarray) -> np.ndarray:
+        target = goals[task] if chase is None else np.repeat(goals[chase][None], len(task), 0)
+        delta = target - obs
+        dist = np.linalg.norm(delta, axis=1, keepdims=True)
+        return (delta / np.maximum(dist, 1e-9) * np.minimum(1.0, dist / family.max_speed)).astype(np.float32)
+
+    return act
+
+
+def test_evaluate_against_hand_written_policies() -> None:
+    family = make_family("pointmass", num_goals=4)
+    perfect = evaluate(_goal_policy(family), family, episodes=3, seed=1)
+    assert perfect["mean_success"] == 1.0 and all(r["success"] == 1.0 for r in perfect["tasks"].values())
+    # A task-blind policy that always chases goal 0 succeeds in task 0 only: 1/K.
+    blind = evaluate(_goal_policy(family, chase=0), family, episodes=3, seed=1)
+    assert [r["success"] for r in blind["tasks"].values()] == [1.0, 0.0, 0.0, 0.0] and blind["mean_success"] == 0.25
+    # Standing still: the return is -50 * distance from the start (within start_noise of the origin) to the goal.
+    still = evaluate(lambda o, t: np.zeros((len(t), 2), np.float32), family, episodes=4, seed=2, envs_per_task=3)
+    assert still["mean_success"] == 0.0
+    for r in still["tasks"].values():
+        assert -50 * (1 + family.start_noise) <= r["return"] <= -50 * (1 - family.start_noise)
+    # Episode seeds, not the number of envs side by side, decide the result.
+    again = evaluate(lambda o, t: np.zeros((len(t), 2), np.float32), family, episodes=4, seed=2, envs_per_task=1)
+    assert again == still
+    one = evaluate(lambda o, t: np.zeros((len(t), 2), np.float32), family, episodes=1, seed=2)
+    for t, name in enumerate(family.task_names):
+        obs, _ = family.make_env(t).reset(seed=episode_seed(EVAL_STREAM, 2, t, 0))
+        expected = -50 * np.linalg.norm(obs["obs"].astype(np.float64) - family.goals[t])
+        assert one["tasks"][name]["return"] == pytest.approx(expected, rel=1e-5)
+    table = format_table(perfect)
+    assert "goal-270deg" in table and "mean" in table and "1.000" in table
+
+
+def test_record_videos_writes_one_file_per_task(tmp_path: Path) -> None:
+    family = make_family("pointmass", num_goals=2, max_episode_steps=6)
+    out = record_videos(_goal_policy(family), family, tmp_path, seed=0)
+    assert set(out) == set(family.task_names)
+    for path in out.values():
+        p = Path(path)
+        assert p.is_file() and p.suffix in (".mp4", ".gif")
+        if p.suffix == ".gif":
+            from PIL import Image
+
+            assert Image.open(p).n_frames == 7  # the reset frame and one per step
+
+
+def test_mtrl_eval_and_policy_export_of_a_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("onnxruntime")
+    run_dir = tmp_path / "run"
+    run(cfg_for("care", "trainer.total_steps=20", "trainer.eval_interval=0"), run_dir)
+    result = evaluate_run({"run_dir": str(run_dir), "episodes": 2, "video": False})
+    printed = capsys.readouterr().out
+    assert "goal-180deg" in printed and "mean" in printed
+    saved = json.loads((run_dir / "evaluation.json").read_text())
+    assert set(saved["tasks"]) == {"goal-0deg", "goal-90deg", "goal-180deg", "goal-270deg"}
+    assert saved["mean_success"] == result["mean_success"] and saved["step"] == 20
+    # The training's final evaluation used the same seed and episodes: same numbers.
+    final = json.loads((run_dir / "eval.json").read_text())
+    assert final["tasks"] == saved["tasks"]
+
+    from mtrl.export import export_run
+    from serving.export import ParityOptions, ort_session
+
+    res = export_run(run_dir, tmp_path / "repo", "policy", parity=ParityOptions(batch_sizes=(1, 5)))
+    assert res.parity.passed and res.version == 1
+    meta = json.loads((res.version_dir / "policy.json").read_text())
+    assert meta["tasks"][2] == "goal-180deg" and meta["agent"] == "care"
+    session = ort_session(res.model_path)
+    agent = load_run(run_dir).agent
+    obs = np.random.default_rng(0).uniform(-1.5, 1.5, (6, 2)).astype(np.float32)
+    task = np.array([[0], [1], [2], [3], [1], [0]], dtype=np.int64)
+    (ort_action,) = session.run(["action"], {"obs": obs, "task": task})
+    expected = agent.act(torch.as_tensor(obs), torch.as_tensor(task[:, 0]), deterministic=True).numpy()
+    np.testing.assert_allclose(ort_action, expected, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="run_dir"):
+        evaluate_run({"episodes": 2})
+
+
+def test_cli_entry_points(tmp_path: Path) -> None:
+    run_dir = tmp_path / "cli"
+    overrides = [o for o in TINY if not o.startswith("trainer.total_steps")]
+    train = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mtrl.train",
+            "agent=mt_sac",
+            "trainer.total_steps=12",
+            f"hydra.run.dir={run_dir}",
+            *overrides,
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert train.returncode == 0, train.stderr[-3000:]
+    assert (run_dir / "eval.json").is_file() and (run_dir / "config.yaml").is_file()
+    ev = subprocess.run(
+        [sys.executable, "-m", "mtrl.evaluate", f"run_dir={run_dir}", "episodes=1"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    assert "goal-90deg" in ev.stdout and (run_dir / "evaluation.json").is_file()
+
+
+def test_sigterm_checkpoints_a_complete_step_and_the_run_resumes_exactly(tmp_path: Path) -> None:
+    import signal
+    import time
+
+    killed = tmp_path / "killed"
+    overrides = [o for o in TINY if not o.startswith("trainer.total_steps")]
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mtrl.train",
+            "agent=mt_sac",
+            "trainer.total_steps=100000",
+            f"hydra.run.dir={killed}",
+            *overrides,
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:  # wait until it trains (past learning_starts)
+            log = killed / "train_log.jsonl"
+            if log.exists() and any(json.loads(x)["step"] >= 30 for x in log.read_text().splitlines() if x):
+                break
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    step = load_checkpoint(killed / LAST)["step"]
+    assert 30 <= step < 100000 and f"SIGTERM at step {step}" in out + err
+    # Resume to step + 13 and compare with a straight run of step + 13 steps.
+    until = f"trainer.total_steps={step + 13}"
+    run(cfg_for("mt_sac", until, "trainer.resume=true", "trainer.eval_interval=0"), killed)
+    run(cfg_for("mt_sac", until, "trainer.eval_interval=0"), tmp_path / "straight")
+    a, b = load_checkpoint(killed / LAST), load_checkpoint(tmp_path / "straight" / LAST)
+    for key, value in a["agent"]["modules"].items():
+        assert torch.equal(value, b["agent"]["modules"][key]), key
