@@ -56,7 +56,8 @@ bench-peers:
 	@# MLServer (benchmarks/serving.py) runs as its own server process, so it gets its own venv: its
 	@# fastapi/pydantic/uvicorn stack never meets the project's packages.
 	python3 -m venv benchmarks/.mlserver-venv
-	benchmarks/.mlserver-venv/bin/pip install mlserver==1.7.1 onnxruntime==1.31.1
+	@# uvloop < 0.22: with 0.23, MLServer 1.7.1's parallel inference workers die at start ("no current event loop").
+	benchmarks/.mlserver-venv/bin/pip install mlserver==1.7.1 onnxruntime==1.31.1 "uvloop<0.22"
 
 clean:
 	rm -rf $(VENV) outputs multirun *.egg-info
