@@ -263,6 +263,7 @@ def mgda_weights(
     normalization: Normalization = "none",
     max_iter: int = 1000,
     tol: float = 1e-10,
+    start: Sequence[int] | None = None,
 ) -> tuple[Tensor, Info]:
     """MGDA (Sener & Koltun, "Multi-Task Learning as Multi-Objective Optimization", NeurIPS 2018; Desideri 2012).
 
@@ -271,7 +272,8 @@ def mgda_weights(
     normalisers ``n_i``: ``"none"`` 1, ``"l2"`` ``||g_i||``, ``"loss"`` ``L_i``, ``"loss+"`` ``L_i ||g_i||``.
     The result is ``sum_i alpha_i g_i`` with the *unnormalised* gradients (the official code back-propagates
     ``sum_i alpha_i L_i``; LibMTL combines the normalised ones instead); ``alpha`` sums to one, it is not
-    multiplied by k. Zero normalisers leave the task out of the min-norm problem.
+    multiplied by k. Zero normalisers leave the task out of the min-norm problem. ``start``: a support to warm
+    start the exact solver from (the classes pass the previous step's); the answer does not depend on it.
     """
     if (one := _single(M)) is not None:
         return one
@@ -279,8 +281,29 @@ def mgda_weights(
         n = _normalizers(M, losses, normalization)
         inv = torch.where(n > 0, 1.0 / n.clamp_min(1e-300), torch.zeros_like(n))
         M = M * inv[:, None] * inv[None, :]
-    alpha, iters = solvers.min_norm_simplex(M, max_iter=max_iter, tol=tol)
+    alpha, iters = solvers.min_norm_simplex(M, max_iter=max_iter, tol=tol, start=start)
     return alpha, {"weights": alpha, "iters": torch.tensor(float(iters))}
+
+
+class _WarmSupport:
+    """Keeps the support of the last min-norm solution, to warm-start the next solve (and in the state)."""
+
+    _support: list[int] | None = None
+
+    def _solve_min_norm(self, M: Tensor, losses: Tensor | None) -> tuple[Tensor, Info]:
+        start = self._support if self._support is not None and len(self._support) <= M.shape[0] else None
+        alpha, info = mgda_weights(
+            M, losses, normalization=self.normalization, max_iter=self.max_iter, tol=self.tol, start=start
+        )
+        self._support = [i for i, a in enumerate(alpha.tolist()) if a > 0.0]
+        return alpha, info
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"support": None if self._support is None else list(self._support)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        support = state.get("support")
+        self._support = None if support is None else [int(i) for i in support]
 
 
 def imtl_g_weights(M: Tensor) -> tuple[Tensor, Info]:
@@ -741,7 +764,7 @@ def _check_normalization(normalization: str) -> None:
         raise ValueError(f"normalization must be one of {_NORMALIZATIONS}, got {normalization!r}")
 
 
-class MGDA(AggregatingMethod):
+class MGDA(_WarmSupport, AggregatingMethod):
     """MGDA (Sener & Koltun, NeurIPS 2018): the min-norm point of the convex hull of the task gradients
     (:func:`mgda_weights`).
 
@@ -760,10 +783,10 @@ class MGDA(AggregatingMethod):
         self.normalization, self.max_iter, self.tol = normalization, max_iter, tol
 
     def weights(self, M: Tensor, losses: Tensor | None) -> tuple[Tensor, Info]:
-        return mgda_weights(M, losses, normalization=self.normalization, max_iter=self.max_iter, tol=self.tol)
+        return self._solve_min_norm(M, losses)
 
 
-class MGDAUB(GradientMethod):
+class MGDAUB(_WarmSupport, GradientMethod):
     """MGDA-UB (Sener & Koltun, NeurIPS 2018, Section 3.3): MGDA's weights from the gradients w.r.t. the shared
     representation ``Z`` (an upper bound of the shared-parameter problem), so only the task heads are
     back-propagated k times.
@@ -800,18 +823,14 @@ class MGDAUB(GradientMethod):
             # One head backward for every dL_i/dZ (and the heads' plain gradients), one body backward.
             J_cuts = Z.head_backward(names, L, others_l, workspace=self._workspace)
             M = gram(Z.flat(J_cuts))
-            alpha, info = mgda_weights(
-                M, L.detach().to(_CPU, _F64), normalization=self.normalization, max_iter=self.max_iter, tol=self.tol
-            )
+            alpha, info = self._solve_min_norm(M, L.detach().to(_CPU, _F64))
             _set_grad_list(shared_l, Z.body_grads(Z.combine(J_cuts, alpha), shared_l))
             stats = _stats(names, M, alpha, info, True)  # its "norm": of the combined gradient w.r.t. Z
             return stats
         else:
             J, batched = self._jacobian(L, [Z])
             M = gram(J)
-            alpha, info = mgda_weights(
-                M, L.detach().to(_CPU, _F64), normalization=self.normalization, max_iter=self.max_iter, tol=self.tol
-            )
+            alpha, info = self._solve_min_norm(M, L.detach().to(_CPU, _F64))
             weighted = (alpha.to(L.device, L.dtype) * L).sum()
             grads = torch.autograd.grad(weighted, shared_l, retain_graph=bool(others_l), allow_unused=True)
             _set_grad_list(shared_l, grads)

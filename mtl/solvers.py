@@ -13,6 +13,7 @@ gradients of any magnitude, including all-zero ones, give finite answers.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -139,7 +140,7 @@ def _affine_min_norm(A: Mat) -> Vec | None:
     return None if sol is None else sol[:n]
 
 
-def _min_norm_active_set(M: Mat, tol: float) -> tuple[Vec, int] | None:
+def _min_norm_active_set(M: Mat, tol: float, start: Sequence[int] | None = None) -> tuple[Vec, int] | None:
     """Wolfe's min-norm-point algorithm (Wolfe, Math. Programming 1976) on the weights: exact in finitely
     many steps (about one per vertex in the solution's support), for a normalised ``M`` given as lists.
 
@@ -148,24 +149,31 @@ def _min_norm_active_set(M: Mat, tol: float) -> tuple[Vec, int] | None:
     minor steps solve the affine problem ``min beta^T M_SS beta, 1^T beta = 1`` (its KKT system) and, where
     ``beta`` leaves the simplex, move to the boundary and drop the vertex that reached zero. Returns ``None``
     when a KKT system is numerically singular or the steps do not settle; the caller then falls back to
-    Frank-Wolfe.
+    Frank-Wolfe. ``start``: a support to begin from (e.g. the previous step's, whose weights change little
+    from step to step): minor steps from its uniform point, usually a single linear solve in all.
     """
     k = len(M)
-    diag = [M[i][i] for i in range(k)]
-    first = diag.index(min(diag))
-    support = [first]
+    if start:
+        support = sorted({i for i in start if 0 <= i < k})
+    else:
+        diag = [M[i][i] for i in range(k)]
+        support = [diag.index(min(diag))]
     alpha = [0.0] * k
-    alpha[first] = 1.0
+    for i in support:
+        alpha[i] = 1.0 / len(support)
+    warm = len(support) > 1  # a warm start begins with minor steps from the uniform point of its support
     for it in range(4 * k + 8):
-        Ma = _matvec(M, alpha)
-        aMa = _dot(alpha, Ma)
-        m_j = min(Ma)
-        if aMa - m_j <= tol:
-            return alpha, it
-        j = Ma.index(m_j)
-        if j in support:
-            return None
-        support.append(j)
+        if not warm:
+            Ma = _matvec(M, alpha)
+            aMa = _dot(alpha, Ma)
+            m_j = min(Ma)
+            if aMa - m_j <= tol:
+                return alpha, it
+            j = Ma.index(m_j)
+            if j in support:
+                return None
+            support.append(j)
+        warm = False
         for _ in range(len(support)):  # minor steps: each drops a vertex or ends the loop
             n = len(support)
             beta = _affine_min_norm([[M[a][b] for b in support] for a in support])
@@ -233,7 +241,9 @@ def _min_norm_list(M: Mat, max_iter: int, tol: float) -> tuple[Vec, int]:
     return alpha, it
 
 
-def min_norm_simplex(M: Tensor, *, max_iter: int = 1000, tol: float = 1e-10) -> tuple[Tensor, int]:
+def min_norm_simplex(
+    M: Tensor, *, max_iter: int = 1000, tol: float = 1e-10, start: Sequence[int] | None = None
+) -> tuple[Tensor, int]:
     """Weights ``alpha`` on the simplex minimising ``alpha^T M alpha`` (the min-norm point of the convex hull).
 
     k = 1: ``[1]``; k = 2: :func:`min_norm_2`; k > 2: Wolfe's exact active-set algorithm
@@ -261,7 +271,9 @@ def min_norm_simplex(M: Tensor, *, max_iter: int = 1000, tol: float = 1e-10) -> 
     if k == 2:
         a = min_norm_2(Ml[0][0], Ml[0][1], Ml[1][1])
         return torch.tensor([a, 1.0 - a], dtype=M.dtype, device=M.device), 0
-    exact = _min_norm_active_set(Ml, tol)
+    exact = _min_norm_active_set(Ml, tol, start) if start else None
+    if exact is None:
+        exact = _min_norm_active_set(Ml, tol)
     alpha, it = exact if exact is not None else _min_norm_list(Ml, max_iter, tol)
     return torch.tensor(alpha, dtype=M.dtype, device=M.device), it
 

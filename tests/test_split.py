@@ -327,3 +327,26 @@ def test_min_norm_falls_back_to_frank_wolfe_when_the_active_set_gives_up(monkeyp
     approx, iters = solvers.min_norm_simplex(G @ G.T)
     assert iters > 0
     torch.testing.assert_close(approx, exact, atol=1e-4, rtol=0)
+
+
+def test_warm_started_min_norm_equals_the_cold_start() -> None:
+    """MGDA keeps the previous support to warm-start the next solve: same answer, and the support is state."""
+    gen = torch.Generator().manual_seed(1)
+    for trial in range(100):
+        k = 3 + trial % 6
+        G = torch.randn(k, 20, generator=gen, dtype=D64) + (trial % 3) * torch.randn(1, 20, generator=gen, dtype=D64)
+        M = G @ G.T
+        cold, _ = solvers.min_norm_simplex(M)
+        for start in ([0], list(range(k)), [k - 1, 0], [i for i in range(k) if i % 2]):
+            warm, _ = solvers.min_norm_simplex(M, start=start)
+            assert float(warm @ M @ warm) <= float(cold @ M @ cold) * (1 + 1e-9) + 1e-12
+            torch.testing.assert_close(warm, cold, atol=1e-7, rtol=0)
+    method = build_gradient_method("mgda")
+    G = torch.randn(4, 30, generator=gen, dtype=D64)
+    method.weights(G @ G.T, None)
+    state = method.state_dict()
+    assert state["support"] and all(0 <= i < 4 for i in state["support"])
+    other = build_gradient_method("mgda")
+    other.load_state_dict(state)
+    G2 = G + 0.1 * torch.randn(4, 30, generator=gen, dtype=D64)
+    torch.testing.assert_close(other.weights(G2 @ G2.T, None)[0], method.weights(G2 @ G2.T, None)[0], rtol=0, atol=0)
