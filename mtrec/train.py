@@ -140,7 +140,18 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     gradient = instantiate(cfg.gradient)(seed=seed)
     total_steps = tcfg.max_steps or tcfg.max_epochs * -(-rows_per_epoch // tcfg.batch_size)
     scheduler = instantiate(cfg.schedule)(tasks=names, sizes=sizes, seed=seed, total_steps=total_steps)
-    optimizer = build_optimizer(cfg.optimizer, model, tasks, extra={"weighting": weighting.trainable_parameters()})
+    distill = None
+    if cfg.get("distill") is not None:
+        # Knowledge distillation from single-task teachers (configs/distill, mtrec-teachers); None when off.
+        from mtrec.distill import build_distillation  # mtrec.distill imports this module
+
+        distill = build_distillation(
+            cfg.distill, tasks=tasks, bundle=bundle, model=model, data_cfg=cfg.data, total_steps=total_steps
+        )
+    extra = {"weighting": weighting.trainable_parameters()}
+    if distill is not None:
+        extra["distill"] = distill.trainable_parameters()
+    optimizer = build_optimizer(cfg.optimizer, model, tasks, extra=extra)
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     # What export and serving need to turn raw feature values into model inputs (vocabularies, scaling).
     atomic_write_json(
@@ -153,7 +164,16 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     )
 
     trainer = Trainer(
-        model, optimizer, tasks, tcfg, run_dir, seed=seed, weighting=weighting, gradient=gradient, scheduler=scheduler
+        model,
+        optimizer,
+        tasks,
+        tcfg,
+        run_dir,
+        seed=seed,
+        weighting=weighting,
+        gradient=gradient,
+        scheduler=scheduler,
+        loss_hook=distill,
     )
     trainer.fit(train, bundle.val)
     trainer.load_best()

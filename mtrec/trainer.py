@@ -12,7 +12,7 @@ import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -79,6 +79,37 @@ class TrainerConfig:
                 raise ValueError(f"trainer.{key} must be > 0, got {getattr(self, key)}")
         if self.max_steps is not None and self.max_steps <= 0:
             raise ValueError(f"trainer.max_steps must be > 0 or null, got {self.max_steps}")
+
+
+class LossHook(Protocol):
+    """An extra objective the trainer computes instead of the plain task losses (e.g. knowledge distillation,
+    :class:`mtrec.distill.StudentDistillation`).
+
+    ``losses`` returns one scalar per task, so weighting and gradient methods apply to it unchanged.
+    ``needs_representation``: the hook reads the model's shared representation (``forward_with_representation``),
+    which also turns off the cut graph (``TrainerConfig.cut_graph``). Its ``trainable_parameters()`` join the
+    task-owned parameters given to gradient methods (the optimiser must hold them too); its ``state_dict`` is
+    saved in ``last.pt``.
+    """
+
+    needs_representation: bool
+
+    def losses(
+        self,
+        tasks: Sequence[TaskSpec],
+        outputs: Mapping[str, Tensor],
+        batch: Batch,
+        representation: Tensor | None,
+        step: int,
+    ) -> dict[str, Tensor]: ...
+
+    def trainable_parameters(self) -> list[nn.Parameter]: ...
+
+    def state_dict(self) -> Mapping[str, Any]: ...
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> Any: ...
+
+    def to(self, device: torch.device) -> Any: ...
 
 
 def resolve_device(name: str) -> torch.device:
@@ -213,6 +244,7 @@ class Trainer:
         weighting: Weighting | None = None,
         gradient: GradientMethod | None = None,
         scheduler: TaskScheduler | None = None,
+        loss_hook: LossHook | None = None,
     ) -> None:
         self.model = model
         self.optimizer = optimizer
@@ -226,10 +258,13 @@ class Trainer:
         self.weighting = (weighting if weighting is not None else Static(self.tasks)).to(self.device)
         self.gradient = gradient if gradient is not None else Plain()
         self.scheduler = scheduler
+        self.loss_hook = loss_hook.to(self.device) if loss_hook is not None else None
         self.shared_params = [p for p in parameter_groups(model).get("shared", []) if p.requires_grad]
         shared_ids = {id(p) for p in self.shared_params}
         self.other_params = [p for p in model.parameters() if p.requires_grad and id(p) not in shared_ids]
         self.other_params += [p for p in self.weighting.trainable_parameters() if id(p) not in shared_ids]
+        if self.loss_hook is not None:
+            self.other_params += [p for p in self.loss_hook.trainable_parameters() if id(p) not in shared_ids]
         last_shared = getattr(model, "last_shared_parameters", None)
         self.last_shared = list(last_shared()) if last_shared is not None else self.shared_params[-2:]
         # Per-task gradients through a cut graph (joint batches only; see TrainerConfig.cut_graph).
@@ -238,6 +273,7 @@ class Trainer:
             and self.gradient.uses_split
             and getattr(model, "can_split", False)
             and not self.weighting.needs_shared_graph
+            and not (self.loss_hook is not None and self.loss_hook.needs_representation)
         )
         self._epoch_loss_sum: dict[str, float] = {}
         self._epoch_loss_count: dict[str, int] = {}
@@ -273,6 +309,7 @@ class Trainer:
             "epoch_losses": (self._epoch_loss_sum, self._epoch_loss_count),
             "streams": self.streams.state_dict() if self.streams is not None else None,
             "trainer": asdict(self.cfg),
+            "loss_hook": self.loss_hook.state_dict() if self.loss_hook is not None else None,
         }
 
     def save_last(self) -> None:
@@ -302,6 +339,10 @@ class Trainer:
         self._epoch_loss_sum, self._epoch_loss_count = (dict(d) for d in state["epoch_losses"])
         if self.streams is not None and state.get("streams") is not None:
             self.streams.load_state_dict(state["streams"])
+        if self.loss_hook is not None:
+            if state.get("loss_hook") is None:
+                raise ValueError(f"{path}: checkpoint was written without the configured extra loss (distillation)")
+            self.loss_hook.load_state_dict(state["loss_hook"])
         return True
 
     # ----------------------------------------------------------------- training
@@ -333,7 +374,7 @@ class Trainer:
             return self._plain_losses(tasks, batches), None
         if self._use_split:
             outputs, split = self.model.forward_with_split(batches.dense, batches.sparse)
-            return compute_losses(tasks, outputs, batches.labels), split
+            return self._objective(tasks, outputs, batches, None), split
         if self.gradient.requires_representation:
             outputs, representation = self.model.forward_with_representation(batches.dense, batches.sparse)
             if representation is None:
@@ -341,18 +382,32 @@ class Trainer:
                     f"gradient method {type(self.gradient).__name__} works on the shared representation, but "
                     f"{type(self.model).__name__} shares none; pick a model with shared layers"
                 )
-            return compute_losses(tasks, outputs, batches.labels), representation
-        return compute_losses(tasks, self.model(batches.dense, batches.sparse), batches.labels), None
+            return self._objective(tasks, outputs, batches, representation), representation
+        return self._hooked_losses(tasks, batches), None
+
+    def _objective(
+        self, tasks: list[TaskSpec], outputs: dict[str, Tensor], batch: Batch, representation: Tensor | None
+    ) -> dict[str, Tensor]:
+        """The per-task losses: the tasks' own, or the loss hook's (distillation) when one is set."""
+        if self.loss_hook is None:
+            return compute_losses(tasks, outputs, batch.labels)
+        return self.loss_hook.losses(tasks, outputs, batch, representation, self.step)
+
+    def _hooked_losses(self, tasks: list[TaskSpec], batch: Batch) -> dict[str, Tensor]:
+        """Per-task losses of one plain forward pass (with the representation when the loss hook reads it)."""
+        if self.loss_hook is not None and self.loss_hook.needs_representation:
+            outputs, representation = self.model.forward_with_representation(batch.dense, batch.sparse)
+            return self._objective(tasks, outputs, batch, representation)
+        return self._objective(tasks, self.model(batch.dense, batch.sparse), batch, None)
 
     def _plain_losses(self, tasks: list[TaskSpec], batches: Batch | dict[str, Batch]) -> dict[str, Tensor]:
         """Per-task losses from plain forward passes (no representation, no split)."""
         if isinstance(batches, dict):
             losses: dict[str, Tensor] = {}
             for t in tasks:
-                b = batches[t.name]
-                losses.update(compute_losses([t], self.model(b.dense, b.sparse), b.labels))
+                losses.update(self._hooked_losses([t], batches[t.name]))
             return losses
-        return compute_losses(tasks, self.model(batches.dense, batches.sparse), batches.labels)
+        return self._hooked_losses(tasks, batches)
 
     def train_step(self, batch: Batch | TaskStreams[Batch]) -> dict[str, float]:
         """One optimiser step on a joint batch (every label present) or on per-task ``TaskStreams``.
