@@ -825,16 +825,14 @@ class MGDAUB(_WarmSupport, GradientMethod):
             M = gram(Z.flat(J_cuts))
             alpha, info = self._solve_min_norm(M, L.detach().to(_CPU, _F64))
             _set_grad_list(shared_l, Z.body_grads(Z.combine(J_cuts, alpha), shared_l))
-            stats = _stats(names, M, alpha, info, True)  # its "norm": of the combined gradient w.r.t. Z
-            return stats
-        else:
-            J, batched = self._jacobian(L, [Z])
-            M = gram(J)
-            alpha, info = self._solve_min_norm(M, L.detach().to(_CPU, _F64))
-            weighted = (alpha.to(L.device, L.dtype) * L).sum()
-            grads = torch.autograd.grad(weighted, shared_l, retain_graph=bool(others_l), allow_unused=True)
-            _set_grad_list(shared_l, grads)
-            _backward_others(L.sum(), others_l)
+            return _stats(names, M, alpha, info, True)  # its "norm": of the combined gradient w.r.t. Z
+        J, batched = self._jacobian(L, [Z])
+        M = gram(J)
+        alpha, info = self._solve_min_norm(M, L.detach().to(_CPU, _F64))
+        weighted = (alpha.to(L.device, L.dtype) * L).sum()
+        grads = torch.autograd.grad(weighted, shared_l, retain_graph=bool(others_l), allow_unused=True)
+        _set_grad_list(shared_l, grads)
+        _backward_others(L.sum(), others_l)
         stats = _stats(names, M, alpha, info, batched)
         stats["norm"] = _grad_norm(shared_l)
         return stats

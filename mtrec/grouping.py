@@ -71,7 +71,7 @@ from mtl.scheduling import TaskStreams
 from mtl.tasks import TaskSpec, compute_losses
 from mtrec.data.batch import Batch, DataBundle, TabularDataset
 from mtrec.data.synthetic import load_sparse_synthetic
-from mtrec.train import CONFIG_DIR, apply_task_overrides, build_optimizer, run, select_tasks, trainer_config
+from mtrec.train import CONFIG_DIR, build_training, run, select_tasks, trainer_config
 from mtrec.trainer import LAST, Trainer, batch_to, evaluate
 
 log = logging.getLogger("mtrec.grouping")
@@ -376,34 +376,12 @@ def train_with_affinity(
             "config key task_split: TAG measures every task's loss on one shared batch; set task_split=null"
         )
     start = time.perf_counter()
-    tcfg = trainer_config(cfg.trainer)
-    seed = int(cfg.seed)
-    tasks = apply_task_overrides(select_tasks(bundle.tasks, cfg.get("task_names")), cfg.get("tasks"))
-    names = [t.name for t in tasks]
-    seed_everything(seed)
-    model = instantiate(cfg.model)(features=bundle.features, tasks=names)
-    sizes = {t: len(bundle.train) for t in names}
-    weighting = instantiate(cfg.weighting)(tasks=tasks, sizes=sizes, seed=seed)
-    gradient = instantiate(cfg.gradient)(seed=seed)
-    total_steps = tcfg.max_steps or tcfg.max_epochs * -(-len(bundle.train) // tcfg.batch_size)
-    scheduler = instantiate(cfg.schedule)(tasks=names, sizes=sizes, seed=seed, total_steps=total_steps)
-    optimizer = build_optimizer(cfg.optimizer, model, tasks, extra={"weighting": weighting.trainable_parameters()})
-    trainer = AffinityTrainer(
-        model,
-        optimizer,
-        tasks,
-        tcfg,
-        run_dir,
-        seed=seed,
-        weighting=weighting,
-        gradient=gradient,
-        scheduler=scheduler,
-        every=every,
-        lookahead_lr=lookahead_lr,
-    )
-    trainer.fit(bundle.train, bundle.val)
+    training = build_training(cfg, run_dir, bundle, trainer_cls=AffinityTrainer, every=every, lookahead_lr=lookahead_lr)
+    trainer = training.trainer
+    assert isinstance(trainer, AffinityTrainer)
+    trainer.fit(training.train, bundle.val)
     trainer.load_best()
-    test = evaluate(model, bundle.test, tasks, tcfg.eval_batch_size, trainer.device)
+    test = evaluate(trainer.model, bundle.test, training.tasks, trainer.cfg.eval_batch_size, trainer.device)
     return {
         "affinity": trainer.affinity.mean(),
         "measurements": trainer.affinity.count,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from mtl.checkpoint import atomic_write_json, seed_everything
 from mtl.optim import build_param_groups
 from mtl.tasks import TaskSpec
-from mtrec.data.batch import TabularDataset, split_by_task
+from mtrec.data.batch import DataBundle, TabularDataset, split_by_task
 from mtrec.trainer import Trainer, TrainerConfig, evaluate, parameter_groups
 
 REPO = Path(__file__).resolve().parents[1]
@@ -106,18 +107,29 @@ def _json_default(value: Any) -> Any:
     return str(value)
 
 
-def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
-    """Train and evaluate as configured; writes ``metrics.json`` and checkpoints into ``run_dir``.
+@dataclass
+class Training:
+    """What :func:`build_training` assembles from a config: the trainer, its training data (one dataset, or
+    one per task with ``task_split``) and the tasks."""
 
-    Returns ``{"val": {task: {metric: value}}, "test": {task: {metric: value}}}``: validation
-    metrics of the best checkpoint (early stopping uses validation only) and test metrics of that checkpoint.
-    """
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    trainer: Trainer
+    train: TabularDataset | dict[str, TabularDataset]
+    tasks: list[TaskSpec]
+
+
+def build_training(
+    cfg: DictConfig,
+    run_dir: str | Path,
+    bundle: DataBundle,
+    *,
+    trainer_cls: type[Trainer] = Trainer,
+    **trainer_kwargs: Any,
+) -> Training:
+    """Model, weighting, gradient method, scheduler, optimiser and trainer for ``cfg`` on ``bundle``, as
+    ``mtrec-train`` builds them (model initialisation is seeded with ``cfg.seed``). ``trainer_cls`` and
+    ``trainer_kwargs`` let a Trainer subclass (e.g. ``mtrec.grouping.AffinityTrainer``) train the same setup."""
     tcfg = trainer_config(cfg.trainer)
     seed = int(cfg.seed)
-    seed_everything(seed)
-    bundle = instantiate(cfg.data)
     tasks = select_tasks(bundle.tasks, cfg.get("task_names"))
     tasks = apply_task_overrides(tasks, cfg.get("tasks"))
     seed_everything(seed)  # model initialisation does not depend on how much randomness data loading used
@@ -152,18 +164,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     if distill is not None:
         extra["distill"] = distill.trainable_parameters()
     optimizer = build_optimizer(cfg.optimizer, model, tasks, extra=extra)
-    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
-    # What export and serving need to turn raw feature values into model inputs (vocabularies, scaling).
-    atomic_write_json(
-        {
-            "features": bundle.features.to_dict(),
-            "tasks": [{"name": t.name, "kind": t.kind} for t in tasks],
-            "meta": json.loads(json.dumps(bundle.meta, default=_json_default)),
-        },
-        run_dir / "features.json",
-    )
-
-    trainer = Trainer(
+    trainer = trainer_cls(
         model,
         optimizer,
         tasks,
@@ -174,16 +175,46 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         gradient=gradient,
         scheduler=scheduler,
         loss_hook=distill,
+        **trainer_kwargs,
     )
-    trainer.fit(train, bundle.val)
+    return Training(trainer, train, tasks)
+
+
+def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
+    """Train and evaluate as configured; writes ``metrics.json`` and checkpoints into ``run_dir``.
+
+    Returns ``{"val": {task: {metric: value}}, "test": {task: {metric: value}}}``: validation
+    metrics of the best checkpoint (early stopping uses validation only) and test metrics of that checkpoint.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    seed_everything(int(cfg.seed))
+    bundle = instantiate(cfg.data)
+    training = build_training(cfg, run_dir, bundle)
+    trainer, tasks = training.trainer, training.tasks
+    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    # What export and serving need to turn raw feature values into model inputs (vocabularies, scaling).
+    atomic_write_json(
+        {
+            "features": bundle.features.to_dict(),
+            "tasks": [{"name": t.name, "kind": t.kind} for t in tasks],
+            "meta": json.loads(json.dumps(bundle.meta, default=_json_default)),
+        },
+        run_dir / "features.json",
+    )
+    trainer.fit(training.train, bundle.val)
     trainer.load_best()
     best_val = trainer.best_val
-    test = evaluate(model, bundle.test, tasks, tcfg.eval_batch_size, trainer.device)
+    test = evaluate(trainer.model, bundle.test, tasks, trainer.cfg.eval_batch_size, trainer.device)
     metrics = {"val": best_val, "test": test}
     atomic_write_json(metrics, run_dir / "metrics.json")
     atomic_write_json(
-        {"best_step": trainer.best_step, "steps": trainer.step, "epochs": trainer.epoch,
-         "stop_reason": trainer.stop_reason},
+        {
+            "best_step": trainer.best_step,
+            "steps": trainer.step,
+            "epochs": trainer.epoch,
+            "stop_reason": trainer.stop_reason,
+        },
         run_dir / "run_info.json",
     )
     log.info("metrics: %s", json.dumps(metrics))
