@@ -1079,12 +1079,12 @@ class GREAT(GradientMethod):
         if split is not None:
             # The reversed adversarial gradient reaches the body through the leaves J was computed at:
             # each cut's cotangent is sum_i (dL_i/dz + d(-lam L_disc)/d leaf_i).
-            leaves = [lv[n] for lv in split.leaves for n in names]
+            leaves = split.leaf_inputs(names)
             adv = torch.autograd.grad(disc_loss, [*leaves, *phi], allow_unused=True)
             cot = []
-            for c, j in enumerate(J_cuts):
+            for j, per_task in zip(J_cuts, split.per_cut(adv[: len(leaves)], names)):
                 total = j.detach().sum(0)
-                for g in adv[c * k : (c + 1) * k]:
+                for g in per_task:
                     if g is not None:
                         total = total + g
                 cot.append(total)

@@ -49,8 +49,11 @@ class TaskSplit:
     def __init__(self, tasks: Sequence[str]) -> None:
         self.tasks = tuple(tasks)
         self.cuts: list[Tensor] = []  # the body's outputs, still in the body's graph
-        self.leaves: list[dict[str, Tensor]] = []  # per cut: task -> leaf copy that only that task reads
+        # per cut: {task: leaf copy that only that task reads}, or one stacked leaf [len(tasks), *z.shape]
+        # whose row i only task i reads (fan_out_stacked)
+        self.leaves: list[dict[str, Tensor] | Tensor] = []
         self.batch_dims: list[int] = []
+        self._index = {t: i for i, t in enumerate(self.tasks)}
 
     def fan_out(self, z: Tensor, *, batch_dim: int = 0) -> dict[str, Tensor]:
         """``{task: leaf}``: one detached copy of ``z`` per task (sharing storage), recorded as a cut.
@@ -65,6 +68,54 @@ class TaskSplit:
         self.leaves.append(leaves)
         self.batch_dims.append(batch_dim)
         return leaves
+
+    def fan_out_stacked(self, z: Tensor, *, batch_dim: int = 0) -> Tensor:
+        """One leaf ``[len(tasks), *z.shape]`` (a broadcast view of ``z``, no copy) whose row ``i`` is task ``i``'s
+        copy, recorded as a cut: for heads that run all tasks as grouped (batched) operations. The head of task
+        ``i`` must read only row ``i``. A ``z`` that does not require gradients is returned as it is (it
+        broadcasts against the stacked rows) and nothing is recorded.
+        """
+        if not z.requires_grad:
+            return z
+        leaf = z.detach().expand(len(self.tasks), *z.shape).requires_grad_()
+        self.cuts.append(z)
+        self.leaves.append(leaf)
+        self.batch_dims.append(batch_dim)
+        return leaf
+
+    def leaf_inputs(self, names: Sequence[str]) -> list[Tensor]:
+        """The leaves that carry the tasks ``names``' gradients, to differentiate with respect to (per cut: one
+        leaf per task, or the stacked leaf); :meth:`per_cut` turns the gradients back into rows."""
+        out: list[Tensor] = []
+        for leaves in self.leaves:
+            if isinstance(leaves, Tensor):
+                out.append(leaves)
+            else:
+                out.extend(leaves[n] for n in names)
+        return out
+
+    def per_cut(self, grads: Sequence[Tensor | None], names: Sequence[str]) -> list[list[Tensor | None]]:
+        """Gradients with respect to :meth:`leaf_inputs` regrouped per cut as one entry per task of ``names``
+        (``None`` where that task's head does not read the cut)."""
+        out: list[list[Tensor | None]] = []
+        pos = 0
+        for leaves in self.leaves:
+            if isinstance(leaves, Tensor):
+                g = grads[pos]
+                pos += 1
+                out.append([None] * len(names) if g is None else [g[self._index[n]] for n in names])
+            else:
+                out.append(list(grads[pos : pos + len(names)]))
+                pos += len(names)
+        return out
+
+    def _stacked_rows(self, g: Tensor | None, z: Tensor, names: Sequence[str]) -> Tensor:
+        """Rows ``names`` of a stacked leaf's gradient ``g [len(tasks), *z.shape]``, as ``[k, *z.shape]``."""
+        if g is None:
+            return z.new_zeros(len(names), *z.shape)
+        if tuple(names) == self.tasks:
+            return g
+        return g[[self._index[n] for n in names]]
 
     def _check(self, names: Sequence[str]) -> None:
         if not self.cuts:
@@ -91,11 +142,12 @@ class TaskSplit:
 
         ``workspace`` (a dict the caller keeps between steps) lends the memory of the stacked rows: the
         returned tensors are overwritten by the next call with the same workspace, which saves allocating
-        (and, for large cuts, page-faulting) a fresh ``k`` times ``z``-sized block every step.
+        (and, for large cuts, page-faulting) a fresh ``k`` times ``z``-sized block every step. A stacked cut
+        (:meth:`fan_out_stacked`) needs none: autograd hands back its rows as one block.
         """
         self._check(names)
         others = list(others)
-        inputs = [leaves[n] for leaves in self.leaves for n in names]
+        inputs = self.leaf_inputs(names)
         grads = torch.autograd.grad(
             losses.sum(), inputs + others, allow_unused=True, create_graph=create_graph, retain_graph=create_graph
         )
@@ -105,8 +157,15 @@ class TaskSplit:
                 p.grad = g if p.grad is None else p.grad + g
         k = len(names)
         out = []
-        for c, z in enumerate(self.cuts):
-            rows = [torch.zeros_like(z) if g is None else g for g in grads[c * k : (c + 1) * k]]
+        pos = 0
+        for c, (z, leaves) in enumerate(zip(self.cuts, self.leaves)):
+            if isinstance(leaves, Tensor):
+                # autograd already wrote every task's row into one [len(tasks), *z.shape] block
+                out.append(self._stacked_rows(grads[pos], z, names))
+                pos += 1
+                continue
+            rows = [torch.zeros_like(z) if g is None else g for g in grads[pos : pos + k]]
+            pos += k
             buf = None if workspace is None or create_graph else workspace.get(c)
             if buf is not None and buf.shape == (k, *z.shape) and buf.dtype == z.dtype and buf.device == z.device:
                 out.append(torch.stack(rows, out=buf))

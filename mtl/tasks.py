@@ -21,6 +21,7 @@ Kind = Literal["binary", "regression"]
 _DEFAULT_LOSS: dict[str, str] = {"binary": "bce", "regression": "mse"}
 _DEFAULT_METRICS: dict[str, tuple[str, ...]] = {"binary": ("auc", "logloss"), "regression": ("mse", "mae")}
 _LOSSES_FOR_KIND: dict[str, tuple[str, ...]] = {"binary": ("bce",), "regression": ("mse", "mae", "huber")}
+_ELEMENTWISE = frozenset({"bce", "mse", "mae", "huber"})  # losses that are the mean of an elementwise term
 
 
 @dataclass(frozen=True)
@@ -98,8 +99,13 @@ class TaskSpec:
 def compute_losses(
     tasks: Sequence[TaskSpec], outputs: Mapping[str, Tensor], labels: Mapping[str, Tensor]
 ) -> dict[str, Tensor]:
-    """The multi-task objective: ``{task_name: scalar loss}``, one entry per task, unweighted."""
-    losses: dict[str, Tensor] = {}
+    """The multi-task objective: ``{task_name: scalar loss}``, one entry per task, unweighted.
+
+    Tasks with the same loss whose outputs and labels agree in shape, dtype and device are computed together:
+    one stacked elementwise loss and one mean per task (a few operations instead of a few per task, forward
+    and backward); the values are each task's :meth:`TaskSpec.loss_fn` up to float rounding.
+    """
+    groups: dict[tuple[object, ...], list[TaskSpec]] = {}
     for t in tasks:
         if t.name not in outputs:
             raise KeyError(f"model produced no output for task {t.name!r}; outputs: {sorted(outputs)}")
@@ -110,8 +116,17 @@ def compute_losses(
             raise ValueError(
                 f"task {t.name!r}: output shape {tuple(out.shape)} does not match label shape {tuple(lab.shape)}"
             )
-        losses[t.name] = t.loss_fn(out, lab)
-    return losses
+        groups.setdefault((t.loss, out.shape, out.dtype, lab.dtype, out.device, lab.device), []).append(t)
+    losses: dict[str, Tensor] = {}
+    for group in groups.values():
+        if len(group) == 1 or group[0].loss not in _ELEMENTWISE or outputs[group[0].name].numel() == 0:
+            losses.update((t.name, t.loss_fn(outputs[t.name], labels[t.name])) for t in group)
+            continue
+        out = torch.stack([outputs[t.name] for t in group])
+        lab = torch.stack([labels[t.name] for t in group])
+        per = group[0].loss_fn(out, lab, reduction="none")
+        losses.update(zip((t.name for t in group), per.reshape(len(group), -1).mean(dim=1).unbind()))
+    return {t.name: losses[t.name] for t in tasks}
 
 
 def total_loss(tasks: Sequence[TaskSpec], losses: Mapping[str, Tensor]) -> Tensor:

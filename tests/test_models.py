@@ -380,6 +380,50 @@ def test_grouped_linear_equals_separate_linears(batched_input: bool) -> None:
     assert layer.weight.abs().max() <= bound and layer.bias.abs().max() <= bound
 
 
+@pytest.mark.parametrize("per_task_input", [False, True])
+def test_grouped_towers_and_gates_equal_each_module_run_alone(per_task_input: bool) -> None:
+    """grouped_towers / grouped_gates / grouped_mix against calling every Tower and Gate, values and gradients."""
+    from mtrec.models.layers import Gate, Tower, grouped_gates, grouped_mix, grouped_towers, mix
+
+    torch.manual_seed(0)
+    k, b, d, e = 3, 6, 5, 4
+    towers = [Tower(d, [7, 4]) for _ in range(k)]
+    gates = [Gate(d, e) for _ in range(k)]
+    x = torch.randn(k, b, d) if per_task_input else torch.randn(b, d)
+    experts = torch.randn(e, b, d)
+    params = [p for m in [*towers, *gates] for p in m.parameters()]
+    rows = [x[i] if per_task_input else x for i in range(k)]
+    ref_t = torch.stack([t(r) for t, r in zip(towers, rows)])
+    ref_g = torch.stack([g(r) for g, r in zip(gates, rows)])
+    ref_m = torch.stack([mix(ref_g[i], experts) for i in range(k)])
+    ref_grads = torch.autograd.grad((ref_t**2).sum() + (ref_m**3).sum(), params)
+    got_t, got_g = grouped_towers(towers, x), grouped_gates(gates, x)
+    got_m = grouped_mix(got_g, experts)
+    assert got_t.shape == (k, b) and got_g.shape == (k, e, b) and got_m.shape == (k, b, d)
+    torch.testing.assert_close(got_t, ref_t)
+    torch.testing.assert_close(got_g, ref_g)
+    torch.testing.assert_close(got_m, ref_m)
+    for g, r in zip(torch.autograd.grad((got_t**2).sum() + (got_m**3).sum(), params), ref_grads):
+        torch.testing.assert_close(g, r)
+
+
+def test_towers_run_one_by_one_where_grouping_would_skip_a_hook() -> None:
+    """A hook on a tower (feature distillation captures tower inputs that way) must fire: no grouped run then."""
+    model = zoo.MMoE(FEATURES, TASKS)
+    dense, sparse = random_inputs(FEATURES, B)
+    grouped = model(dense, sparse)
+    assert model._grouped_heads()
+    seen: list[tuple[int, ...]] = []
+    handle = model.towers["like"].register_forward_pre_hook(lambda mod, args: seen.append(tuple(args[0].shape)))
+    assert not model._grouped_heads()
+    one_by_one = model(dense, sparse)
+    handle.remove()
+    assert seen == [(B, model.experts.out_dim)]
+    torch.testing.assert_close(one_by_one, grouped)
+    fed = zoo.MMoE(FEATURES, TASKS, task_feeds={"like": "click"})
+    assert not fed._grouped_heads()  # a fed tower waits for its source's output
+
+
 def test_common_validation_errors() -> None:
     with pytest.raises(ValueError, match="unknown activation"):
         MMoE(FEATURES, TASKS, activation="swishy")

@@ -78,6 +78,29 @@ def test_compute_losses_and_total() -> None:
         compute_losses(tasks, {**outputs, "ctr": torch.zeros(3)}, labels)
 
 
+def test_compute_losses_of_like_tasks_together_equal_each_alone() -> None:
+    """Tasks sharing a loss are computed as one stacked term: the same values and gradients as loss_fn alone."""
+    g = torch.Generator().manual_seed(0)
+    tasks = [
+        TaskSpec("c1"), TaskSpec("c2"), TaskSpec("c3"),
+        TaskSpec("r1", "regression"), TaskSpec("r2", "regression"),
+        TaskSpec("h1", "regression", loss="huber"), TaskSpec("m1", "regression", loss="mae"),
+        TaskSpec("m2", "regression", loss="mae"),
+    ]  # fmt: skip
+    outputs = {t.name: torch.randn(7, generator=g, requires_grad=True) for t in tasks}
+    labels = {t.name: torch.randn(7, generator=g) for t in tasks}
+    for t in tasks[:3]:
+        labels[t.name] = (labels[t.name] > 0).float()
+    labels["c3"] = labels["c3"].double()  # another label dtype: a group of its own
+    losses = compute_losses(list(reversed(tasks)), outputs, labels)
+    assert list(losses) == [t.name for t in reversed(tasks)]
+    for t in tasks:
+        ref = t.loss_fn(outputs[t.name], labels[t.name])
+        torch.testing.assert_close(losses[t.name], ref)
+        (grad,) = torch.autograd.grad(losses[t.name], outputs[t.name], retain_graph=True)
+        torch.testing.assert_close(grad, torch.autograd.grad(ref, outputs[t.name])[0])
+
+
 def test_param_groups_lrs_and_partition() -> None:
     shared, a, b = nn.Linear(2, 2), nn.Linear(2, 1), nn.Linear(2, 1)
     tasks = [TaskSpec("a", lr=0.1, weight_decay=0.5), TaskSpec("b")]

@@ -90,11 +90,18 @@ class BodyHeads(nn.Module):
         self.heads = nn.ModuleList(nn.Sequential(nn.Linear(6 + 4, 5), nn.Tanh(), nn.Linear(5, 1)) for _ in range(k))
         self.k = k
 
-    def losses(self, x: Tensor, y: Tensor, split: TaskSplit | None = None) -> list[Tensor]:
+    def losses(self, x: Tensor, y: Tensor, split: TaskSplit | None = None, stacked: bool = False) -> list[Tensor]:
+        """``stacked``: the first cut is fanned out as one stacked leaf (head ``i`` reads row ``i``), the second
+        as one leaf per task, so both kinds of cut meet in one split."""
         z = torch.tanh(self.body(x))
         emb = x * 1.5 + self.body.bias[:4]  # a second tensor that depends on a shared parameter
         names = [f"t{i}" for i in range(self.k)]
-        zs = split.fan_out(z) if split is not None else dict.fromkeys(names, z)
+        if split is not None and stacked:
+            rows = split.fan_out_stacked(z)
+            assert rows.shape == (self.k, *z.shape)
+            zs = {n: rows[i] for i, n in enumerate(names)}
+        else:
+            zs = split.fan_out(z) if split is not None else dict.fromkeys(names, z)
         es = split.fan_out(emb) if split is not None else dict.fromkeys(names, emb)
         return [
             F.mse_loss(h(torch.cat([zs[n], es[n]], dim=-1)).squeeze(-1), y[:, i]) * (i + 1)
@@ -102,7 +109,8 @@ class BodyHeads(nn.Module):
         ]
 
 
-def test_split_jacobian_and_head_gradients_equal_the_uncut_graph() -> None:
+@pytest.mark.parametrize("stacked", [False, True], ids=["per-task-leaves", "stacked-leaf"])
+def test_split_jacobian_and_head_gradients_equal_the_uncut_graph(stacked: bool) -> None:
     model = BodyHeads()
     x, y = torch.randn(16, 4), torch.randn(16, 3)
     names = ["t0", "t1", "t2"]
@@ -111,7 +119,7 @@ def test_split_jacobian_and_head_gradients_equal_the_uncut_graph() -> None:
     head_ref = torch.autograd.grad(sum(model.losses(x, y)), heads)
 
     split = TaskSplit(names)
-    L = torch.stack(model.losses(x, y, split))
+    L = torch.stack(model.losses(x, y, split, stacked))
     assert len(split.cuts) == 2
     J = split.head_backward(names, L, heads)
     G, batched = split.param_jacobian(J, shared)
@@ -121,7 +129,7 @@ def test_split_jacobian_and_head_gradients_equal_the_uncut_graph() -> None:
         torch.testing.assert_close(p.grad, g)
     # The loop fallback gives the same rows.
     split2 = TaskSplit(names)
-    L2 = torch.stack(model.losses(x, y, split2))
+    L2 = torch.stack(model.losses(x, y, split2, stacked))
     G_loop, batched = split2.param_jacobian(split2.head_backward(names, L2), shared, batched=False)
     assert not batched
     torch.testing.assert_close(G_loop, G_ref)
@@ -138,6 +146,23 @@ def test_split_body_grads_of_combined_cotangents_are_weighted_loss_gradients() -
     J = split.head_backward(names, torch.stack(model.losses(x, y, split)))
     for g, r in zip(split.body_grads(split.combine(J, w), shared), ref):
         torch.testing.assert_close(g, r)
+
+
+def test_stacked_cut_rows_of_a_subset_of_tasks() -> None:
+    """head_backward over some tasks returns their rows of a stacked leaf, in the order asked, zero-free."""
+    split = TaskSplit(["a", "b", "c"])
+    x = torch.randn(5, 2)
+    assert split.fan_out_stacked(x) is x and not split.cuts  # nothing crosses the cut
+    w = nn.Parameter(torch.randn(2, 3))
+    z = x @ w
+    rows = split.fan_out_stacked(z)
+    losses = {"a": (rows[0] ** 2).sum(), "b": rows[1].sum() * 3.0, "c": (rows[2] * z.detach()).sum()}
+    (J,) = split.head_backward(["c", "a"], torch.stack([losses["c"], losses["a"]]))
+    assert J.shape == (2, 5, 3)
+    torch.testing.assert_close(J[0], z.detach())
+    torch.testing.assert_close(J[1], 2 * z.detach())
+    G, _ = split.param_jacobian([J], [w])
+    torch.testing.assert_close(G[1], torch.autograd.grad((z**2).sum(), w, retain_graph=True)[0].reshape(-1))
 
 
 def test_split_ignores_tensors_without_gradient_and_heads_of_absent_tasks() -> None:
@@ -157,8 +182,9 @@ def test_split_ignores_tensors_without_gradient_and_heads_of_absent_tasks() -> N
         TaskSplit(["a"]).head_backward(["a"], only_a)
 
 
+@pytest.mark.parametrize("stacked", [False, True], ids=["per-task-leaves", "stacked-leaf"])
 @pytest.mark.parametrize("name", sorted(n for n in GRADIENT_METHODS if n != "none"))
-def test_every_method_gives_the_same_gradients_through_the_split(name: str) -> None:
+def test_every_method_gives_the_same_gradients_through_the_split(name: str, stacked: bool) -> None:
     """Each method on the cut graph against the same method on the uncut graph, from identical states."""
     model = BodyHeads()
     x, y = torch.randn(16, 4), torch.randn(16, 3)
@@ -190,13 +216,17 @@ def test_every_method_gives_the_same_gradients_through_the_split(name: str) -> N
         if split_method.requires_representation:
             z = torch.tanh(model.body(x))
             emb = x * 1.5 + model.body.bias[:4]
-            cat = split.fan_out(torch.cat([z, emb], dim=-1))
+            rep = torch.cat([z, emb], dim=-1)
+            if stacked:
+                cat = dict(zip(names, split.fan_out_stacked(rep)))  # rows of the stacked leaf
+            else:
+                cat = split.fan_out(rep)
             losses = {
                 n: F.mse_loss(h(cat[n]).squeeze(-1), y[:, i]) * (i + 1)
                 for i, (n, h) in enumerate(zip(names, model.heads))
             }
         else:
-            losses = dict(zip(names, model.losses(x, y, split)))
+            losses = dict(zip(names, model.losses(x, y, split, stacked)))
         split_method.backward(losses, shared, others=heads, representation=split)
         for p, r in zip([*shared, *heads], ref):
             torch.testing.assert_close(p.grad, r, atol=1e-6, rtol=1e-5, msg=f"{name}, step {step}")

@@ -34,7 +34,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from mtl.split import TaskSplit
 from mtrec.data.batch import FeatureSpec
 from mtrec.models.inputs import InputArch
-from mtrec.models.layers import Tower, check_dims
+from mtrec.models.layers import Tower, check_dims, grouped_towers
 
 SHARED = "shared"
 
@@ -72,6 +72,12 @@ def _params(items: Iterable[nn.Module | nn.Parameter | None]) -> list[nn.Paramet
         else:
             out.extend(item.parameters())
     return out
+
+
+def _layout(tower: nn.Module) -> list[tuple[type, int, int]]:
+    """A tower's layers as ``(type, in, out)`` (0 for layers without features): equal layouts can be grouped."""
+    mods = [*tower.mlp, tower.out] if isinstance(tower, Tower) else []
+    return [(type(m), getattr(m, "in_features", 0), getattr(m, "out_features", 0)) for m in mods]
 
 
 class MultiTaskModel(nn.Module):
@@ -112,6 +118,7 @@ class MultiTaskModel(nn.Module):
         self._capture_representation = False
         self._representation: Tensor | None = None
         self._split: TaskSplit | None = None
+        self._towers_alike: tuple[tuple[int, ...], bool] | None = None  # (tower ids, same layout), see _grouped_heads
         if build_inputs:
             self.inputs = self.make_inputs()
 
@@ -153,12 +160,38 @@ class MultiTaskModel(nn.Module):
             }
         )
 
-    def _apply_towers(self, inputs: Mapping[str, Tensor]) -> Outputs:
+    def _grouped_heads(self) -> bool:
+        """Whether the towers run as grouped layers (:func:`~mtrec.models.layers.grouped_towers`): two or more
+        towers of one shape, no task feeds (a fed tower waits for its source's output) and no hooks on a tower
+        (a grouped run does not call the towers, so their hooks would not fire)."""
+        towers = getattr(self, "towers", None)
+        if not isinstance(towers, nn.ModuleDict) or len(towers) < 2 or self.task_feeds:
+            return False
+        mods = list(towers.values())
+        key = tuple(map(id, mods))
+        if self._towers_alike is None or self._towers_alike[0] != key:
+            self._towers_alike = (key, all(isinstance(t, Tower) and _layout(t) == _layout(mods[0]) for t in mods))
+        return self._towers_alike[1] and not any(t._forward_hooks or t._forward_pre_hooks for t in mods)
+
+    def _apply_towers(self, inputs: Mapping[str, Tensor] | Tensor) -> Outputs:
         """Run every task's tower on its input; a fed task also reads its source task's output.
+
+        ``inputs`` is ``{task: [B, H]}``, or one tensor: ``[B, H]`` that every tower reads, or ``[k, B, H]`` whose
+        row ``i`` is task ``i``'s input (``self.tasks`` order). Where :meth:`_grouped_heads` allows, all towers run
+        as grouped layers; otherwise one by one.
 
         With ``feed_stop_gradient`` (the default) the estimate enters behind a stop-gradient, so the
         target task's loss never trains the source task (e.g. CTR used as a feature of CVR).
         """
+        if self._grouped_heads():
+            if isinstance(inputs, Tensor):
+                x = inputs
+            else:
+                rows = [inputs[t] for t in self.tasks]
+                x = rows[0] if all(r is rows[0] for r in rows) else torch.stack(rows)
+            return dict(zip(self.tasks, grouped_towers(list(self.towers.values()), x).unbind(0)))
+        if isinstance(inputs, Tensor):
+            inputs = dict.fromkeys(self.tasks, inputs) if inputs.dim() == 2 else dict(zip(self.tasks, inputs.unbind(0)))
         out: Outputs = {}
         for t in self._tower_order:
             h = inputs[t]
@@ -268,6 +301,19 @@ class MultiTaskModel(nn.Module):
         if self._split is None:
             return dict.fromkeys(self.tasks, z)
         return self._split.fan_out(z, batch_dim=batch_dim)
+
+    def _fan_out_stacked(self, z: Tensor, batch_dim: int = 0) -> Tensor:
+        """``z`` itself (it broadcasts against per-task rows), or inside :meth:`forward_with_split` one stacked
+        leaf ``[k, *z.shape]`` (:meth:`mtl.split.TaskSplit.fan_out_stacked`) whose row ``i`` only task ``i``
+        may read: for heads that run all tasks as grouped operations."""
+        if self._split is None:
+            return z
+        return self._split.fan_out_stacked(z, batch_dim=batch_dim)
+
+    def _tower_inputs(self, z: Tensor) -> Tensor | dict[str, Tensor]:
+        """The towers' input when every tower reads the shared ``z [B, H]``, fanned out at the cut of a split
+        forward: stacked for grouped towers, else one leaf per task."""
+        return self._fan_out_stacked(z) if self._grouped_heads() else self._fan_out(z)
 
     def _input_vector(self, dense: Tensor, sparse: KeyedJaggedTensor) -> Tensor:
         assert self.inputs is not None

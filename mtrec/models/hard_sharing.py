@@ -126,7 +126,7 @@ class SharedBottom(MultiTaskModel):
 
     def _forward(self, dense: Tensor, sparse: KeyedJaggedTensor) -> tuple[Outputs, Gates]:
         h = self._mark_representation(self.bottom(self._input_vector(dense, sparse)))
-        return self._apply_towers(self._fan_out(h)), {}
+        return self._apply_towers(self._tower_inputs(h)), {}
 
     def _splittable(self) -> bool:
         return True

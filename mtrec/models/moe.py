@@ -17,7 +17,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from mtrec.data.batch import FeatureSpec
 from mtrec.models.base import SHARED, Gates, MultiTaskModel, Outputs
-from mtrec.models.layers import Gate, GroupedMLP, mix
+from mtrec.models.layers import Gate, GroupedMLP, grouped_gates, grouped_mix, mix
 
 
 def _check_count(name: str, value: int, minimum: int) -> int:
@@ -70,13 +70,15 @@ class _MixtureOfExperts(MultiTaskModel):
         # The shared representation is batch-first, [B, E, H]; the experts' own layout is [E, B, H].
         experts = self._mark_representation(self.experts(x).transpose(0, 1)).transpose(0, 1)
         if self.per_task_gates:
-            # The cut (forward_with_split): the experts' outputs and the gates' input are shared.
-            xs, es = self._fan_out(x), self._fan_out(experts, batch_dim=1)
-            gates = {t: self.gates[t](xs[t]) for t in self.tasks}  # [E, B] each
-            out = self._apply_towers({t: mix(gates[t], es[t]) for t in self.tasks})
+            # The cut (forward_with_split): the experts' outputs and the gates' input are shared. All gates run
+            # as one grouped product, and the k mixtures as one broadcast: [k, E, B] gates, [k, B, H] inputs.
+            xs, es = self._fan_out_stacked(x), self._fan_out_stacked(experts, batch_dim=1)
+            g = grouped_gates(list(self.gates.values()), xs)
+            out = self._apply_towers(grouped_mix(g, es))
+            gates = dict(zip(self.tasks, g.unbind(0)))  # [E, B] each
         else:
             gates = {SHARED: self.gates[SHARED](x)}
-            out = self._apply_towers(self._fan_out(mix(gates[SHARED], experts)))
+            out = self._apply_towers(self._tower_inputs(mix(gates[SHARED], experts)))
         return out, {name: g.t() for name, g in gates.items()}
 
     def _splittable(self) -> bool:
