@@ -427,15 +427,7 @@ class GradNorm(Weighting):
                 "gradnorm needs shared=<the parameters of the last shared layer> to measure task gradient norms; "
                 "got none. Pass e.g. shared=list(model.shared_bottom[-1].parameters())"
             )
-        norms = []
-        for loss in losses:
-            if not loss.requires_grad:
-                norms.append(torch.zeros((), device=w.device))
-                continue
-            grads = torch.autograd.grad(loss, shared, retain_graph=True, allow_unused=True)
-            sq = [g.detach().pow(2).sum() for g in grads if g is not None]
-            norms.append(torch.stack(sq).sum().sqrt() if sq else torch.zeros((), device=w.device))
-        g = torch.stack(norms).to(w)
+        g = _task_grad_norms(losses, shared).to(w)
         current = torch.stack(losses).detach().to(w)
         with torch.no_grad():
             l0 = self.initial_losses[idx]
@@ -461,6 +453,32 @@ class GradNorm(Weighting):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, alpha={self.alpha}, lr={self.lr}"
+
+
+def _task_grad_norms(losses: list[Tensor], params: list[nn.Parameter]) -> Tensor:
+    """``[k]``: the norm of each loss's gradient with respect to ``params`` (0 for a loss without a graph), from one
+    batched backward pass (``is_grads_batched``; where that fails, one pass per task)."""
+    live = [i for i, loss in enumerate(losses) if loss.requires_grad]
+    norms = torch.zeros(len(losses), device=losses[0].device)
+    if not live:
+        return norms
+    stacked = torch.stack([losses[i] for i in live])
+    try:
+        eye = torch.eye(len(live), dtype=stacked.dtype, device=stacked.device)
+        grads = torch.autograd.grad(
+            stacked, params, grad_outputs=eye, is_grads_batched=True, retain_graph=True, allow_unused=True
+        )
+        sq = [g.detach().reshape(len(live), -1).pow(2).sum(1) for g in grads if g is not None]
+        rows = torch.stack(sq).sum(0).sqrt() if sq else torch.zeros(len(live), device=stacked.device)
+    except (RuntimeError, NotImplementedError):
+        per_task = []
+        for i in live:
+            grads = torch.autograd.grad(losses[i], params, retain_graph=True, allow_unused=True)
+            sq = [g.detach().pow(2).sum() for g in grads if g is not None]
+            per_task.append(torch.stack(sq).sum().sqrt() if sq else torch.zeros((), device=stacked.device))
+        rows = torch.stack(per_task)
+    norms[live] = rows.to(norms)
+    return norms
 
 
 class RLW(Weighting):
@@ -495,6 +513,13 @@ class RLW(Weighting):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, seed={self.seed}"
+
+
+def _softmax(x: list[float]) -> list[float]:
+    top = max(x)
+    e = [math.exp(v - top) for v in x]
+    total = sum(e)
+    return [v / total for v in e]
 
 
 def famo_logit_grad(logits: Tensor, delta: Tensor) -> Tensor:
@@ -534,6 +559,9 @@ class FAMO(Weighting):
     batch's post-step losses, just before that call's weights are computed. It costs nothing beyond
     ``equal`` and adds the batch-to-batch loss noise to ``delta``; the default ``"same_batch"`` is the
     paper's and the official code's update.
+
+    State: the buffers ``logits [k]`` and ``adam [3, k]`` (per task: the logits' Adam step count, first and second
+    moment), and the pending call's losses. The arithmetic, on k numbers, runs on Python floats.
 
     The official code's clipping of the model's gradient norm (``max_norm``) is the trainer's business and
     is not done here. Losses must exceed ``min_losses`` (a ``ValueError`` says which task did not): for
@@ -579,27 +607,23 @@ class FAMO(Weighting):
         if unknown:
             raise ValueError(f"famo: min_losses names unknown tasks {unknown}; tasks: {list(self.task_names)}")
         self.lr, self.gamma, self.eps = float(lr), float(gamma), float(eps)
-        self.register_buffer(
-            "min_losses", torch.tensor([float(min_losses.get(n, 0.0)) for n in self.task_names]), persistent=False
-        )
-        self.logits = _scalar_params(len(self.tasks), 0.0, requires_grad=False)
-        self._opt = torch.optim.Adam(list(self.logits), lr=self.lr, weight_decay=self.gamma)
-        self._prev: tuple[list[int], Tensor] | None = None  # (tasks, losses) of the last training call
+        self.betas, self.adam_eps = (0.9, 0.999), 1e-8  # the logits' Adam: torch.optim.Adam's defaults, as official
+        self._mins = [float(min_losses.get(n, 0.0)) for n in self.task_names]
+        k = len(self.tasks)
+        # The task logits xi, and their Adam state per task: step count, first and second moment (rows).
+        self.register_buffer("logits", torch.zeros(k))
+        self.register_buffer("adam", torch.zeros(3, k))
+        self._prev: tuple[list[int], list[float]] | None = None  # (tasks, losses) of the last training call
 
-    def _logit_list(self) -> list[nn.Parameter]:
-        """``list(self.logits)`` without ``ParameterList.__getitem__``'s per-item cost."""
-        return list(self.logits._parameters.values())  # type: ignore[arg-type]
+    # The arithmetic is on a handful of numbers (k logits, k losses): it runs on Python floats, reading the state
+    # buffers once (tolist) and writing them once per update, where the same arithmetic as k-element tensor
+    # operations costs dozens of operator calls per step.
 
-    def _mins(self, idx: list[int]) -> Tensor:
-        """The lower bounds of the tasks ``idx`` (ascending, distinct): no indexing when all are present."""
-        return self.min_losses if len(idx) == len(self.task_names) else self.min_losses[idx]
-
-    def _shifted(self, idx: list[int], losses: Tensor) -> Tensor:
-        d = losses.detach() - self._mins(idx).to(losses) + self.eps
-        if not bool((d > 0).all()):
-            mins = self.min_losses[idx].tolist()
-            pairs = zip(idx, losses.tolist(), mins)
-            bad = {self.task_names[i]: (v, m) for i, v, m in pairs if not v - m + self.eps > 0}
+    def _shifted(self, idx: list[int], losses: list[float]) -> list[float]:
+        """``L_t - min_t + eps`` of the tasks ``idx``; a ``ValueError`` names the tasks where that is not > 0."""
+        d = [v - self._mins[i] + self.eps for i, v in zip(idx, losses)]
+        if not all(x > 0 for x in d):  # also catches NaN
+            bad = {self.task_names[i]: (v, self._mins[i]) for i, v, x in zip(idx, losses, d) if not x > 0}
             raise ValueError(
                 f"famo: every loss must exceed its lower bound (FAMO takes log(L - min)); got (loss, min) {bad}. "
                 "Pass min_losses={task: lower bound} for losses that can reach or go below 0"
@@ -607,18 +631,19 @@ class FAMO(Weighting):
         return d
 
     def _compute(self, idx: list[int], losses: list[Tensor], shared: list[nn.Parameter]) -> _Weights:
-        current = torch.stack(losses).detach()
-        if self.update == "next_batch" and self._prev is not None and self._updates_state(losses):
+        current = torch.stack(losses).detach().tolist()
+        updating = self._updates_state(losses)
+        if self.update == "next_batch" and self._prev is not None and updating:
             # The previous step's update, with this call's losses as its "after" losses.
-            self.after_step({self.task_names[i]: v for i, v in zip(idx, current)})
+            self._update(idx, current)
         d = self._shifted(idx, current)
-        logits = self._logit_list()
-        z = torch.softmax(torch.stack([logits[i] for i in idx]).detach().to(d), dim=0)
-        w = z / d
-        w = w / w.sum()
-        if self._updates_state(losses):
-            self._prev = (list(idx), current.clone())
-        return w, None
+        xi = self.logits.tolist()
+        z = _softmax([xi[i] for i in idx])
+        w = [zj / dj for zj, dj in zip(z, d)]
+        total = sum(w)
+        if updating:
+            self._prev = (list(idx), current)
+        return torch.tensor([x / total for x in w]), None
 
     def after_step(self, new_losses: Mapping[str, Tensor]) -> None:
         if self._prev is None:
@@ -627,93 +652,50 @@ class FAMO(Weighting):
                 "gradients enabled) on the same batch; none is pending"
             )
         self._check_names(new_losses, "new_losses")
+        idx = [i for i in self._prev[0] if self.task_names[i] in new_losses]
+        values = [torch.as_tensor(new_losses[self.task_names[i]]).detach() for i in idx]
+        self._update(idx, torch.stack(values).tolist() if values else [])
+
+    def _update(self, idx: list[int], new: list[float]) -> None:
+        """The logits' step for the tasks ``idx`` of the pending call, with their losses ``new`` (tasks the pending
+        call did not have are ignored): ``delta``, the softmax VJP (:func:`famo_logit_grad`) and one Adam step
+        (with weight decay ``gamma``) of the logits of those tasks, each at its own step count, with
+        ``torch.optim.Adam``'s formulas."""
+        assert self._prev is not None
         prev_idx, prev = self._prev
         self._prev = None
-        pos = [j for j, i in enumerate(prev_idx) if self.task_names[i] in new_losses]
-        if not pos:
+        at = {i: j for j, i in enumerate(prev_idx)}
+        if any(i not in at for i in idx):
+            new = [v for i, v in zip(idx, new) if i in at]
+            idx = [i for i in idx if i in at]
+        if not idx:
             return
-        idx = [prev_idx[j] for j in pos]
-        new = torch.stack([torch.as_tensor(new_losses[self.task_names[i]]).detach() for i in idx]).to(prev)
-        old = prev if len(pos) == len(prev_idx) else prev[pos]
-        # both shifted losses in one go (the same elementwise operations as two calls of _shifted)
-        both = torch.stack([old, new]) - self._mins(idx).to(prev) + self.eps
-        if not bool((both > 0).all()):
-            self._shifted(idx, old)  # raises, naming the task
-            self._shifted(idx, new)
-        log_both = both.log()
-        delta = log_both[0] - log_both[1]
-        logits = self._logit_list()
-        params = [logits[i] for i in idx]
-        xi = torch.stack(params).detach()  # the logits do not require gradients
-        grads = famo_logit_grad(xi, delta)
-        if not self._adam_step_stacked(params, xi, grads):
-            self._step_own_optimizer(params, grads)
-
-    def _adam_step_stacked(self, params: list[nn.Parameter], xi: Tensor, grads: Tensor) -> bool:
-        """The internal ``Adam`` step, done on the stacked logits ``xi`` (a few ops instead of a few per task).
-
-        Same state (``step``, ``exp_avg``, ``exp_avg_sq`` per logit, in the optimiser's ``state``) and the same
-        operations as ``torch.optim.Adam``'s single-tensor update, so it matches ``self._opt.step()`` up to
-        float rounding. Returns False (nothing done) where that shortcut does not apply: non-default Adam
-        options, or logits at different step counts (tasks absent on some steps); the caller then steps
-        the optimiser itself.
-        """
-        opt = self._opt
-        assert opt is not None
-        if len(opt.param_groups) != 1:
-            return False
-        group = opt.param_groups[0]
-        plain = {"amsgrad": False, "maximize": False, "capturable": False, "differentiable": False}
-        if any(group.get(key, value) != value for key, value in plain.items()):
-            return False
-        if group.get("fused") or group.get("decoupled_weight_decay") or isinstance(group["lr"], Tensor):
-            return False
-        states = [opt.state[p] for p in params]
-        if all(states):
-            if any(len(st) != 3 or "exp_avg_sq" not in st or "exp_avg" not in st for st in states):
-                return False
-            steps = set(torch.stack([st["step"] for st in states]).tolist())
-        elif any(states):
-            return False  # some logits have moments, others not: different step counts
-        else:
-            steps = {0.0}
-            scalar = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
-            for p, st in zip(params, states):  # as torch.optim.Adam initialises its state
-                st["step"] = torch.tensor(0.0, dtype=scalar)
-                st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        if len(steps) != 1:
-            return False
-        step = steps.pop() + 1.0
-        torch._foreach_add_([st["step"] for st in states], 1)  # Adam's ``step_t += 1``
-        lr, (beta1, beta2), eps, weight_decay = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+        old = [prev[at[i]] for i in idx]
+        d_old, d_new = self._shifted(idx, old), self._shifted(idx, new)
+        delta = [math.log(a) - math.log(b) for a, b in zip(d_old, d_new)]
+        xi = self.logits.tolist()
+        steps, m, v = self.adam.tolist()
+        z = _softmax([xi[i] for i in idx])
+        dot = sum(a * b for a, b in zip(z, delta))
+        beta1, beta2 = self.betas
+        for i, zj, dj in zip(idx, z, delta):
+            g = zj * (dj - dot) + self.gamma * xi[i]  # famo_logit_grad, plus the L2 term (Adam's weight_decay)
+            t = steps[i] = steps[i] + 1.0
+            m[i] += (g - m[i]) * (1 - beta1)
+            v[i] = v[i] * beta2 + (1 - beta2) * g * g
+            denom = math.sqrt(v[i]) / math.sqrt(1 - beta2**t) + self.adam_eps
+            xi[i] -= self.lr / (1 - beta1**t) * m[i] / denom
         with torch.no_grad():
-            grad = grads.detach().to(xi)
-            if weight_decay != 0:
-                grad = grad.add(xi, alpha=weight_decay)
-            exp_avg = torch.stack([st["exp_avg"] for st in states])
-            exp_avg_sq = torch.stack([st["exp_avg_sq"] for st in states])
-            exp_avg.lerp_(grad, 1 - beta1)
-            exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-            step_size = lr / (1 - beta1**step)
-            denom = (exp_avg_sq.sqrt() / (1 - beta2**step) ** 0.5).add_(eps)
-            new = xi.addcdiv(exp_avg, denom, value=-step_size)
-            torch._foreach_copy_(
-                [*params, *(st["exp_avg"] for st in states), *(st["exp_avg_sq"] for st in states)],
-                [*new.unbind(), *exp_avg.unbind(), *exp_avg_sq.unbind()],
-            )
-        return True
+            self.logits.copy_(torch.tensor(xi))
+            self.adam.copy_(torch.tensor([steps, m, v]))
 
     def get_extra_state(self) -> dict[str, Any]:
-        assert self._opt is not None
-        prev = None if self._prev is None else (list(self._prev[0]), self._prev[1].clone())
-        return {"optimizer": copy.deepcopy(self._opt.state_dict()), "pending": prev}
+        prev = None if self._prev is None else (list(self._prev[0]), torch.tensor(self._prev[1]))
+        return {"pending": prev}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
-        assert self._opt is not None
-        self._opt.load_state_dict(copy.deepcopy(state["optimizer"]))
         pending = state.get("pending")
-        self._prev = None if pending is None else (list(pending[0]), pending[1].clone())
+        self._prev = None if pending is None else (list(pending[0]), torch.as_tensor(pending[1]).tolist())
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, lr={self.lr}, gamma={self.gamma}, eps={self.eps}"

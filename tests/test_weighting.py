@@ -375,6 +375,32 @@ def test_rlw_weights_positive_sum_to_k_and_reproducible() -> None:
 
 
 # ---------------------------------------------------------------------------------------------- FAMO
+@pytest.mark.parametrize("batched", [True, False], ids=["one-batched-pass", "fallback-loop"])
+def test_task_grad_norms_equal_one_backward_per_task(batched: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mtl.weighting import _task_grad_norms
+
+    torch.manual_seed(0)
+    w1, w2 = nn.Parameter(torch.randn(3, 4)), nn.Parameter(torch.randn(4))
+    x = torch.randn(5, 3)
+    h = torch.tanh(x @ w1)
+    losses = [(h @ w2).pow(2).mean(), (h.sum(1) * 3).sin().mean(), torch.tensor(0.7), h[:, 0].mean()]
+    refs = [
+        torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, [w1, w2], retain_graph=True, allow_unused=True)
+                   if g is not None]).norm() if loss.requires_grad else torch.tensor(0.0)
+        for loss in losses
+    ]  # fmt: skip
+    if not batched:
+        real = torch.autograd.grad
+
+        def no_batching(*args, **kwargs):
+            if kwargs.get("is_grads_batched"):
+                raise RuntimeError("batching rule not implemented")
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(torch.autograd, "grad", no_batching)
+    torch.testing.assert_close(_task_grad_norms(losses, [w1, w2]), torch.stack(refs))
+
+
 def test_famo_weights_by_hand() -> None:
     w = FAMO([TaskSpec("a"), TaskSpec("b")])
     la, lb = torch.tensor(1.0, requires_grad=True), torch.tensor(3.0, requires_grad=True)
@@ -448,36 +474,42 @@ def test_famo_matches_naive_reference() -> None:
     assert ref.w.detach().abs().min() > 0.05  # the logits did move
 
 
-class _TorchAdamFAMO(FAMO):
-    """FAMO stepping its logits with ``torch.optim.Adam.step()`` itself (the generic path)."""
+class _PerTaskAdamFAMO:
+    """FAMO's logit update written with autograd and ``torch.optim.Adam`` on one 0-d parameter per task: a task
+    absent from a step gets no gradient, so Adam skips it and its step count stays behind."""
 
-    def _adam_step_stacked(self, params: list[nn.Parameter], xi: Tensor, grads: Tensor) -> bool:
-        return False
+    def __init__(self, names: list[str], lr: float, gamma: float) -> None:
+        self.names = names
+        self.xi = [torch.zeros((), requires_grad=True) for _ in names]
+        self.opt = torch.optim.Adam(self.xi, lr=lr, weight_decay=gamma)
+
+    def update(self, old: dict[str, Tensor], new: dict[str, Tensor]) -> None:
+        present = [i for i, n in enumerate(self.names) if n in old and n in new]
+        delta = torch.stack([(old[self.names[i]] + 1e-8).log() - (new[self.names[i]] + 1e-8).log() for i in present])
+        z = torch.softmax(torch.stack([self.xi[i] for i in present]), dim=0)
+        self.opt.zero_grad(set_to_none=True)
+        z.backward(delta)
+        self.opt.step()
 
 
 @pytest.mark.parametrize("gamma", [0.0, 0.01])
-def test_famo_stacked_adam_step_matches_torch_adam(gamma: float) -> None:
+def test_famo_adam_step_matches_torch_adam_per_task(gamma: float) -> None:
     gen = torch.Generator().manual_seed(0)
-    famo, ref = FAMO(TASKS, lr=0.1, gamma=gamma), _TorchAdamFAMO(TASKS, lr=0.1, gamma=gamma)
+    famo, ref = FAMO(TASKS, lr=0.1, gamma=gamma), _PerTaskAdamFAMO([t.name for t in TASKS], lr=0.1, gamma=gamma)
     # all tasks, then steps where some tasks are absent (logits at different step counts), then all again
     present = [["a", "b", "c"]] * 3 + [["a", "b"], ["b", "c"], ["a", "c"]] + [["a", "b", "c"]] * 3
     for names in present:
         old = {n: 0.5 + torch.rand((), generator=gen) for n in names}
         new = {n: 0.5 + torch.rand((), generator=gen) for n in names}
-        for w in (famo, ref):
-            w.weighted({n: v.clone().requires_grad_(True) for n, v in old.items()})
-            w.after_step(new)
-        torch.testing.assert_close(
-            torch.stack([p.detach() for p in famo.logits]), torch.stack([p.detach() for p in ref.logits])
-        )
-    assert famo._opt is not None and ref._opt is not None
-    s1, s2 = famo._opt.state_dict(), ref._opt.state_dict()
-    assert s1["param_groups"] == s2["param_groups"] and s1["state"].keys() == s2["state"].keys()
-    for i, st in s1["state"].items():
-        assert st.keys() == s2["state"][i].keys()
-        for key, value in st.items():
-            assert value.dtype == s2["state"][i][key].dtype and value.shape == s2["state"][i][key].shape
-            torch.testing.assert_close(value, s2["state"][i][key], rtol=1e-6, atol=1e-9)
+        famo.weighted({n: v.clone().requires_grad_(True) for n, v in old.items()})
+        famo.after_step(new)
+        ref.update(old, new)
+        torch.testing.assert_close(famo.logits, torch.stack([p.detach() for p in ref.xi]))
+    states = [ref.opt.state[p] for p in ref.xi]
+    torch.testing.assert_close(famo.adam[0], torch.stack([st["step"] for st in states]).to(famo.adam))
+    torch.testing.assert_close(famo.adam[1], torch.stack([st["exp_avg"] for st in states]), rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(famo.adam[2], torch.stack([st["exp_avg_sq"] for st in states]), rtol=1e-6, atol=1e-9)
+    assert famo.adam[0].tolist() == [8.0, 8.0, 8.0]  # each task was present on 8 of the 9 steps
     assert min(abs(p.item()) for p in famo.logits) > 1e-3  # the logits did move
 
 
@@ -487,7 +519,18 @@ def test_famo_after_step_updates_only_tasks_in_both_calls() -> None:
     w.after_step({"a": torch.tensor(0.5), "b": torch.tensor(0.9)})  # c's new loss unknown: c's logit stays
     # over a and b alone the step is the 2-task one: (-lr, +lr)
     assert [p.item() for p in w.logits] == pytest.approx([-0.025, 0.025, 0.0], rel=1e-5)
-    assert w._opt is not None and len(w._opt.state) == 2  # c has no Adam moments either
+    assert w.adam[0].tolist() == [1.0, 1.0, 0.0]  # c took no Adam step either
+
+
+def test_famo_next_batch_with_changing_task_sets() -> None:
+    """next_batch: the pending update uses only the tasks present in both calls (a scheduler may change them)."""
+    w, ref = FAMO(TASKS, update="next_batch"), FAMO(TASKS)
+    w.weighted(scalars(a=1.0, b=1.0, c=1.0))
+    ref.weighted(scalars(a=1.0, b=1.0, c=1.0))
+    w.weighted(scalars(a=0.5, b=0.9))  # c is not scheduled now: its logit has no update
+    ref.after_step({"a": torch.tensor(0.5), "b": torch.tensor(0.9)})
+    torch.testing.assert_close(w.logits, ref.logits)
+    assert w.adam[0].tolist() == [1.0, 1.0, 0.0]
 
 
 def test_famo_bounds_and_protocol() -> None:
@@ -601,8 +644,11 @@ def test_internal_optimizer_follows_dtype_and_device_moves(name: str) -> None:
     w, model = make(name), TinyMTL(TASKS)
     drive(w, model, 3)
     w.double()
-    assert w._opt is not None
-    moments = [v for s in w._opt.state.values() for k, v in s.items() if k != "step"]
+    if isinstance(w, FAMO):  # its Adam state is a buffer
+        moments = [w.logits, w.adam]
+    else:
+        assert w._opt is not None
+        moments = [v for s in w._opt.state.values() for k, v in s.items() if k != "step"]
     assert moments and all(m.dtype == torch.float64 for m in moments)
     drive(w, model, 3, start=3)  # steps without a dtype mismatch
 
