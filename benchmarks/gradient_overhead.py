@@ -3,7 +3,7 @@ tasks, side by side with LibMTL 1.1.5's implementations of the same methods on t
 
     make bench-peers                                  # once: LibMTL (and scipy) into benchmarks/.peers
     python benchmarks/gradient_overhead.py            # 7 rounds of 30 timed steps per method and k
-    python benchmarks/gradient_overhead.py --quick    # 5 rounds of 12 timed steps (a few minutes on 2 cores)
+    python benchmarks/gradient_overhead.py --quick    # 9 rounds of 20 timed steps (about 5 minutes on 2 cores)
     python benchmarks/gradient_overhead.py --quick --profile famo mgda_ub   # plus torch.profiler tables
 
 Model and data: mtrec's ``MMoE`` built from ``configs/model/mmoe.yaml`` (the MMoE paper's sizes: 8 experts of [16]
@@ -569,8 +569,8 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=4096, help="synthetic rows (cycled in batches)")
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--correlation", type=float, default=0.5, help="cosine between every two task vectors")
-    ap.add_argument("--rounds", type=int, default=None, help="alternating rounds; default 7, quick 5")
-    ap.add_argument("--steps", type=int, default=None, help="timed steps per block; default 30, quick 12")
+    ap.add_argument("--rounds", type=int, default=None, help="alternating rounds; default 11, quick 9")
+    ap.add_argument("--steps", type=int, default=None, help="timed steps per block; default 30, quick 20")
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps before each block; default 3, quick 2")
     ap.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1; 0: torch's default)")
     ap.add_argument("--lr", type=float, default=1e-3)
@@ -589,8 +589,8 @@ def main() -> None:
     ap.add_argument("--peers", type=Path, default=PEERS, help="where `make bench-peers` installed LibMTL")
     ap.add_argument("--output", default="gradient_overhead", help="file stem of the JSON and PNG in benchmarks/results")
     args = ap.parse_args()  # fmt: skip
-    args.rounds = args.rounds or (5 if args.quick else 7)
-    args.steps = args.steps or (12 if args.quick else 30)
+    args.rounds = args.rounds or (9 if args.quick else 11)
+    args.steps = args.steps or (20 if args.quick else 30)
     args.warmup = args.warmup if args.warmup is not None else (2 if args.quick else 3)
     ks = sorted(set(args.ks))
     t_start = time.perf_counter()

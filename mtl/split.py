@@ -148,13 +148,20 @@ class TaskSplit:
         self._check(names)
         others = list(others)
         inputs = self.leaf_inputs(names)
-        grads = torch.autograd.grad(
-            losses.sum(), inputs + others, allow_unused=True, create_graph=create_graph, retain_graph=create_graph
-        )
-        for p, g in zip(others, grads[len(inputs) :]):
-            if g is not None:
-                g = g.detach()
-                p.grad = g if p.grad is None else p.grad + g
+        if create_graph:
+            grads = torch.autograd.grad(
+                losses.sum(), inputs + others, allow_unused=True, create_graph=True, retain_graph=True
+            )
+            for p, g in zip(others, grads[len(inputs) :]):
+                if g is not None:
+                    g = g.detach()
+                    p.grad = g if p.grad is None else p.grad + g
+        else:
+            # autograd accumulates into .grad itself (leaves are fresh, so theirs is exactly dL/dleaf)
+            torch.autograd.backward(losses.sum(), inputs=inputs + others)
+            grads = [x.grad for x in inputs]
+            for x in inputs:
+                x.grad = None
         k = len(names)
         out = []
         pos = 0
