@@ -622,7 +622,12 @@ class GradientMethod:
 
 
 class Plain(GradientMethod):
-    """No modulation: ``sum(losses).backward()`` (every leaf accumulates its plain gradient)."""
+    """No modulation: ``sum(losses).backward()`` (every leaf accumulates its plain gradient).
+
+    It does not ask for a cut graph (``uses_split = False``), but trains through one when the trainer cut the
+    graph for the weighting's sake (GradNorm): one backward through the heads, one through the body with the
+    summed cotangent; the same gradients.
+    """
 
     name = "none"
     uses_split = False
@@ -635,9 +640,12 @@ class Plain(GradientMethod):
         others: Iterable[nn.Parameter] = (),
         representation: Tensor | TaskSplit | None = None,
     ) -> dict[str, float]:
+        names, L = _stack_losses(losses)
         if isinstance(representation, TaskSplit):
-            raise ValueError("Plain backward needs the uncut graph; do not pass a TaskSplit")
-        _, L = _stack_losses(losses)
+            shared_l, others_l = _split_params(shared, others)
+            J = representation.head_backward(names, L, others_l)
+            _set_grad_list(shared_l, representation.body_grads([j.sum(0) for j in J], shared_l))
+            return {}
         L.sum().backward()
         return {}
 

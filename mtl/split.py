@@ -131,6 +131,7 @@ class TaskSplit:
         others: Iterable[nn.Parameter] = (),
         *,
         create_graph: bool = False,
+        retain_graph: bool = False,
         workspace: dict[int, Tensor] | None = None,
     ) -> list[Tensor]:
         """One backward of ``losses.sum()`` (``losses [k]`` in the order of ``names``) through the task heads.
@@ -138,7 +139,8 @@ class TaskSplit:
         Returns, per cut, ``J [k, *z.shape]`` with row ``i`` = ``dL_i/dz`` (zero where task ``i`` does not read
         ``z``); the parameters in ``others`` get their plain gradient of ``sum_i L_i`` *accumulated* into
         ``.grad``, as ``Tensor.backward`` does. With ``create_graph`` the rows stay differentiable (w.r.t. the
-        leaves and head parameters; the returned ``others`` gradients are detached either way).
+        leaves and head parameters; the returned ``others`` gradients are detached either way). ``retain_graph``
+        keeps the heads' graph for another backward (a weighting that measures the task gradients first).
 
         ``workspace`` (a dict the caller keeps between steps) lends the memory of the stacked rows: the
         returned tensors are overwritten by the next call with the same workspace, which saves allocating
@@ -158,7 +160,7 @@ class TaskSplit:
                     p.grad = g if p.grad is None else p.grad + g
         else:
             # autograd accumulates into .grad itself (leaves are fresh, so theirs is exactly dL/dleaf)
-            torch.autograd.backward(losses.sum(), inputs=inputs + others)
+            torch.autograd.backward(losses.sum(), inputs=inputs + others, retain_graph=retain_graph)
             grads = [x.grad for x in inputs]
             for x in inputs:
                 x.grad = None

@@ -44,6 +44,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from mtl.split import TaskSplit
 from mtl.tasks import TaskSpec
 
 __all__ = [
@@ -86,6 +87,9 @@ class Weighting(nn.Module):
     #: When True :meth:`weighted` differentiates the losses w.r.t. the ``shared`` parameters, so the graph
     #: must not be cut between body and heads (:class:`mtl.split.TaskSplit`).
     needs_shared_graph: bool = False
+    #: When True :meth:`weighted` accepts ``split=`` (the model's :class:`mtl.split.TaskSplit` of this step)
+    #: and measures per-task gradients through the cut; a trainer then cuts the graph for it.
+    split_aware: bool = False
 
     def __init__(self, tasks: Sequence[TaskSpec], *, sizes: Mapping[str, int] | None = None, seed: int = 0) -> None:
         super().__init__()
@@ -107,18 +111,27 @@ class Weighting(nn.Module):
         self._opt: torch.optim.Optimizer | None = None  # FAMO's and GradNorm's own optimiser
 
     # ----------------------------------------------------------------------------------------- interface
-    def weighted(self, losses: Mapping[str, Tensor], *, shared: Iterable[nn.Parameter] = ()) -> dict[str, Tensor]:
+    def weighted(
+        self, losses: Mapping[str, Tensor], *, shared: Iterable[nn.Parameter] = (), split: TaskSplit | None = None
+    ) -> dict[str, Tensor]:
         """One scalar per task present in ``losses``; their sum is the full objective.
 
         Args:
             losses: ``{task_name: scalar loss}`` for some or all of the tasks.
             shared: the parameters of the last shared layer. GradNorm needs them; the others ignore them.
+            split: where the losses come through a cut graph, its :class:`mtl.split.TaskSplit` (only for
+                :attr:`split_aware` weightings, which then differentiate through it).
         """
         idx = self._present(losses)
         names = [self.task_names[i] for i in idx]
         values = [losses[n] for n in names]
         stacked = torch.stack(values)
-        weights, extra = self._compute(idx, values, list(shared))
+        if split is not None and not self.split_aware:
+            raise ValueError(f"{type(self).__name__} does not take a TaskSplit (split_aware is False)")
+        if split is None:
+            weights, extra = self._compute(idx, values, list(shared))
+        else:
+            weights, extra = self._compute(idx, values, list(shared), split=split)
         entries = weights.to(stacked) * stacked
         if extra is not None:
             entries = entries + extra.to(stacked)
@@ -389,7 +402,7 @@ class GradNorm(Weighting):
     """
 
     name = "gradnorm"
-    needs_shared_graph = True
+    split_aware = True
     _MIN_WEIGHT = 1e-4
 
     def __init__(
@@ -412,22 +425,35 @@ class GradNorm(Weighting):
         self.register_buffer("initial_losses", torch.full((len(self.tasks),), math.nan))
         self._opt = torch.optim.Adam(list(self.task_weights), lr=self.lr)
 
-    def _compute(self, idx: list[int], losses: list[Tensor], shared: list[nn.Parameter]) -> _Weights:
+    def _compute(
+        self, idx: list[int], losses: list[Tensor], shared: list[nn.Parameter], split: TaskSplit | None = None
+    ) -> _Weights:
         stored = torch.stack([self.task_weights[i] for i in idx]).detach()
         w = stored * (len(idx) / stored.sum())
         if self._updates_state(losses):
-            self._update(idx, losses, w, stored.sum(), shared)
+            self._update(idx, losses, w, stored.sum(), shared, split)
         return w, None
 
     def _update(
-        self, idx: list[int], losses: list[Tensor], w: Tensor, old_sum: Tensor, shared: list[nn.Parameter]
+        self,
+        idx: list[int],
+        losses: list[Tensor],
+        w: Tensor,
+        old_sum: Tensor,
+        shared: list[nn.Parameter],
+        split: TaskSplit | None = None,
     ) -> None:
         if not shared:
             raise ValueError(
                 "gradnorm needs shared=<the parameters of the last shared layer> to measure task gradient norms; "
                 "got none. Pass e.g. shared=list(model.shared_bottom[-1].parameters())"
             )
-        g = _task_grad_norms(losses, shared).to(w)
+        if split is not None:
+            # One backward through the heads for every dL_i/dZ, then the body down to `shared`, batched.
+            J = split.head_backward([self.task_names[i] for i in idx], torch.stack(losses), retain_graph=True)
+            g = split.param_jacobian(J, shared)[0].detach().norm(dim=1).to(w)
+        else:
+            g = _task_grad_norms(losses, shared).to(w)
         current = torch.stack(losses).detach().to(w)
         with torch.no_grad():
             l0 = self.initial_losses[idx]

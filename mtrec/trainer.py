@@ -270,7 +270,7 @@ class Trainer:
         # Per-task gradients through a cut graph (joint batches only; see TrainerConfig.cut_graph).
         self._use_split = bool(
             self.cfg.cut_graph
-            and self.gradient.uses_split
+            and (self.gradient.uses_split or self.weighting.split_aware)
             and getattr(model, "can_split", False)
             and not self.weighting.needs_shared_graph
             and not (self.loss_hook is not None and self.loss_hook.needs_representation)
@@ -420,7 +420,10 @@ class Trainer:
         batches = self._task_batches(tasks, batch) if isinstance(batch, TaskStreams) else batch_to(batch, self.device)
         losses, representation = self._losses(tasks, batches)
         self.optimizer.zero_grad(set_to_none=True)
-        weighted = self.weighting.weighted(losses, shared=self.last_shared)
+        if isinstance(representation, TaskSplit) and self.weighting.split_aware:
+            weighted = self.weighting.weighted(losses, shared=self.last_shared, split=representation)
+        else:
+            weighted = self.weighting.weighted(losses, shared=self.last_shared)
         stats = self.gradient.backward(
             weighted, self.shared_params, others=self.other_params, representation=representation
         )

@@ -183,7 +183,7 @@ def test_split_ignores_tensors_without_gradient_and_heads_of_absent_tasks() -> N
 
 
 @pytest.mark.parametrize("stacked", [False, True], ids=["per-task-leaves", "stacked-leaf"])
-@pytest.mark.parametrize("name", sorted(n for n in GRADIENT_METHODS if n != "none"))
+@pytest.mark.parametrize("name", sorted(GRADIENT_METHODS))
 def test_every_method_gives_the_same_gradients_through_the_split(name: str, stacked: bool) -> None:
     """Each method on the cut graph against the same method on the uncut graph, from identical states."""
     model = BodyHeads()
@@ -232,10 +232,6 @@ def test_every_method_gives_the_same_gradients_through_the_split(name: str, stac
             torch.testing.assert_close(p.grad, r, atol=1e-6, rtol=1e-5, msg=f"{name}, step {step}")
 
 
-def test_plain_refuses_a_split() -> None:
-    split = TaskSplit(["a"])
-    with pytest.raises(ValueError, match="uncut graph"):
-        build_gradient_method("none").backward({"a": torch.ones((), requires_grad=True)}, [], representation=split)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -296,7 +292,7 @@ def _train(name: str, gradient: str, cut_graph: bool, run_dir: Path, weighting=N
         gradient=build_gradient_method(gradient, seed=0),
         weighting=weighting,
     )
-    assert trainer._use_split == (cut_graph and weighting is None)
+    assert trainer._use_split == cut_graph
     data = make_data(64, TASKS, seed=2)
     for b in list(data.batches(16, shuffle=True, seed=0))[:steps]:
         trainer.train_step(b)
@@ -313,11 +309,19 @@ def test_trainer_with_and_without_the_split_trains_the_same_weights(name: str, g
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
-def test_gradnorm_keeps_the_uncut_graph(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("name", "gradient"), [("mmoe", "none"), ("mmoe", "pcgrad"), ("shared_bottom", "none")])
+def test_gradnorm_measures_task_gradients_through_the_split(name: str, gradient: str, tmp_path: Path) -> None:
+    """GradNorm's norms through the cut (and plain backward through it): the same training as on the uncut graph."""
     from mtl.weighting import GradNorm
 
-    weighting = GradNorm([TaskSpec(t, "binary") for t in TASKS])
-    _train("mmoe", "pcgrad", True, tmp_path, weighting=weighting, steps=2)  # asserts _use_split is False
+    runs = {}
+    for cut in (True, False):
+        weighting = GradNorm([TaskSpec(t, "binary") for t in TASKS], lr=0.5)
+        runs[cut] = _train(name, gradient, cut, tmp_path / str(cut), weighting=weighting, steps=4)
+        runs[cut].append(torch.stack([p.detach() for p in weighting.task_weights]))
+    assert not torch.allclose(runs[True][-1], torch.ones(3))  # the task weights did move
+    for a, b in zip(runs[True], runs[False]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
 # --------------------------------------------------------------------------------------------------------------
