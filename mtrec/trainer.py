@@ -66,7 +66,7 @@ class TrainerConfig:
     num_threads: int | None = None
     """torch intra-op threads (``None`` = torch's default)."""
     cut_graph: bool = True
-    """Let gradient methods cut the model's graph between shared body and task heads
+    """Let gradient methods (and GradNorm) cut the model's graph between shared body and task heads
     (``MultiTaskModel.forward_with_split``, :mod:`mtl.split`) where the model, the weighting and the data
     allow it: the same gradients, computed with one head backward instead of ``k``. ``false`` forces the
     batched Jacobian of the whole graph (for comparison)."""
