@@ -723,6 +723,20 @@ class FAMO(Weighting):
         pending = state.get("pending")
         self._prev = None if pending is None else (list(pending[0]), torch.as_tensor(pending[1]).tolist())
 
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        # Checkpoints of the earlier layout (one 0-d parameter per task, ``logits.<i>``, and the state of a
+        # torch.optim.Adam over them in the extra state) load into the buffers.
+        old = [f"{prefix}logits.{i}" for i in range(len(self.tasks))]
+        if old[0] in state_dict and f"{prefix}logits" not in state_dict:
+            state_dict[f"{prefix}logits"] = torch.stack([torch.as_tensor(state_dict.pop(key)) for key in old])
+            extra = state_dict.get(f"{prefix}_extra_state") or {}
+            adam = torch.zeros(3, len(self.tasks))
+            for i, st in (extra.get("optimizer") or {}).get("state", {}).items():
+                moments = [torch.as_tensor(st[key]).float() for key in ("step", "exp_avg", "exp_avg_sq")]
+                adam[:, int(i)] = torch.stack(moments)
+            state_dict[f"{prefix}adam"] = adam
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, lr={self.lr}, gamma={self.gamma}, eps={self.eps}"
 

@@ -513,6 +513,24 @@ def test_famo_adam_step_matches_torch_adam_per_task(gamma: float) -> None:
     assert min(abs(p.item()) for p in famo.logits) > 1e-3  # the logits did move
 
 
+def test_famo_loads_a_checkpoint_of_the_earlier_parameter_list_layout() -> None:
+    """Before its state became buffers, FAMO held one 0-d parameter per task and a torch Adam over them."""
+    logits = [torch.tensor(0.3), torch.tensor(-0.1), torch.tensor(0.0)]
+    params = [nn.Parameter(x.clone(), requires_grad=False) for x in logits]
+    opt = torch.optim.Adam(params, lr=0.025, weight_decay=1e-3)
+    for p, (step, m, v) in zip(params[:2], [(4.0, 0.01, 1e-4), (3.0, -0.02, 4e-4)]):  # task c: never stepped
+        opt.state[p] = {"step": torch.tensor(step), "exp_avg": torch.tensor(m), "exp_avg_sq": torch.tensor(v)}
+    old = {f"logits.{i}": x for i, x in enumerate(logits)}
+    old["_extra_state"] = {"optimizer": opt.state_dict(), "pending": ([0, 2], torch.tensor([0.7, 0.4]))}
+    w = make("famo")
+    w.load_state_dict(old)
+    torch.testing.assert_close(w.logits, torch.tensor([0.3, -0.1, 0.0]))
+    torch.testing.assert_close(w.adam, torch.tensor([[4.0, 3.0, 0.0], [0.01, -0.02, 0.0], [1e-4, 4e-4, 0.0]]))
+    assert w._prev == ([0, 2], pytest.approx([0.7, 0.4]))
+    w.after_step({"a": torch.tensor(0.5), "c": torch.tensor(0.45)})  # the pending update runs from there
+    assert w.adam[0].tolist() == [5.0, 3.0, 1.0]
+
+
 def test_famo_after_step_updates_only_tasks_in_both_calls() -> None:
     w = make("famo")
     w.weighted(scalars(a=1.0, b=1.0, c=1.0))
