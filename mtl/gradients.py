@@ -62,7 +62,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mtl import solvers
-from mtl.split import TaskSplit, _flat
+from mtl.split import TaskSplit, _flat, as_param_grad
 
 Info = dict[str, Tensor]
 Normalization = Literal["none", "l2", "loss", "loss+"]
@@ -495,12 +495,13 @@ def _split_params(
 def _set_grads(params: Sequence[nn.Parameter], g: Tensor) -> None:
     """Set (not accumulate) each parameter's ``.grad`` to its slice of the flat vector ``g``."""
     for p, chunk in zip(params, torch.split(g.detach(), [p.numel() for p in params])):
-        p.grad = chunk.view_as(p).to(p.dtype)
+        p.grad = as_param_grad(p, chunk.view(p.shape))
 
 
 def _set_grad_list(params: Sequence[nn.Parameter], grads: Sequence[Tensor | None]) -> None:
+    """Set (not accumulate) each parameter's ``.grad``, in the parameter's layout (:func:`mtl.split.as_param_grad`)."""
     for p, g in zip(params, grads):
-        p.grad = torch.zeros_like(p) if g is None else g.detach()
+        p.grad = torch.zeros_like(p) if g is None else as_param_grad(p, g)
 
 
 def _grad_norm(params: Sequence[nn.Parameter]) -> float:
@@ -1107,7 +1108,7 @@ class GREAT(GradientMethod):
             phi_grads = grads[len(shared_l) :]
         assert self._optimizer is not None
         for p, g in zip(phi, phi_grads):
-            p.grad = None if g is None else g.detach()
+            p.grad = None if g is None else as_param_grad(p, g)
         self._optimizer.step()
         self._optimizer.zero_grad(set_to_none=True)
         acc = float((logits.detach().argmax(-1) == labels).float().mean())

@@ -39,6 +39,29 @@ import torch
 from torch import Tensor, nn
 
 
+def as_param_grad(p: Tensor, g: Tensor) -> Tensor:
+    """``g`` detached, in ``p``'s dtype and laid out like ``p`` (the same strides), to assign to ``p.grad``.
+
+    ``Tensor.backward`` keeps this layout contract, but gradients from ``torch.autograd.grad`` may come back with
+    other strides (a weight used through a transpose or a reshape, as grouped layers use theirs). torch's fused
+    Adam reads a gradient as if it had its parameter's strides: on CPU it silently updates with the wrong
+    elements (pytorch/pytorch#106951 reports the CUDA error), so every gradient this library assigns goes
+    through here.
+    """
+    g = g.detach()
+    if g.dtype != p.dtype:
+        g = g.to(p.dtype)
+    if g.stride() != p.stride() and not same_layout(p, g):
+        g = torch.empty_like(p).copy_(g)
+    return g
+
+
+def same_layout(a: Tensor, b: Tensor) -> bool:
+    """Whether two tensors of one shape have the same strides on every dimension longer than 1 (the stride of a
+    dimension of size 1 is never used to address an element)."""
+    return all(sa == sb for sa, sb, n in zip(a.stride(), b.stride(), a.shape) if n > 1)
+
+
 class TaskSplit:
     """Per-task leaf copies of the tensors that cross from the shared body to the task heads.
 
@@ -156,8 +179,7 @@ class TaskSplit:
             )
             for p, g in zip(others, grads[len(inputs) :]):
                 if g is not None:
-                    g = g.detach()
-                    p.grad = g if p.grad is None else p.grad + g
+                    p.grad = as_param_grad(p, g if p.grad is None else p.grad + g.detach())
         else:
             # autograd accumulates into .grad itself (leaves are fresh, so theirs is exactly dL/dleaf)
             torch.autograd.backward(losses.sum(), inputs=inputs + others, retain_graph=retain_graph)

@@ -309,6 +309,55 @@ def test_trainer_with_and_without_the_split_trains_the_same_weights(name: str, g
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
+def _adam_steps(gradient: str, cut_graph: bool, fused: bool, run_dir: Path, weighting=None, steps: int = 3):
+    """A few Trainer steps of an MMoE with Adam; returns (parameters, {name: gradient laid out like it})."""
+    model = make("mmoe", seed=1)
+    tasks = [TaskSpec(t, "binary") for t in TASKS]
+    opt = torch.optim.Adam(model.parameters(), lr=0.01, **({"fused": True} if fused else {"foreach": False}))
+    layouts: dict[str, bool] = {}
+    step = opt.step
+
+    def checked_step(*args, **kwargs):
+        for n, p in model.named_parameters():
+            if p.grad is not None:  # strides of dimensions of size 1 address nothing
+                layouts[n] = all(a == b for a, b, d in zip(p.stride(), p.grad.stride(), p.shape) if d > 1)
+        return step(*args, **kwargs)
+
+    opt.step = checked_step  # type: ignore[method-assign]
+    cfg = TrainerConfig(batch_size=16, progress=False, tensorboard=False, cut_graph=cut_graph)
+    trainer = Trainer(model, opt, tasks, cfg, run_dir, seed=0, gradient=build_gradient_method(gradient, seed=0),
+                      weighting=weighting)  # fmt: skip
+    for b in list(make_data(64, TASKS, seed=2).batches(16, shuffle=True, seed=0))[:steps]:
+        trainer.train_step(b)
+    return [p.detach().clone() for p in model.parameters()], layouts
+
+
+@pytest.mark.parametrize("cut_graph", [True, False], ids=["cut", "uncut"])
+@pytest.mark.parametrize("gradient", sorted(GRADIENT_METHODS))
+def test_every_method_leaves_gradients_in_the_parameters_layout(gradient: str, cut_graph: bool, tmp_path: Path) -> None:
+    """The experts' grouped weight reaches autograd through a transpose, so its raw gradient has other strides;
+    fused Adam would read such a gradient as if it had the parameter's (silently wrong on CPU). Every method must
+    assign gradients laid out like their parameters, and fused Adam must then train exactly as the loop does."""
+    fused, layouts = _adam_steps(gradient, cut_graph, True, tmp_path / "fused")
+    assert "experts.layers.0.weight" in layouts
+    assert [name for name, ok in layouts.items() if not ok] == []
+    loop, _ = _adam_steps(gradient, cut_graph, False, tmp_path / "loop")
+    for a, b in zip(fused, loop):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_gradnorm_with_plain_backward_through_the_split_keeps_the_layout(tmp_path: Path) -> None:
+    from mtl.weighting import GradNorm
+
+    runs = {}
+    for fused in (True, False):
+        weighting = GradNorm([TaskSpec(t, "binary") for t in TASKS])
+        runs[fused], layouts = _adam_steps("none", True, fused, tmp_path / str(fused), weighting=weighting)
+        assert layouts and all(layouts.values())
+    for a, b in zip(runs[True], runs[False]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize(("name", "gradient"), [("mmoe", "none"), ("mmoe", "pcgrad"), ("shared_bottom", "none")])
 def test_gradnorm_measures_task_gradients_through_the_split(name: str, gradient: str, tmp_path: Path) -> None:
     """GradNorm's norms through the cut (and plain backward through it): the same training as on the uncut graph."""
