@@ -445,7 +445,7 @@ PROFILED_FUNCTIONS = {
     "mtl.gradients": ("task_gradients", "gram", "combine", "_set_grads", "_set_grad_list", "_backward_others", "_stats",
                       "pcgrad_weights", "gradvac_weights", "cagrad_weights", "mgda_weights", "imtl_g_weights",
                       "aligned_mtl_weights", "nash_mtl_weights"),
-    "mtl.weighting": ("famo_logit_grad",),
+    "mtl.weighting": ("_task_grad_norms",),
     "mtl.solvers": ("min_norm_simplex", "cagrad_dual", "nash_bargaining"),
 }  # fmt: skip
 
