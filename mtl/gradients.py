@@ -1091,12 +1091,9 @@ class GREAT(GradientMethod):
             leaves = split.leaf_inputs(names)
             adv = torch.autograd.grad(disc_loss, [*leaves, *phi], allow_unused=True)
             cot = []
-            for j, per_task in zip(J_cuts, split.per_cut(adv[: len(leaves)], names)):
+            for j, adv_sum in zip(J_cuts, split.summed_per_cut(adv[: len(leaves)], names)):
                 total = j.detach().sum(0)
-                for g in per_task:
-                    if g is not None:
-                        total = total + g
-                cot.append(total)
+                cot.append(total if adv_sum is None else total + adv_sum)
             _set_grad_list(shared_l, split.body_grads(cot, shared_l))
             phi_grads = adv[len(leaves) :]
         else:

@@ -108,7 +108,7 @@ class TaskSplit:
 
     def leaf_inputs(self, names: Sequence[str]) -> list[Tensor]:
         """The leaves that carry the tasks ``names``' gradients, to differentiate with respect to (per cut: one
-        leaf per task, or the stacked leaf); :meth:`per_cut` turns the gradients back into rows."""
+        leaf per task, or the stacked leaf); :meth:`summed_per_cut` adds their gradients up per cut."""
         out: list[Tensor] = []
         for leaves in self.leaves:
             if isinstance(leaves, Tensor):
@@ -117,19 +117,20 @@ class TaskSplit:
                 out.extend(leaves[n] for n in names)
         return out
 
-    def per_cut(self, grads: Sequence[Tensor | None], names: Sequence[str]) -> list[list[Tensor | None]]:
-        """Gradients with respect to :meth:`leaf_inputs` regrouped per cut as one entry per task of ``names``
-        (``None`` where that task's head does not read the cut)."""
-        out: list[list[Tensor | None]] = []
+    def summed_per_cut(self, grads: Sequence[Tensor | None], names: Sequence[str]) -> list[Tensor | None]:
+        """Gradients with respect to :meth:`leaf_inputs` summed over the tasks ``names``, one per cut (``None`` where
+        no task's head reads the cut)."""
+        out: list[Tensor | None] = []
         pos = 0
-        for leaves in self.leaves:
+        for z, leaves in zip(self.cuts, self.leaves):
             if isinstance(leaves, Tensor):
                 g = grads[pos]
                 pos += 1
-                out.append([None] * len(names) if g is None else [g[self._index[n]] for n in names])
+                out.append(None if g is None else self._stacked_rows(g, z, names).sum(0))
             else:
-                out.append(list(grads[pos : pos + len(names)]))
+                present = [g for g in grads[pos : pos + len(names)] if g is not None]
                 pos += len(names)
+                out.append(torch.stack(present).sum(0) if present else None)
         return out
 
     def _stacked_rows(self, g: Tensor | None, z: Tensor, names: Sequence[str]) -> Tensor:
