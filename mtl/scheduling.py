@@ -1,20 +1,25 @@
 """Task scheduling: which tasks' losses count at each training step, and per-task data streams.
 
-One interface, :class:`TaskScheduler`, with seven methods (registry :data:`SCHEDULERS`):
+One interface, :class:`TaskScheduler`, with eight methods (registry :data:`SCHEDULERS`):
 
 - ``all``: every task every step.
 - ``round_robin``: task ``step mod k``.
 - ``random``: ``tasks_per_step`` tasks drawn uniformly without replacement.
 - ``temperature``: one task, ``p_t ∝ n_t^(1/T)`` (T=1 size-proportional, T→∞ uniform).
 - ``annealed``: one task, ``p_t ∝ n_t^alpha(step)``, alpha linear from 1 to 0.2 (Stickland & Murray, ICML 2019).
-- ``bandit``: one task, EXP3 (Auer et al., 2002) rewarded by learning progress (Graves et al., ICML 2017).
+- ``bandit``: one task, EXP3 (Auer et al., 2002) rewarded by learning progress, the rewards rescaled to ``[-1, 1]``
+  by quantiles of their history (Graves et al., ICML 2017).
 - ``active``: one task, ``p_t ∝ exp(gap_t / tau)`` over the gap to a target loss (Sharma et al., 2017).
+- ``progress``: ``tasks_per_step`` tasks by recent learning progress (|fast - slow EMA| of the success rate;
+  Kanitscheider et al., 2021; Matiisen et al., 2017) or by how far each task is from solved, from episode outcomes.
 
 Randomness is counter-based: the draw at ``step`` comes from a Philox generator keyed by ``seed`` with ``step``
 in its counter. ``select(step)`` is therefore a function of ``(seed, step, observations so far)`` only: calling it
 twice at one step gives the same tasks, skipping steps changes nothing else, and a resumed run needs no generator
-state beyond the seed. Adaptive methods (``bandit``, ``active``) learn from :meth:`TaskScheduler.observe`, and
-their state travels in :meth:`TaskScheduler.state_dict`.
+state beyond the seed. Adaptive methods learn from feedback, and their state travels in
+:meth:`TaskScheduler.state_dict`: ``bandit`` and ``active`` from training losses (:meth:`TaskScheduler.observe`, which
+the recommendation trainer calls after every step), ``progress`` from episode outcomes
+(:meth:`TaskScheduler.observe_outcomes`, which an RL trainer calls at episode ends or evaluations).
 
 Two data regimes:
 
@@ -48,6 +53,7 @@ __all__ = [
     "AllTasks",
     "Annealed",
     "Exp3Bandit",
+    "LearningProgress",
     "RandomTasks",
     "RoundRobin",
     "ScheduledStreams",
@@ -55,6 +61,7 @@ __all__ = [
     "TaskStreams",
     "Temperature",
     "build_scheduler",
+    "quantile_rescale",
 ]
 
 
@@ -148,9 +155,13 @@ class TaskScheduler:
     def num_tasks(self) -> int:
         return len(self.tasks)
 
-    def _rng(self, step: int) -> np.random.Generator:
-        """The generator of ``step``'s draws: Philox keyed by the seed, ``step`` in the counter."""
-        return np.random.Generator(np.random.Philox(key=self._key, counter=[0, 0, _index(step), 0]))
+    def _rng(self, step: int, stream: int = 0) -> np.random.Generator:
+        """The generator of ``step``'s draws: Philox keyed by the seed, ``step`` in the counter.
+
+        ``stream`` (the counter's last word) keeps other draws of a method (e.g. the bandit's reservoir) apart
+        from the task draws: a generator advances only the counter's first word, so streams never meet.
+        """
+        return np.random.Generator(np.random.Philox(key=self._key, counter=[0, 0, _index(step), stream]))
 
     def _probs(self, step: int) -> np.ndarray:
         raise NotImplementedError
@@ -178,6 +189,11 @@ class TaskScheduler:
 
     def observe(self, step: int, losses: Mapping[str, float]) -> None:
         """Feedback after ``step``: that step's (unweighted) losses of some or all tasks. No-op by default."""
+
+    def observe_outcomes(self, step: int, outcomes: Mapping[str, float]) -> None:
+        """Episode feedback at ``step``: ``{task: recent success rate in [0, 1]}`` (or a return normalised to
+        ``[0, 1]``) for some or all tasks, e.g. from an RL trainer at episode ends or evaluations. No-op by default;
+        :class:`LearningProgress` samples from it."""
 
     def _check_losses(self, losses: Mapping[str, float]) -> dict[str, float]:
         unknown = sorted(set(losses) - set(self.tasks))
@@ -353,25 +369,82 @@ class Annealed(TaskScheduler):
         return _softmax(self.alpha(step) * self._log_sizes)
 
 
+def quantile_rescale(value: float, history: Sequence[float], q_lo: float = 0.2, q_hi: float = 0.8) -> float:
+    """Graves et al.'s (ICML 2017, section 2.3) adaptive reward scaling: ``value`` mapped to ``[-1, 1]`` by the
+    ``q_lo`` and ``q_hi`` quantiles of ``history`` (the earlier, unscaled rewards)::
+
+        lo, hi = quantile(history, q_lo), quantile(history, q_hi)
+        r = -1                              if value < lo
+        r = +1                              if value > hi
+        r = 2 (value - lo) / (hi - lo) - 1  otherwise
+
+    Quantiles interpolate linearly between order statistics (``numpy.quantile``'s default): for a sorted history
+    ``x_0 <= ... <= x_{n-1}`` the ``q`` quantile is ``x_j + f (x_{j+1} - x_j)`` with ``j + f = q (n - 1)``. Two
+    cases the formula leaves open: an empty history gives 0 (nothing to compare with), and ``lo == hi`` gives -1,
+    0 or +1 by the sign of ``value - lo``.
+
+    Example::
+
+        >>> history = [3.0, 0.0, 5.0, 1.0, 4.0, 2.0]  # 20th percentile 1.0, 80th 4.0
+        >>> [quantile_rescale(v, history) for v in (0.5, 1.0, 2.5, 4.0, 9.0)]
+        [-1.0, -1.0, 0.0, 1.0, 1.0]
+    """
+    if len(history) == 0:
+        return 0.0
+    lo, hi = (float(q) for q in np.quantile(np.asarray(history, dtype=np.float64), [q_lo, q_hi]))
+    if value < lo:
+        return -1.0
+    if value > hi:
+        return 1.0
+    if hi == lo:
+        return 0.0
+    return min(max(2.0 * (value - lo) / (hi - lo) - 1.0, -1.0), 1.0)
+
+
 class Exp3Bandit(TaskScheduler):
-    """EXP3 (Auer et al., 2002) over tasks, rewarded by learning progress (Graves et al., ICML 2017).
+    """EXP3 (Auer et al., 2002) over tasks, rewarded by learning progress as in Graves et al., "Automated
+    Curriculum Learning for Neural Networks" (ICML 2017).
 
     One task per step, drawn from ``p = (1 - gamma) softmax(w) + gamma / k``. After the step, :meth:`observe`
-    needs the chosen task's loss ``L_now``; with ``L_prev`` its loss when it was last chosen, the reward is the
-    rescaled relative progress ``r = (clip((L_prev - L_now) / |L_prev|, -1, 1) + 1) / 2`` in ``[0, 1]`` (0.5: no
-    progress), and the importance-weighted update is ``w_chosen += eta * r / p_chosen``. A task's first
-    observation only records ``L_prev``; other tasks' losses in the same call are ignored. With ``alpha > 0``
-    the weight shares are also mixed toward uniform after every update, ``w <- (1 - alpha) w + alpha / k``
-    (normalised; the weight sharing of Exp3.S, which Graves et al. use so that the bandit can follow progress
-    that changes during training); ``alpha = 0`` is plain EXP3.
+    needs the chosen task's loss ``L_now``; with ``L_prev`` its loss when it was last chosen, the learning progress
+    is ``v = (L_prev - L_now) / |L_prev|`` (the sign of the change when ``L_prev = 0``). A task's first observation
+    only records ``L_prev``; other tasks' losses in the same call are ignored. The reward ``r`` is:
+
+    - ``reward_scaling="quantile"`` (default; Graves et al., section 2.3): ``v`` rescaled to ``[-1, 1]`` by the
+      ``q_lo`` and ``q_hi`` quantiles (the paper's 20th and 80th percentiles) of the unscaled progress values seen
+      before it (:func:`quantile_rescale`). The history is a reservoir sample (Vitter's algorithm R) of at most
+      ``history_size`` values over all tasks; which slot the ``n``-th value replaces is drawn from the seed and
+      ``n`` (counter-based, like the task draws), and the reservoir travels in :meth:`state_dict`, so a resumed
+      run rescales exactly as an uninterrupted one. Relative progress per step is about ``1e-3``; unscaled it
+      moves every weight by about the same amount and the distribution stays near uniform, rescaled the task
+      whose loss falls fastest gets rewards near +1 and the others near -1.
+    - ``reward_scaling="fixed"`` (this class before the rescaling): ``(clip(v, -1, 1) + 1) / 2`` in ``[0, 1]``.
+
+    The importance-weighted update is ``w_chosen += eta * r / p_chosen``.
+
+    Which algorithm: with ``alpha = 0`` (default) this is Exp3 itself, Auer et al.'s exploration mixture
+    ``gamma / k`` included, with the step size ``eta`` freed from ``gamma`` (``eta=None`` is Auer et al.'s
+    ``gamma / k``; Graves et al. call the same mixture ``epsilon``). With ``alpha > 0`` it is the Exp3.S of Graves
+    et al. (their eq. 2 with ``beta = 0``, the value they use): after every update the weight shares are mixed,
+    ``s <- (1 - alpha) s + alpha / k``, so that the bandit can follow progress that changes during training.
+    Graves et al. write the mixing as ``(1 - a) s_i + a / (k - 1) sum_{j != i} s_j``, which is this one with
+    ``alpha = a k / (k - 1)``. Not taken from the paper: its step size ``eta = 1e-3`` and ``epsilon = 0.05``
+    (tuned for runs of 10^5 steps and more; the defaults here move the distribution within a few hundred steps),
+    and its other progress signals (prediction gain on the same batch before and after the update, complexity
+    gains), which need the trainer's help.
 
     Args:
         gamma: exploration, in ``(0, 1]``; every task keeps probability at least ``gamma / k``.
         eta: step size of the log-weights; ``None`` is EXP3's ``gamma / k``.
         alpha: Exp3.S weight sharing in ``[0, 1)``.
+        reward_scaling: ``"quantile"`` (Graves et al.) or ``"fixed"`` (see above).
+        q_lo: lower quantile of the reward history, in ``[0, q_hi)``; progress below it is rewarded -1.
+        q_hi: upper quantile, in ``(q_lo, 1]``; progress above it is rewarded +1.
+        history_size: most unscaled rewards kept in the reservoir, ``>= 1``.
     """
 
     name = "bandit"
+    REWARD_SCALINGS: ClassVar[tuple[str, ...]] = ("quantile", "fixed")
 
     def __init__(
         self,
@@ -383,17 +456,33 @@ class Exp3Bandit(TaskScheduler):
         gamma: float = 0.1,
         eta: float | None = None,
         alpha: float = 0.0,
+        reward_scaling: str = "quantile",
+        q_lo: float = 0.2,
+        q_hi: float = 0.8,
+        history_size: int = 1000,
     ) -> None:
         super().__init__(tasks, sizes=sizes, seed=seed, total_steps=total_steps)
         if not 0 < gamma <= 1:
             raise ValueError(f"gamma (exploration) must be in (0, 1], got {gamma}")
         if not 0 <= alpha < 1:
             raise ValueError(f"alpha (Exp3.S weight sharing) must be in [0, 1), got {alpha}")
+        if reward_scaling not in self.REWARD_SCALINGS:
+            raise ValueError(f"reward_scaling must be one of {list(self.REWARD_SCALINGS)}, got {reward_scaling!r}")
+        if not 0 <= q_lo < q_hi <= 1:
+            raise ValueError(f"quantiles must satisfy 0 <= q_lo < q_hi <= 1, got q_lo={q_lo}, q_hi={q_hi}")
+        if operator.index(history_size) < 1:
+            raise ValueError(f"history_size (reservoir of past rewards) must be >= 1, got {history_size}")
         self.gamma = float(gamma)
         self.eta = self.gamma / self.num_tasks if eta is None else _positive("eta", eta)
         self.alpha = float(alpha)
+        self.reward_scaling = str(reward_scaling)
+        self.q_lo, self.q_hi = float(q_lo), float(q_hi)
+        self.history_size = operator.index(history_size)
         self.log_weights = np.zeros(self.num_tasks)
         self.last_loss: list[float | None] = [None] * self.num_tasks
+        self.history: list[float] = []  # reservoir of unscaled rewards (quantile scaling)
+        self.rewards_seen = 0  # unscaled rewards offered to the reservoir so far
+        self.last_reward: tuple[float, float] | None = None  # (unscaled, scaled) reward of the latest update
         self._pending: tuple[int, int, float] | None = None  # (step, chosen task, its probability)
 
     def _probs(self, step: int) -> np.ndarray:
@@ -405,13 +494,33 @@ class Exp3Bandit(TaskScheduler):
         return [i]
 
     @staticmethod
-    def reward(prev_loss: float, loss: float) -> float:
-        """Learning progress ``(prev - now) / |prev|`` clipped to ``[-1, 1]`` and mapped to ``[0, 1]``."""
+    def progress(prev_loss: float, loss: float) -> float:
+        """Relative learning progress ``(prev - now) / |prev|``; the sign of the change when ``prev == 0``."""
         if prev_loss == 0:  # no relative change defined: only the sign of the change counts
-            progress = 0.0 if loss == 0 else math.copysign(1.0, -loss)
+            return 0.0 if loss == 0 else math.copysign(1.0, -loss)
+        return (prev_loss - loss) / abs(prev_loss)
+
+    @staticmethod
+    def reward(prev_loss: float, loss: float) -> float:
+        """The ``"fixed"`` reward: learning progress clipped to ``[-1, 1]`` and mapped to ``[0, 1]``."""
+        return (min(max(Exp3Bandit.progress(prev_loss, loss), -1.0), 1.0) + 1.0) / 2.0
+
+    def scaled_reward(self, progress: float) -> float:
+        """``progress`` rescaled by the quantiles of the current reward history (:func:`quantile_rescale`);
+        reads the history only."""
+        return quantile_rescale(progress, self.history, self.q_lo, self.q_hi)
+
+    def _remember(self, progress: float) -> None:
+        """Offer an unscaled reward to the reservoir (algorithm R): kept while there is room, afterwards the
+        ``n``-th value (0-based) replaces a uniformly drawn slot with probability ``history_size / (n + 1)``."""
+        n = self.rewards_seen
+        if n < self.history_size:
+            self.history.append(progress)
         else:
-            progress = (prev_loss - loss) / abs(prev_loss)
-        return (min(max(progress, -1.0), 1.0) + 1.0) / 2.0
+            j = int(self._rng(n, stream=1).integers(0, n + 1))
+            if j < self.history_size:
+                self.history[j] = progress
+        self.rewards_seen = n + 1
 
     def observe(self, step: int, losses: Mapping[str, float]) -> None:
         step = _index(step)
@@ -433,7 +542,14 @@ class Exp3Bandit(TaskScheduler):
         self.last_loss[i] = loss
         if prev is None:
             return
-        self.log_weights[i] += self.eta * self.reward(prev, loss) / p
+        v = self.progress(prev, loss)
+        if self.reward_scaling == "quantile":
+            r = self.scaled_reward(v)  # against the rewards before this one (the paper's R_t = {r_1..r_{t-1}})
+            self._remember(v)
+        else:
+            r = self.reward(prev, loss)
+        self.last_reward = (v, r)
+        self.log_weights[i] += self.eta * r / p
         if self.alpha > 0:
             w = _softmax(self.log_weights)
             self.log_weights = np.log((1.0 - self.alpha) * w + self.alpha / self.num_tasks)
@@ -444,6 +560,9 @@ class Exp3Bandit(TaskScheduler):
             "log_weights": self.log_weights.tolist(),
             "last_loss": list(self.last_loss),
             "pending": None if self._pending is None else list(self._pending),
+            "history": list(self.history),
+            "rewards_seen": self.rewards_seen,
+            "last_reward": None if self.last_reward is None else list(self.last_reward),
         }
 
     def _load_method_state(self, state: Mapping[str, Any]) -> None:
@@ -451,6 +570,16 @@ class Exp3Bandit(TaskScheduler):
         self.last_loss = [None if v is None else float(v) for v in state["last_loss"]]
         pending = state["pending"]
         self._pending = None if pending is None else (int(pending[0]), int(pending[1]), float(pending[2]))
+        # States written before the rescaling have no history: they resume with an empty reservoir.
+        self.history = [float(v) for v in state.get("history", [])]
+        self.rewards_seen = int(state.get("rewards_seen", len(self.history)))
+        if len(self.history) > self.history_size:
+            raise ValueError(
+                f"scheduler 'bandit': state holds {len(self.history)} past rewards, this scheduler keeps at most "
+                f"history_size={self.history_size}; resume with the history_size the run was started with"
+            )
+        last = state.get("last_reward")
+        self.last_reward = None if last is None else (float(last[0]), float(last[1]))
 
 
 class ActiveSampling(TaskScheduler):
@@ -525,8 +654,155 @@ class ActiveSampling(TaskScheduler):
         self.best = [None if v is None else float(v) for v in state["best"]]
 
 
+class LearningProgress(TaskScheduler):
+    """Tasks sampled by learning progress or by how far they are from solved, from episode outcomes (RL).
+
+    :meth:`observe_outcomes` takes ``{task: outcome}``, a recent episode success rate in ``[0, 1]`` (or a return
+    normalised to ``[0, 1]``), for some or all tasks. Each task keeps two exponential moving averages of its
+    outcomes, both initialised to its first outcome::
+
+        fast <- fast_decay * fast + (1 - fast_decay) * outcome
+        slow <- slow_decay * slow + (1 - slow_decay) * outcome      (slow_decay > fast_decay)
+
+    and a score by ``signal``:
+
+    - ``"progress"``: absolute learning progress ``|fast - slow|``, the gap between a fast and a slow average of
+      the success rate (Kanitscheider et al., "Multi-task curriculum learning in a complex, visual,
+      hard-exploration domain: Minecraft", 2021; the absolute slope of the learning curve, so that tasks being
+      forgotten are trained too, as in Matiisen et al., "Teacher-Student Curriculum Learning", 2017). Tasks
+      already solved and tasks still out of reach both score 0; the ones being learned are sampled. Kanitscheider
+      et al. further reshape the progress before sampling; this class samples in proportion to it as it is.
+    - ``"success"``: ``1 - fast``, how far the recent success rate is from solved: unsolved tasks are sampled more.
+
+    The sampling distribution mixes the normalised scores with ``epsilon`` of uniform, so that no task starves::
+
+        p = (1 - epsilon) * score / sum(score) + epsilon / k
+
+    Before any outcome arrives (and whenever every score is 0) ``p`` is uniform. A task without an outcome yet
+    while others have one gets the highest score of the observed tasks, so it is tried soon. ``tasks_per_step``
+    tasks are drawn from ``p`` without replacement (successive draws, renormalised after each); with one task per
+    step :meth:`probabilities` is each task's chance of being chosen, with more it is the first draw's
+    distribution. :meth:`observe` (training losses) is ignored.
+
+    Args:
+        tasks_per_step: how many tasks are selected at each step, 1 to ``len(tasks)``.
+        signal: ``"progress"`` or ``"success"`` (see above).
+        epsilon: share of uniform sampling, in ``(0, 1]``; every task keeps probability at least ``epsilon / k``.
+        fast_decay: decay of the fast average, in ``[0, slow_decay)``.
+        slow_decay: decay of the slow average, in ``(fast_decay, 1)``.
+    """
+
+    name = "progress"
+    SIGNALS: ClassVar[tuple[str, ...]] = ("progress", "success")
+
+    def __init__(
+        self,
+        tasks: Sequence[str],
+        *,
+        sizes: Mapping[str, int] | None = None,
+        seed: int = 0,
+        total_steps: int | None = None,
+        tasks_per_step: int = 1,
+        signal: str = "progress",
+        epsilon: float = 0.1,
+        fast_decay: float = 0.9,
+        slow_decay: float = 0.98,
+    ) -> None:
+        super().__init__(tasks, sizes=sizes, seed=seed, total_steps=total_steps)
+        if not 1 <= tasks_per_step <= self.num_tasks:
+            raise ValueError(
+                f"tasks_per_step must be in [1, {self.num_tasks}] (the number of tasks), got {tasks_per_step}"
+            )
+        if signal not in self.SIGNALS:
+            raise ValueError(f"signal must be one of {list(self.SIGNALS)}, got {signal!r}")
+        if not 0 < epsilon <= 1:
+            raise ValueError(f"epsilon (share of uniform sampling) must be in (0, 1], got {epsilon}")
+        if not 0 <= fast_decay < slow_decay < 1:
+            raise ValueError(
+                f"decays must satisfy 0 <= fast_decay < slow_decay < 1, got fast_decay={fast_decay}, "
+                f"slow_decay={slow_decay}"
+            )
+        self.tasks_per_step = int(tasks_per_step)
+        self.signal = str(signal)
+        self.epsilon = float(epsilon)
+        self.fast_decay, self.slow_decay = float(fast_decay), float(slow_decay)
+        self.fast: list[float | None] = [None] * self.num_tasks
+        self.slow: list[float | None] = [None] * self.num_tasks
+
+    def scores(self) -> dict[str, float]:
+        """Each task's score by ``signal`` (unobserved tasks: the highest observed score; 0 when none is)."""
+        raw: list[float | None] = []
+        for fast, slow in zip(self.fast, self.slow):
+            if fast is None or slow is None:
+                raw.append(None)
+            elif self.signal == "progress":
+                raw.append(abs(fast - slow))
+            else:
+                raw.append(1.0 - fast)
+        observed = [v for v in raw if v is not None]
+        top = max(observed, default=0.0)
+        return {t: top if v is None else v for t, v in zip(self.tasks, raw)}
+
+    def _probs(self, step: int) -> np.ndarray:
+        score = np.array(list(self.scores().values()))
+        total = score.sum()
+        if not total > 0:
+            return np.full(self.num_tasks, 1.0 / self.num_tasks)
+        return (1.0 - self.epsilon) * score / total + self.epsilon / self.num_tasks
+
+    def _select(self, step: int) -> list[int]:
+        """Successive sampling: each draw inverts the CDF of ``p`` over the tasks not drawn yet."""
+        if self.tasks_per_step == 1:
+            return super()._select(step)
+        p = self._probs(step).copy()
+        chosen: list[int] = []
+        for u in self._rng(step).random(self.tasks_per_step):
+            cdf = np.cumsum(p)
+            i = int(np.searchsorted(cdf, u * cdf[-1], side="right"))
+            if i >= self.num_tasks or p[i] == 0:  # u * total rounded up to the total: the last task left
+                i = int(np.flatnonzero(p)[-1])
+            chosen.append(i)
+            p[i] = 0.0
+        return chosen
+
+    def observe_outcomes(self, step: int, outcomes: Mapping[str, float]) -> None:
+        _index(step)
+        unknown = sorted(set(outcomes) - set(self.tasks))
+        if unknown:
+            raise ValueError(f"scheduler 'progress': outcomes for unknown tasks {unknown}; tasks are {self.tasks}")
+        values = {str(t): float(v) for t, v in outcomes.items()}
+        bad = {t: v for t, v in values.items() if not 0.0 <= v <= 1.0}  # also catches NaN
+        if bad:
+            raise ValueError(
+                f"scheduler 'progress': outcomes must be success rates (or normalised returns) in [0, 1], got {bad}; "
+                "normalise returns first, e.g. (R - R_min) / (R_max - R_min)"
+            )
+        for t, x in values.items():
+            i = self.tasks.index(t)
+            fast, slow = self.fast[i], self.slow[i]
+            self.fast[i] = x if fast is None else self.fast_decay * fast + (1.0 - self.fast_decay) * x
+            self.slow[i] = x if slow is None else self.slow_decay * slow + (1.0 - self.slow_decay) * x
+
+    def _method_state(self) -> dict[str, Any]:
+        return {"fast": list(self.fast), "slow": list(self.slow)}
+
+    def _load_method_state(self, state: Mapping[str, Any]) -> None:
+        self.fast = [None if v is None else float(v) for v in state["fast"]]
+        self.slow = [None if v is None else float(v) for v in state["slow"]]
+
+
 SCHEDULERS: dict[str, type[TaskScheduler]] = {
-    cls.name: cls for cls in (AllTasks, RoundRobin, RandomTasks, Temperature, Annealed, Exp3Bandit, ActiveSampling)
+    cls.name: cls
+    for cls in (
+        AllTasks,
+        RoundRobin,
+        RandomTasks,
+        Temperature,
+        Annealed,
+        Exp3Bandit,
+        ActiveSampling,
+        LearningProgress,
+    )
 }
 
 

@@ -1,5 +1,7 @@
 """Task scheduling: samplers against hand-computed distributions, adaptive methods on synthetic feedback,
-endless per-task streams, exact resume of every scheduler, and every config in configs/schedule."""
+endless per-task streams, exact resume of every scheduler, and every config in configs/schedule. The bandit's
+reward rescaling (Graves et al., 2017) and the learning-progress scheduler are checked against values derived by
+hand."""
 
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from mtl.scheduling import (
     AllTasks,
     Annealed,
     Exp3Bandit,
+    LearningProgress,
     RandomTasks,
     RoundRobin,
     ScheduledStreams,
@@ -28,6 +31,7 @@ from mtl.scheduling import (
     TaskStreams,
     Temperature,
     build_scheduler,
+    quantile_rescale,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -138,9 +142,9 @@ def test_annealed_sampling_frequencies(where: str) -> None:
 
 
 def test_bandit_matches_exp3_by_hand() -> None:
-    """Linear-weight EXP3 reference: w_i *= exp(eta * r / p_i) for the chosen task."""
+    """Linear-weight EXP3 reference: w_i *= exp(eta * r / p_i) for the chosen task (the fixed [0, 1] reward)."""
     gamma, eta = 0.2, 0.5
-    s = Exp3Bandit(["a", "b"], gamma=gamma, eta=eta, seed=5)
+    s = Exp3Bandit(["a", "b"], gamma=gamma, eta=eta, seed=5, reward_scaling="fixed")
     w = np.ones(2)
     last: dict[str, float] = {}
     losses = {"a": iter([2.0, 1.0, 0.5, 0.1, 0.3, 0.3] * 5), "b": iter([1.0, 1.5, 1.0, 4.0, 1.0, 1.0] * 5)}
@@ -161,8 +165,9 @@ def test_bandit_matches_exp3_by_hand() -> None:
 
 @pytest.mark.parametrize("alpha", [0.0, 1e-3])
 def test_bandit_prefers_the_task_that_keeps_learning(alpha: float) -> None:
+    """The fixed [0, 1] reward: slow at first even with 20% progress (the rescaled reward is fast, see below)."""
     gamma = 0.1
-    s = Exp3Bandit(TASKS, gamma=gamma, alpha=alpha, seed=6)
+    s = Exp3Bandit(TASKS, gamma=gamma, alpha=alpha, seed=6, reward_scaling="fixed")
     loss = {"a": 1.0, "b": 1.0, "c": 1.0}
     chosen = []
     for step in range(3000):
@@ -210,6 +215,174 @@ def test_bandit_observe_needs_its_selection() -> None:
     with pytest.raises(ValueError, match="unknown tasks"):
         s.observe(0, {"z": 1.0})
     s.observe(0, {task: 1.0})
+
+
+# ---------------------------------------------------------------------------------------------- bandit: reward scaling
+
+
+def percentile_by_hand(history: list[float], q: float) -> float:
+    """Linear interpolation between order statistics: position q (n - 1) in the sorted history."""
+    xs = sorted(history)
+    pos = q * (len(xs) - 1)
+    j = math.floor(pos)
+    return xs[j] if j + 1 >= len(xs) else xs[j] + (pos - j) * (xs[j + 1] - xs[j])
+
+
+def test_quantile_rescale_by_hand() -> None:
+    history = [30.0, 0.0, 20.0, 10.0]  # sorted 0, 10, 20, 30: 20th percentile at 0.6 -> 6, 80th at 2.4 -> 24
+    assert percentile_by_hand(history, 0.2) == pytest.approx(6.0)
+    assert percentile_by_hand(history, 0.8) == pytest.approx(24.0)
+    cases = {
+        5.0: -1.0,  # below q_lo: clipped
+        6.0: -1.0,  # at q_lo
+        9.0: 2 * 3 / 18 - 1,  # linear in between: 2 (v - 6) / (24 - 6) - 1
+        15.0: 0.0,  # the midpoint
+        21.0: 2 * 15 / 18 - 1,
+        24.0: 1.0,  # at q_hi
+        1e9: 1.0,  # above q_hi: clipped
+        -1e9: -1.0,
+    }
+    for value, expected in cases.items():
+        assert quantile_rescale(value, history) == pytest.approx(expected, abs=1e-12), value
+    # other quantiles: median 15 and maximum 30
+    assert quantile_rescale(20.0, history, q_lo=0.5, q_hi=1.0) == pytest.approx(2 * 5 / 15 - 1)
+    assert quantile_rescale(31.0, history, q_lo=0.5, q_hi=1.0) == 1.0
+    # the cases the paper's formula leaves open
+    assert quantile_rescale(3.0, []) == 0.0  # no history yet
+    assert [quantile_rescale(v, [2.0, 2.0, 2.0]) for v in (1.0, 2.0, 3.0)] == [-1.0, 0.0, 1.0]  # q_lo == q_hi
+    # scale-free: rewards of 1e-3 map like rewards of 1
+    small = [v * 1e-3 for v in history]
+    assert quantile_rescale(9e-3, small) == pytest.approx(quantile_rescale(9.0, history), abs=1e-9)
+
+
+def test_bandit_rescaled_rewards_match_graves_by_hand() -> None:
+    """Reference: r = rescale(progress, earlier progress values); log w_i += eta r / p_i; no reservoir replacement."""
+    gamma, eta, k = 0.2, 0.3, 3
+    s = Exp3Bandit(TASKS, gamma=gamma, eta=eta, seed=12, history_size=1000)
+    w = np.zeros(k)
+    last: dict[str, float] = {}
+    history: list[float] = []
+    rng = np.random.default_rng(0)
+    updates = 0
+    for step in range(150):
+        z = np.exp(w - w.max())
+        p = (1 - gamma) * z / z.sum() + gamma / k
+        assert list(s.probabilities(step).values()) == pytest.approx(p.tolist(), rel=1e-9)
+        (task,) = s.select(step)
+        loss = float(rng.uniform(0.5, 1.5))
+        s.observe(step, {task: loss})
+        i = TASKS.index(task)
+        if task in last:
+            progress = (last[task] - loss) / last[task]
+            if not history:
+                r = 0.0
+            else:
+                lo, hi = percentile_by_hand(history, 0.2), percentile_by_hand(history, 0.8)
+                r = -1.0 if progress < lo else 1.0 if progress > hi else 2 * (progress - lo) / (hi - lo) - 1
+            assert s.last_reward == pytest.approx((progress, r), abs=1e-12)
+            w[i] += eta * r / p[i]
+            history.append(progress)
+            updates += 1
+        last[task] = loss
+    assert updates > 100
+    assert s.history == pytest.approx(history) and s.rewards_seen == updates
+
+
+def learning_run(scaling: str, seed: int, steps: int = 300, noise: float = 0.0) -> float:
+    """p(a) after ``steps`` steps: each time a task is trained its loss falls by 0.2% (task a) or 0.05% (b, c), so
+    relative progress is about 1e-3 per step; ``noise`` is the relative noise of each observed loss."""
+    rates = {"a": 2e-3, "b": 5e-4, "c": 5e-4}
+    s = Exp3Bandit(TASKS, seed=seed, reward_scaling=scaling)
+    loss = dict.fromkeys(TASKS, 1.0)
+    rng = np.random.default_rng(seed)
+    for step in range(steps):
+        (task,) = s.select(step)
+        s.observe(step, {task: loss[task] * (1 + noise * rng.standard_normal())})
+        loss[task] *= 1 - rates[task]
+    return s.probabilities(steps)["a"]
+
+
+@pytest.mark.parametrize("noise", [0.0, 1e-3])
+def test_rescaled_bandit_finds_the_faster_task_where_the_fixed_reward_stays_near_uniform(noise: float) -> None:
+    """1e-3-sized progress: rescaled, task a's rewards sit at +1 and the others' at -1, and within 300 steps p(a)
+    reaches its ceiling 1 - gamma + gamma / k = 0.933; the fixed reward (progress + 1) / 2 is about 0.5 for every
+    task, so p(a) only wanders around 1/3 with the importance-weighting noise."""
+    seeds = range(12)
+    rescaled = np.array([learning_run("quantile", seed, noise=noise) for seed in seeds])
+    fixed = np.array([learning_run("fixed", seed, noise=noise) for seed in seeds])
+    assert rescaled.min() > 0.9, rescaled.round(3).tolist()
+    assert abs(fixed.mean() - 1 / 3) < 0.1, fixed.round(3).tolist()
+    assert np.median(fixed) < 0.45 and fixed.max() < 0.7, fixed.round(3).tolist()
+
+
+def test_bandit_reservoir_is_a_uniform_sample_and_seeded() -> None:
+    """Algorithm R: after n offers, each of them is in the reservoir with probability size / n."""
+    n, size, runs = 20, 5, 2000
+    counts = np.zeros(n)
+    for seed in range(runs):
+        s = Exp3Bandit(TASKS, seed=seed, history_size=size)
+        for v in range(n):
+            s._remember(float(v))
+        assert len(s.history) == size and s.rewards_seen == n and len(set(s.history)) == size
+        counts[[int(v) for v in s.history]] += 1
+    assert_frequencies(counts / runs, np.full(n, size / n), runs)
+
+    def filled(seed: int) -> list[float]:
+        s = Exp3Bandit(TASKS, seed=seed, history_size=size)
+        for v in range(n):
+            s._remember(float(v))
+        return s.history
+
+    assert filled(3) == filled(3)
+    assert len({tuple(filled(seed)) for seed in range(10)}) > 1
+
+
+def test_bandit_state_dict_resumes_the_reservoir_exactly() -> None:
+    """A small reservoir (replacements happen) saved mid-run, also between select and observe: the resumed run
+    gives the same rewards, weights, selections and history."""
+
+    def make_bandit(seed: int) -> Exp3Bandit:
+        return Exp3Bandit(TASKS, seed=seed, history_size=8, eta=0.5)
+
+    def go(s: Exp3Bandit, steps: range) -> list[tuple[list[str], tuple[float, float] | None]]:
+        out = []
+        for step in steps:
+            selected = s.select(step)
+            s.observe(step, {t: 1.0 + 0.3 * math.sin(0.7 * step + TASKS.index(t)) for t in selected})
+            out.append((selected, s.last_reward))
+        return out
+
+    a = make_bandit(21)
+    go(a, range(100))
+    assert a.rewards_seen > 8 * 5  # the reservoir has been replacing values for a while
+    state = json.loads(json.dumps(a.state_dict()))
+    p100 = a.probabilities(100)
+    assert len(state["history"]) == 8 and state["rewards_seen"] == a.rewards_seen
+    b = make_bandit(0)
+    b.load_state_dict(state)
+    assert b.history == a.history and b.probabilities(100) == a.probabilities(100)
+    assert go(b, range(100, 200)) == go(a, range(100, 200))
+    assert b.history == a.history and b.log_weights.tolist() == a.log_weights.tolist()
+    a.select(200)
+    c = make_bandit(0)
+    c.load_state_dict(json.loads(json.dumps(a.state_dict())))
+    assert go(c, range(200, 260)) == go(a, range(200, 260))
+    with pytest.raises(ValueError, match="history_size"):
+        Exp3Bandit(TASKS, history_size=4).load_state_dict(state)
+    # a state written before the rescaling (no history) still loads, with an empty reservoir
+    old = {k: v for k, v in state.items() if k not in ("history", "rewards_seen", "last_reward")}
+    d = make_bandit(0)
+    d.load_state_dict(old)
+    assert d.history == [] and d.rewards_seen == 0 and d.probabilities(100) == p100
+
+
+def test_bandit_is_deterministic_under_the_seed() -> None:
+    def trace(seed: int) -> list[list[str]]:
+        s = Exp3Bandit(TASKS, seed=seed, history_size=10)
+        return run(s, range(200))
+
+    assert trace(4) == trace(4)
+    assert trace(4) != trace(5)
 
 
 # ---------------------------------------------------------------------------------------------- active sampling
@@ -338,6 +511,141 @@ def test_validation_messages() -> None:
     with pytest.raises(TypeError, match="unexpected keyword"):
         build_scheduler("temperature", TASKS, sizes=SIZES, temprature=3)
     assert isinstance(build_scheduler("temperature", TASKS, sizes=SIZES, temperature=3.0), Temperature)
+
+
+# ---------------------------------------------------------------------------------------------- learning progress (RL)
+
+
+def test_progress_probabilities_from_hand_derived_emas() -> None:
+    fast_decay, slow_decay, eps = 0.5, 0.75, 0.2
+    s = LearningProgress(TASKS, fast_decay=fast_decay, slow_decay=slow_decay, epsilon=eps, seed=1)
+    assert list(s.probabilities(0).values()) == pytest.approx([1 / 3] * 3)  # no outcome yet: uniform
+    s.observe_outcomes(0, {"a": 0.0, "b": 0.5})  # first outcomes initialise both averages: no progress yet
+    assert s.scores() == {"a": 0.0, "b": 0.0, "c": 0.0}
+    assert list(s.probabilities(1).values()) == pytest.approx([1 / 3] * 3)
+    s.observe_outcomes(1, {"a": 1.0, "b": 0.5})
+    # a: fast 0.5 * 0 + 0.5 * 1 = 0.5, slow 0.75 * 0 + 0.25 * 1 = 0.25 -> |0.5 - 0.25| = 0.25; b flat -> 0;
+    # c has no outcome yet -> the highest observed score, 0.25
+    assert s.fast[0] == pytest.approx(0.5) and s.slow[0] == pytest.approx(0.25)
+    assert s.scores() == pytest.approx({"a": 0.25, "b": 0.0, "c": 0.25})
+    expected = (1 - eps) * np.array([0.25, 0.0, 0.25]) / 0.5 + eps / 3  # 0.4667, 0.0667, 0.4667
+    assert list(s.probabilities(2).values()) == pytest.approx(expected.tolist())
+    s.observe_outcomes(2, {"a": 1.0, "c": 0.0})
+    # a: fast 0.5 * 0.5 + 0.5 = 0.75, slow 0.75 * 0.25 + 0.25 = 0.4375 -> 0.3125; c: first outcome -> 0
+    assert s.scores() == pytest.approx({"a": 0.3125, "b": 0.0, "c": 0.0})
+    expected = np.array([1 - eps + eps / 3, eps / 3, eps / 3])  # all progress on a: 0.8667, 0.0667, 0.0667
+    assert list(s.probabilities(3).values()) == pytest.approx(expected.tolist())
+    n = N // 2
+    assert_frequencies(frequencies(s, range(3, 3 + n)), expected, n)
+    # forgetting counts too: a's success falls, |fast - slow| grows again
+    s.observe_outcomes(3, {"a": 0.0, "b": 0.5, "c": 0.0})
+    fa, sa = 0.5 * 0.75, 0.75 * 0.4375  # 0.375, 0.328125
+    assert s.scores()["a"] == pytest.approx(abs(fa - sa))
+
+
+def test_success_signal_samples_unsolved_tasks() -> None:
+    eps = 0.2
+    s = LearningProgress(TASKS, signal="success", fast_decay=0.5, slow_decay=0.75, epsilon=eps)
+    assert list(s.probabilities(0).values()) == pytest.approx([1 / 3] * 3)
+    s.observe_outcomes(0, {"a": 1.0, "b": 0.5})
+    s.observe_outcomes(1, {"a": 0.5, "b": 0.5})  # a: fast 0.75 -> 0.25 to go; b 0.5; c unobserved -> top 0.5
+    assert s.scores() == pytest.approx({"a": 0.25, "b": 0.5, "c": 0.5})
+    expected = (1 - eps) * np.array([0.25, 0.5, 0.5]) / 1.25 + eps / 3
+    assert list(s.probabilities(2).values()) == pytest.approx(expected.tolist())
+    s.observe_outcomes(2, {"a": 1.0, "b": 1.0, "c": 1.0})  # c solved at once; a 0.875, b 0.75
+    s.observe_outcomes(3, {t: 1.0 for t in TASKS})  # a 0.9375, b 0.875, c 1.0
+    assert s.scores() == pytest.approx({"a": 0.0625, "b": 0.125, "c": 0.0})
+    p = s.probabilities(4)
+    assert p["c"] == pytest.approx(eps / 3) and p["b"] == pytest.approx((1 - eps) * 2 / 3 + eps / 3)
+    solved = LearningProgress(TASKS, signal="success")
+    solved.observe_outcomes(0, {t: 1.0 for t in TASKS})
+    assert list(solved.probabilities(1).values()) == pytest.approx([1 / 3] * 3)  # nothing left: uniform
+
+
+def test_progress_several_tasks_per_step() -> None:
+    """Two tasks per step, drawn successively: P({i, j}) = p_i p_j (1 / (1 - p_i) + 1 / (1 - p_j))."""
+    s = LearningProgress(TASKS, tasks_per_step=2, fast_decay=0.5, slow_decay=0.75, epsilon=0.2, seed=3)
+    s.observe_outcomes(0, {"a": 0.0, "b": 0.0, "c": 0.0})
+    s.observe_outcomes(1, {"a": 1.0, "b": 0.5, "c": 0.0})  # progress 0.25, 0.125, 0
+    p = np.array(list(s.probabilities(2).values()))
+    assert p.tolist() == pytest.approx(((0.8 * np.array([2, 1, 0]) / 3) + 0.2 / 3).tolist())
+    n = N // 2
+    subsets = Counter(tuple(s.select(step)) for step in range(2, 2 + n))
+    assert set(subsets) <= {("a", "b"), ("a", "c"), ("b", "c")}  # distinct, in task order
+    pairs = [("a", "b"), ("a", "c"), ("b", "c")]
+    expected = []
+    for x, y in pairs:
+        i, j = TASKS.index(x), TASKS.index(y)
+        expected.append(p[i] * p[j] * (1 / (1 - p[i]) + 1 / (1 - p[j])))
+    assert sum(expected) == pytest.approx(1.0)
+    assert_frequencies(np.array([subsets[k] for k in pairs]) / n, np.array(expected), n)
+
+
+def progress_run(s: TaskScheduler, steps: range) -> list[list[str]]:
+    """Select every step; every 5th step report success rates that rise for a, hover for b and c."""
+    out = []
+    for step in steps:
+        out.append(s.select(step))
+        if step % 5 == 4:
+            s.observe_outcomes(
+                step,
+                {"a": min(1.0, step / 200), "b": 0.5 + 0.4 * math.sin(step), "c": 0.1 * (step % 3)},
+            )
+    return out
+
+
+def test_progress_state_dict_round_trip_and_seed() -> None:
+    def make_lp(seed: int) -> LearningProgress:
+        return LearningProgress(TASKS, seed=seed, tasks_per_step=2)
+
+    a = make_lp(7)
+    progress_run(a, range(53))  # the last step (52) selected but not yet reported
+    state = json.loads(json.dumps(a.state_dict()))
+    b = make_lp(99)
+    b.load_state_dict(state)
+    assert b.probabilities(53) == a.probabilities(53) and b.select(52) == a.select(52)
+    assert progress_run(b, range(53, 200)) == progress_run(a, range(53, 200))
+    assert b.state_dict() == a.state_dict()
+    assert progress_run(make_lp(7), range(200)) == progress_run(make_lp(7), range(200))
+    assert progress_run(make_lp(7), range(200)) != progress_run(make_lp(8), range(200))
+    learned = make_lp(7)
+    progress_run(learned, range(200))
+    assert max(learned.probabilities(200), key=learned.probabilities(200).get) == "a"  # a is the one improving
+
+
+def test_observe_outcomes_is_a_no_op_elsewhere() -> None:
+    for name in sorted(set(SCHEDULERS) - {"progress"}):
+        s = make(name, seed=2)
+        run(s, range(10))
+        before = json.dumps(s.state_dict())
+        s.observe_outcomes(10, {"a": 1.0})
+        assert json.dumps(s.state_dict()) == before, name
+
+
+def test_progress_validation_messages() -> None:
+    with pytest.raises(ValueError, match="signal must be one of"):
+        LearningProgress(TASKS, signal="reward")
+    with pytest.raises(ValueError, match="epsilon"):
+        LearningProgress(TASKS, epsilon=0.0)
+    with pytest.raises(ValueError, match="fast_decay < slow_decay"):
+        LearningProgress(TASKS, fast_decay=0.99, slow_decay=0.9)
+    with pytest.raises(ValueError, match="tasks_per_step"):
+        LearningProgress(TASKS, tasks_per_step=0)
+    s = LearningProgress(TASKS)
+    with pytest.raises(ValueError, match=r"in \[0, 1\], got \{'a': 1.5\}"):
+        s.observe_outcomes(0, {"a": 1.5})
+    with pytest.raises(ValueError, match="in \\[0, 1\\]"):
+        s.observe_outcomes(0, {"a": float("nan")})
+    with pytest.raises(ValueError, match=r"unknown tasks \['z'\]"):
+        s.observe_outcomes(0, {"z": 0.5})
+    with pytest.raises(ValueError, match="step"):
+        s.observe_outcomes(-1, {"a": 0.5})
+    with pytest.raises(ValueError, match="reward_scaling"):
+        Exp3Bandit(TASKS, reward_scaling="raw")
+    with pytest.raises(ValueError, match="q_lo < q_hi"):
+        Exp3Bandit(TASKS, q_lo=0.8, q_hi=0.2)
+    with pytest.raises(ValueError, match="history_size"):
+        Exp3Bandit(TASKS, history_size=0)
 
 
 # ---------------------------------------------------------------------------------------------- streams
