@@ -7,6 +7,7 @@ from mtl.gradients import GRADIENT_METHODS, GradientMethod, build_gradient_metho
 from mtl.metrics import auc, log_loss, mae, mse
 from mtl.optim import build_param_groups
 from mtl.scheduling import SCHEDULERS, TaskScheduler, TaskStreams, build_scheduler
+from mtl.step import MultiTaskStep, StepParameters, StepResult
 from mtl.tasks import TaskSpec, compute_losses, total_loss
 from mtl.weighting import WEIGHTINGS, Weighting, build_weighting
 
@@ -15,6 +16,9 @@ __all__ = [
     "SCHEDULERS",
     "WEIGHTINGS",
     "GradientMethod",
+    "MultiTaskStep",
+    "StepParameters",
+    "StepResult",
     "TaskScheduler",
     "TaskSpec",
     "TaskStreams",

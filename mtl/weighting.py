@@ -23,9 +23,14 @@ Conventions shared by every method:
   normalise their weights normalise over the tasks present: with ``k`` tasks present the weights of
   ``inverse_size``, ``dwa``, ``gradnorm`` and ``rlw`` sum to ``k``; FAMO's sum to 1 as in the paper.
 * Weighted entries come back in the order of the ``tasks`` given to the constructor.
+* Tasks are :class:`~mtl.tasks.TaskSpec` objects (supervised tasks: recommendation) or plain task names (tasks
+  whose losses come from elsewhere, e.g. an RL agent's per-task critic losses). What a method reads from a
+  ``TaskSpec`` has a meaning for a name too: ``static`` weighs a name 1 (or its entry in ``weights=``),
+  ``uncertainty`` treats a name's loss as a Gaussian negative log-likelihood (the regression form) and refuses
+  negative values, ``inverse_size`` takes every task's size from ``sizes=`` either way.
 * Everything needed to resume lives in ``state_dict()``: learned parameters, buffers, and (through
   ``get_extra_state``) the internal optimisers of FAMO and GradNorm and RLW's random generator.
-  Hyperparameters (``sizes``, ``TaskSpec.weight``, ``min_losses``) are constructor arguments, not state.
+  Hyperparameters (``sizes``, ``TaskSpec.weight``, ``weights``, ``min_losses``) are constructor arguments, not state.
 * Learned state that the *main* optimiser must train is returned by :meth:`Weighting.trainable_parameters`
   (uncertainty's log variances). FAMO and GradNorm update their own state with their own Adam; their
   state is held in ``requires_grad=False`` parameters (so it follows ``.to(device)``), never receives
@@ -57,6 +62,7 @@ __all__ = [
     "InverseSize",
     "Static",
     "Uncertainty",
+    "TaskLike",
     "Weighting",
     "build_weighting",
     "famo_logit_grad",
@@ -65,6 +71,8 @@ __all__ = [
 
 # (weights [k], extra terms [k] or None) for the k tasks present; see Weighting._compute
 _Weights = tuple[Tensor, Tensor | None]
+#: A task as a weighting takes it: a supervised task's spec, or just its name (e.g. an RL task).
+TaskLike = TaskSpec | str
 
 
 class Weighting(nn.Module):
@@ -74,7 +82,8 @@ class Weighting(nn.Module):
     (:meth:`trainable_parameters`, :meth:`on_epoch_end`, :meth:`after_step`).
 
     Args:
-        tasks: the tasks this weighting may see, in a fixed order (names must be unique).
+        tasks: the tasks this weighting may see, in a fixed order (names must be unique): ``TaskSpec`` objects or
+            task names (see the module docstring for what a name means to each method).
         sizes: training examples per task. Used by ``inverse_size``; accepted and ignored by the others so
             a trainer can pass the same keyword arguments to every method.
         seed: seed of the method's own random generator. Used by ``rlw``; accepted and ignored by the others.
@@ -91,20 +100,24 @@ class Weighting(nn.Module):
     #: and measures per-task gradients through the cut; a trainer then cuts the graph for it.
     split_aware: bool = False
 
-    def __init__(self, tasks: Sequence[TaskSpec], *, sizes: Mapping[str, int] | None = None, seed: int = 0) -> None:
+    def __init__(self, tasks: Sequence[TaskLike], *, sizes: Mapping[str, int] | None = None, seed: int = 0) -> None:
         super().__init__()
+        if isinstance(tasks, str):
+            raise TypeError(f"tasks must be a sequence of TaskSpecs or task names, got the string {tasks!r}")
         tasks = list(tasks)
         if not tasks:
-            raise ValueError(f"{type(self).__name__} needs at least one TaskSpec, got none")
+            raise ValueError(f"{type(self).__name__} needs at least one task (a TaskSpec or a task name), got none")
         for t in tasks:
-            if not isinstance(t, TaskSpec):
-                raise TypeError(f"tasks must be TaskSpec objects, got {type(t).__name__}: {t!r}")
-        names = [t.name for t in tasks]
+            if not isinstance(t, (TaskSpec, str)):
+                raise TypeError(f"tasks must be TaskSpec objects or task names, got {type(t).__name__}: {t!r}")
+        names = [t.name if isinstance(t, TaskSpec) else t for t in tasks]
         duplicated = sorted({n for n in names if names.count(n) > 1})
         if duplicated:
             raise ValueError(f"task names must be unique; repeated: {duplicated}")
-        self.tasks: tuple[TaskSpec, ...] = tuple(tasks)
+        self.tasks: tuple[TaskLike, ...] = tuple(tasks)
         self.task_names: tuple[str, ...] = tuple(names)
+        #: The supervised tasks' specs by name (tasks given by name only have none).
+        self.specs: dict[str, TaskSpec] = {t.name: t for t in tasks if isinstance(t, TaskSpec)}
         self._index = {n: i for i, n in enumerate(names)}
         self._last_names: list[str] = []
         self._last_weights: Tensor | None = None
@@ -226,13 +239,34 @@ class Equal(Weighting):
 
 
 class Static(Weighting):
-    """Fixed weights: each task's :attr:`TaskSpec.weight` (not renormalised when tasks are absent)."""
+    """Fixed weights (not renormalised when tasks are absent): ``weights[t]`` where given, else the task's
+    :attr:`TaskSpec.weight`, and 1 for a task given by name only.
+
+    Args:
+        weights: ``{task: weight >= 0}`` for some or all tasks, e.g. an RL run's per-task weights (its tasks have
+            no ``TaskSpec``); ``None`` uses the ``TaskSpec`` weights.
+    """
 
     name = "static"
 
-    def __init__(self, tasks: Sequence[TaskSpec], *, sizes: Mapping[str, int] | None = None, seed: int = 0) -> None:
+    def __init__(
+        self,
+        tasks: Sequence[TaskLike],
+        *,
+        weights: Mapping[str, float] | None = None,
+        sizes: Mapping[str, int] | None = None,
+        seed: int = 0,
+    ) -> None:
         super().__init__(tasks, sizes=sizes, seed=seed)
-        self.register_buffer("task_weight", torch.tensor([float(t.weight) for t in self.tasks]), persistent=False)
+        weights = {str(k): float(v) for k, v in (weights or {}).items()}
+        unknown = sorted(set(weights) - set(self.task_names))
+        if unknown:
+            raise ValueError(f"static: weights names unknown tasks {unknown}; tasks: {list(self.task_names)}")
+        bad = {n: v for n, v in weights.items() if not (math.isfinite(v) and v >= 0)}
+        if bad:
+            raise ValueError(f"static: weights must be finite and >= 0, got {bad}")
+        values = [weights.get(n, self.specs[n].weight if n in self.specs else 1.0) for n in self.task_names]
+        self.register_buffer("task_weight", torch.tensor(values, dtype=torch.float32), persistent=False)
 
     def _compute(self, idx: list[int], losses: list[Tensor], shared: list[nn.Parameter]) -> _Weights:
         return self.task_weight[idx], None
@@ -250,7 +284,7 @@ class InverseSize(Weighting):
 
     name = "inverse_size"
 
-    def __init__(self, tasks: Sequence[TaskSpec], *, sizes: Mapping[str, int] | None = None, seed: int = 0) -> None:
+    def __init__(self, tasks: Sequence[TaskLike], *, sizes: Mapping[str, int] | None = None, seed: int = 0) -> None:
         super().__init__(tasks, sizes=sizes, seed=seed)
         if sizes is None:
             raise ValueError(
@@ -283,22 +317,42 @@ class Uncertainty(Weighting):
     classification likelihood with temperature: ``L / sigma^2 + log sigma``). For a fixed loss the optimum
     is ``s* = log L`` (regression) and ``s* = log(2 L)`` (binary). The ``s_t`` are trained by the main
     optimiser: pass :meth:`trainable_parameters` to it. :meth:`current_weights` reports ``c_t exp(-s_t)``.
+
+    A task given by name only (no ``TaskSpec``, e.g. an RL task) takes the Gaussian form, ``c_t = 0.5``, which fits
+    squared errors such as SAC's critic losses. Its loss must be >= 0: for a negative ``L_t`` the entry falls without
+    bound as ``s_t`` falls, so a training call raises a ``ValueError`` naming the task (SAC's actor losses can be
+    negative). The supervised losses (BCE, MSE, MAE, Huber) are never negative and are not checked.
     """
 
     name = "uncertainty"
 
-    def __init__(self, tasks: Sequence[TaskSpec], *, sizes: Mapping[str, int] | None = None, seed: int = 0) -> None:
+    def __init__(self, tasks: Sequence[TaskLike], *, sizes: Mapping[str, int] | None = None, seed: int = 0) -> None:
         super().__init__(tasks, sizes=sizes, seed=seed)
         self.log_vars = _scalar_params(len(self.tasks), 0.0, requires_grad=True)
-        coef = [0.5 if t.kind == "regression" else 1.0 for t in self.tasks]
-        self.register_buffer("coef", torch.tensor(coef), persistent=False)
+        kinds = [self.specs[n].kind if n in self.specs else "regression" for n in self.task_names]
+        self.register_buffer("coef", torch.tensor([0.5 if k == "regression" else 1.0 for k in kinds]), persistent=False)
+        self._by_name = frozenset(i for i, n in enumerate(self.task_names) if n not in self.specs)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return list(self.log_vars)
 
     def _compute(self, idx: list[int], losses: list[Tensor], shared: list[nn.Parameter]) -> _Weights:
+        if self._by_name and self._updates_state(losses):
+            self._check_non_negative(idx, losses)
         s = torch.stack([self.log_vars[i] for i in idx])
         return self.coef[idx] * torch.exp(-s), 0.5 * s
+
+    def _check_non_negative(self, idx: list[int], losses: list[Tensor]) -> None:
+        named = [(i, loss) for i, loss in zip(idx, losses) if i in self._by_name]
+        if not named:
+            return
+        values = torch.stack([loss.detach() for _, loss in named]).tolist()
+        bad = {self.task_names[i]: v for (i, _), v in zip(named, values) if not v >= 0}  # also catches NaN
+        if bad:
+            raise ValueError(
+                f"uncertainty: losses must be >= 0 (a Gaussian negative log-likelihood); got {bad}. A negative loss "
+                "drives its log variance to -inf; weight such losses with equal, static, rlw or gradnorm instead"
+            )
 
 
 class DWA(Weighting):
@@ -320,7 +374,7 @@ class DWA(Weighting):
 
     def __init__(
         self,
-        tasks: Sequence[TaskSpec],
+        tasks: Sequence[TaskLike],
         *,
         temperature: float = 2.0,
         sizes: Mapping[str, int] | None = None,
@@ -407,7 +461,7 @@ class GradNorm(Weighting):
 
     def __init__(
         self,
-        tasks: Sequence[TaskSpec],
+        tasks: Sequence[TaskLike],
         *,
         alpha: float = 1.5,
         lr: float = 0.025,
@@ -521,7 +575,7 @@ class RLW(Weighting):
 
     name = "rlw"
 
-    def __init__(self, tasks: Sequence[TaskSpec], *, sizes: Mapping[str, int] | None = None, seed: int = 0) -> None:
+    def __init__(self, tasks: Sequence[TaskLike], *, sizes: Mapping[str, int] | None = None, seed: int = 0) -> None:
         super().__init__(tasks, sizes=sizes, seed=seed)
         self.seed = int(seed)
         self._generator = torch.Generator()
@@ -607,7 +661,7 @@ class FAMO(Weighting):
 
     def __init__(
         self,
-        tasks: Sequence[TaskSpec],
+        tasks: Sequence[TaskLike],
         *,
         lr: float = 0.025,
         gamma: float = 1e-3,
@@ -746,8 +800,9 @@ WEIGHTINGS: dict[str, type[Weighting]] = {
 }
 
 
-def build_weighting(name: str, tasks: Sequence[TaskSpec], **kwargs: Any) -> Weighting:
-    """Build the weighting registered as ``name`` in :data:`WEIGHTINGS` (e.g. ``"famo"``) for ``tasks``."""
+def build_weighting(name: str, tasks: Sequence[TaskLike], **kwargs: Any) -> Weighting:
+    """Build the weighting registered as ``name`` in :data:`WEIGHTINGS` (e.g. ``"famo"``) for ``tasks`` (TaskSpecs or
+    task names)."""
     if name not in WEIGHTINGS:
         raise ValueError(f"unknown weighting {name!r}; choose one of {sorted(WEIGHTINGS)}")
     return WEIGHTINGS[name](tasks, **kwargs)

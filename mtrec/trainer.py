@@ -22,6 +22,7 @@ from mtl.checkpoint import atomic_torch_save, load_checkpoint, rng_state, set_rn
 from mtl.gradients import GradientMethod, Plain
 from mtl.scheduling import TaskScheduler, TaskStreams
 from mtl.split import TaskSplit
+from mtl.step import MultiTaskStep, StepParameters
 from mtl.tasks import TaskSpec, compute_losses
 from mtl.weighting import Static, Weighting
 from mtrec.data.batch import Batch, TabularDataset
@@ -220,11 +221,13 @@ def _task_pass(data: TabularDataset, batch_size: int, seed: int, pass_index: int
 class Trainer:
     """Trains a multi-task model on a :class:`TabularDataset`.
 
-    One step: the scheduler (``mtl.scheduling``, default: every task) picks the tasks that count; the
-    per-task loss dict (``mtl.compute_losses``) goes through the weighting (``mtl.weighting``, default:
-    each TaskSpec's static weight) and the gradient method (``mtl.gradients``, default: plain backward
-    of the sum), which leaves the gradients in ``.grad``; ``model.regularization()`` is added when the
-    model has one; then the optimiser steps. Stateful strategies are checkpointed with the rest.
+    One step is :class:`mtl.step.MultiTaskStep`'s: the scheduler (``mtl.scheduling``, default: every task) picks
+    the tasks that count; the per-task loss dict (``mtl.compute_losses``) goes through the weighting
+    (``mtl.weighting``, default: each TaskSpec's static weight) and the gradient method (``mtl.gradients``,
+    default: plain backward of the sum), which leaves the gradients in ``.grad``; ``model.regularization()`` is
+    added when the model has one; then the optimiser steps and the strategies get their feedback. This class
+    supplies the forward passes (one joint batch or per-task batches, through the model's cut graph where that
+    helps) and the loop around. Stateful strategies are checkpointed with the rest.
 
     Checkpoints: ``last.pt`` (everything needed to continue: model, optimiser, RNG states, position in
     the epoch, early-stopping state) and ``best.pt`` (weights at the best validation score). Batches
@@ -258,25 +261,32 @@ class Trainer:
         self.weighting = (weighting if weighting is not None else Static(self.tasks)).to(self.device)
         self.gradient = gradient if gradient is not None else Plain()
         self.scheduler = scheduler
+        self.mt = MultiTaskStep(
+            [t.name for t in self.tasks],
+            weighting=self.weighting,
+            gradient=self.gradient,
+            scheduler=scheduler,
+            max_grad_norm=config.grad_clip,
+        )
         self.loss_hook = loss_hook.to(self.device) if loss_hook is not None else None
         self.shared_params = [p for p in parameter_groups(model).get("shared", []) if p.requires_grad]
         shared_ids = {id(p) for p in self.shared_params}
         self.other_params = [p for p in model.parameters() if p.requires_grad and id(p) not in shared_ids]
-        self.other_params += [p for p in self.weighting.trainable_parameters() if id(p) not in shared_ids]
+        self.other_params += [p for p in self.mt.trainable_parameters() if id(p) not in shared_ids]
         if self.loss_hook is not None:
             self.other_params += [p for p in self.loss_hook.trainable_parameters() if id(p) not in shared_ids]
         last_shared = getattr(model, "last_shared_parameters", None)
         self.last_shared = list(last_shared()) if last_shared is not None else self.shared_params[-2:]
+        self.params = StepParameters(
+            self.shared_params, self.other_params, self.last_shared, clipped=list(model.parameters())
+        )
         # Per-task gradients through a cut graph (joint batches only; see TrainerConfig.cut_graph).
         self._use_split = bool(
             self.cfg.cut_graph
-            and (self.gradient.uses_split or self.weighting.split_aware)
+            and self.mt.wants_split
             and getattr(model, "can_split", False)
-            and not self.weighting.needs_shared_graph
             and not (self.loss_hook is not None and self.loss_hook.needs_representation)
         )
-        self._epoch_loss_sum: dict[str, float] = {}
-        self._epoch_loss_count: dict[str, int] = {}
         self.streams: TaskStreams[Batch] | None = None  # per-task datasets (see fit)
         # Training position and early-stopping state (all saved in last.pt).
         self.epoch = 0
@@ -303,10 +313,7 @@ class Trainer:
             "bad_evals": self.bad_evals,
             "stop_reason": self.stop_reason,
             "seed": self.seed,
-            "weighting": self.weighting.state_dict(),
-            "gradient": self.gradient.state_dict(),
-            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
-            "epoch_losses": (self._epoch_loss_sum, self._epoch_loss_count),
+            **self.mt.state_dict(),  # weighting, gradient, scheduler, epoch_losses
             "streams": self.streams.state_dict() if self.streams is not None else None,
             "trainer": asdict(self.cfg),
             "loss_hook": self.loss_hook.state_dict() if self.loss_hook is not None else None,
@@ -332,11 +339,7 @@ class Trainer:
         for key in ("epoch", "batch_in_epoch", "step", "best_score", "best_step", "best_val", "bad_evals"):
             setattr(self, key, state[key])
         self.stop_reason = state["stop_reason"]
-        self.weighting.load_state_dict(state["weighting"])
-        self.gradient.load_state_dict(state["gradient"])
-        if self.scheduler is not None and state.get("scheduler") is not None:
-            self.scheduler.load_state_dict(state["scheduler"])
-        self._epoch_loss_sum, self._epoch_loss_count = (dict(d) for d in state["epoch_losses"])
+        self.mt.load_state_dict(state)
         if self.streams is not None and state.get("streams") is not None:
             self.streams.load_state_dict(state["streams"])
         if self.loss_hook is not None:
@@ -350,7 +353,7 @@ class Trainer:
         """The tasks whose losses count at the current step."""
         if self.scheduler is None:
             return self.tasks
-        chosen = set(self.scheduler.select(self.step))
+        chosen = set(self.mt.select(self.step))
         return [t for t in self.tasks if t.name in chosen]
 
     def _task_batches(self, tasks: list[TaskSpec], streams: TaskStreams[Batch]) -> dict[str, Batch]:
@@ -412,43 +415,29 @@ class Trainer:
     def train_step(self, batch: Batch | TaskStreams[Batch]) -> dict[str, float]:
         """One optimiser step on a joint batch (every label present) or on per-task ``TaskStreams``.
 
-        Scheduler picks tasks -> losses -> weighting -> gradient method (fills ``.grad``) -> regulariser
-        -> clipping -> optimiser step -> FAMO-style post-step losses -> scheduler feedback.
+        Scheduler picks tasks -> losses -> :meth:`mtl.step.MultiTaskStep.run` (weighting -> gradient method ->
+        regulariser -> clipping -> optimiser step -> FAMO-style post-step losses -> scheduler feedback).
         """
         self.model.train()
         tasks = self.active_tasks()
         batches = self._task_batches(tasks, batch) if isinstance(batch, TaskStreams) else batch_to(batch, self.device)
-        losses, representation = self._losses(tasks, batches)
-        self.optimizer.zero_grad(set_to_none=True)
-        if isinstance(representation, TaskSplit) and self.weighting.split_aware:
-            weighted = self.weighting.weighted(losses, shared=self.last_shared, split=representation)
-        else:
-            weighted = self.weighting.weighted(losses, shared=self.last_shared)
-        stats = self.gradient.backward(
-            weighted, self.shared_params, others=self.other_params, representation=representation
-        )
+        losses, cut = self._losses(tasks, batches)
         reg = self.model.regularization() if hasattr(self.model, "regularization") else None
-        if reg is not None and reg.requires_grad:
-            reg.backward()
-        if self.cfg.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
-        self.optimizer.step()
-        if self.weighting.wants_losses_after_step:
-            with torch.inference_mode():
-                after = self._plain_losses(tasks, batches)
-            self.weighting.after_step(after)
-
-        plain = {k: v.item() for k, v in losses.items()}
-        if self.scheduler is not None:
-            self.scheduler.observe(self.step, plain)
-        for k, v in plain.items():
-            self._epoch_loss_sum[k] = self._epoch_loss_sum.get(k, 0.0) + v
-            self._epoch_loss_count[k] = self._epoch_loss_count.get(k, 0) + 1
+        out = self.mt.run(
+            self.step,
+            losses,
+            self.optimizer,
+            self.params,
+            cut=cut,
+            regularizer=reg,
+            losses_after_step=lambda: self._plain_losses(tasks, batches),
+        )
+        plain = out.loss_values
         self.step += 1
-        total = sum(v.item() for v in weighted.values()) + (reg.item() if reg is not None else 0.0)
+        total = out.objective + (reg.item() if reg is not None else 0.0)
         record = {f"train/{k}/loss": v for k, v in plain.items()}
         record.update({f"train/{k}/weight": v for k, v in self.weighting.current_weights().items()})
-        record.update({f"grad/{k}": float(v) for k, v in stats.items() if isinstance(v, (int, float))})
+        record.update({f"grad/{k}": float(v) for k, v in out.stats.items() if isinstance(v, (int, float))})
         record["train/loss"] = total
         if not math.isfinite(total):
             raise FloatingPointError(
@@ -460,9 +449,7 @@ class Trainer:
 
     def end_epoch(self) -> None:
         """Hand the epoch's mean task losses to the weighting (DWA) and start a new epoch."""
-        means = {k: self._epoch_loss_sum[k] / self._epoch_loss_count[k] for k in self._epoch_loss_sum}
-        self.weighting.on_epoch_end(means)
-        self._epoch_loss_sum, self._epoch_loss_count = {}, {}
+        self.mt.end_epoch()
         self.epoch += 1
         self.batch_in_epoch = 0
 
