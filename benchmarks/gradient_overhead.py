@@ -1,10 +1,13 @@
 """Per-step cost of every loss weighting and gradient method relative to plain ``equal``, on an MMoE with k = 2, 4, 8
-tasks, side by side with LibMTL 1.1.5's implementations of the same methods on the same model and data.
+tasks, side by side with LibMTL 1.1.5's implementations of the same methods and with TorchJD 0.18's ``mtl_backward``
+and aggregators, on the same model and data.
 
     make bench-peers                                  # once: LibMTL (and scipy) into benchmarks/.peers
-    python benchmarks/gradient_overhead.py            # 7 rounds of 30 timed steps per method and k
+    python benchmarks/gradient_overhead.py            # 11 rounds of 30 timed steps per method and k
     python benchmarks/gradient_overhead.py --quick    # 9 rounds of 20 timed steps (about 5 minutes on 2 cores)
     python benchmarks/gradient_overhead.py --quick --profile famo mgda_ub   # plus torch.profiler tables
+    python benchmarks/gradient_overhead.py --quick --peers torchjd          # only the TorchJD comparison
+    python benchmarks/gradient_overhead.py --quick --peers torchjd --profile mgda TorchJD:mgda
 
 Model and data: mtrec's ``MMoE`` built from ``configs/model/mmoe.yaml`` (the MMoE paper's sizes: 8 experts of [16]
 units, towers of [8], ReLU, no dropout) on 100 dense inputs and no sparse features. Data: the MMoE paper's
@@ -59,9 +62,55 @@ round's whole sequence at one k and for every block of at least 0.25 s (shorter 
 rounds (``ratio_vs_equal_quiet``) are reported beside the plain ones. ``--threads 1`` by default: on a 2-core machine
 shared with other jobs, more threads make contention slow steps down many times over.
 
+TorchJD (``torchjd`` 0.18, a dev dependency; its CAGrad and Nash-MTL need cvxpy, UPGrad and DualProj qpsolvers with
+quadprog): every mtlib gradient method TorchJD also has (``TORCHJD_METHODS``: mgda, pcgrad, cagrad, upgrad,
+dualproj, nash_mtl; those not yet in ``mtl.gradients.GRADIENT_METHODS`` get a JSON row saying so) is timed against
+TorchJD's aggregator on the same MMoE (same seed, so the same initial weights), the same batches, the same
+``build_optimizer`` fused Adam and the same k.
+
+* mtlib side: the ``gradient:<method>`` entry above, unchanged: ``Trainer.train_step`` with weighting ``equal`` and
+  the method from ``configs/gradient/<method>.yaml``, through the cut graph (``forward_with_split``, the Trainer's
+  default): one backward through the grouped task heads, a batched VJP of the body per task, the method's weights
+  from the float64 Gram matrix, ``.grad`` set, optimiser step, the logging record.
+* TorchJD side (``TorchJDStep``), its documented MTL loop: forward; ``optimizer.zero_grad()``;
+  ``torchjd.autojac.mtl_backward(losses, features=Z)`` (0.18 takes no aggregator: it back-propagates each loss
+  through its own head to ``Z`` and into the head's parameters, then the ``[k, ...]`` Jacobian of ``Z`` w.r.t. the
+  shared parameters, found from the graph, into their ``.jac``); ``torchjd.autojac.jac_to_grad(shared, aggregator)``;
+  ``optimizer.step()``; ``.item()`` of every loss (mtlib's step logs them too). ``Z`` is the experts' output; the
+  shared parameters are ``parameter_groups()["shared"]`` (the experts; the input arch has no parameters here, which
+  the script checks). Forward ``--torchjd-forward per_task`` (default): the same modules run task by task
+  (``towers[t](mix(gates[t](x), experts(x)))``, checked equal to ``model(...)``), so each task's backward touches its
+  own head only. mtlib's grouped heads (``grouped``) make every task's backward traverse all k heads and need
+  ``retain_graph=True``: slower for TorchJD (about 2x at k = 8 for MGDA in development), so not the default.
+* Settings, matched where both have the knob: CAGrad ``c`` = mtlib's (0.5); mtlib also divides by ``1 + c^2``
+  (``rescale``, the official default), TorchJD does not (same direction, norm 0.8x). Nash-MTL ``max_norm`` and
+  ``update_weights_every`` = mtlib's (1.0, 1); TorchJD runs the official ``optim_niter = 20`` cvxpy/ECOS
+  re-linearisations, mtlib a Newton solve of ``(M_n alpha)_i alpha_i = 1`` (``M_n = M / ||M||_F``) to 1e-10.
+  TorchJD's constraint, like the official code's, is ``alpha_i (M_n alpha)_i >= 1 / ||M||_F``: its ``alpha`` is
+  mtlib's divided by ``sqrt(||M||_F)`` (checked on random Gram matrices: same direction, other scale), so the two
+  updates differ in norm until ``max_norm`` clips both. MGDA: both normalisation
+  ``none``; TorchJD's Frank-Wolfe with its defaults (stops at step ``gamma < 1e-3``, at most 100 iterations), mtlib's
+  exact active-set solve (Frank-Wolfe gap 1e-10): TorchJD's answer is the less accurate one, so this is the
+  conservative setting for mtlib. PCGrad: both project in an independently seeded random order per task. UPGrad,
+  DualProj: TorchJD's defaults (mean preference vector, quadprog with ``norm_eps = reg_eps = 1e-4``); mtlib's from
+  its config. TorchJD's CAGrad (cvxpy + Clarabel) and Nash-MTL (cvxpy + ECOS, which warns that its problem is not
+  DPP) build and solve a conic program each step: slow, and that is what a TorchJD user gets.
+* Agreement (``torchjd_agreement``, once per method and k, not timed): one step of each side from the same initial
+  model on the same batch; the JSON row's ``agreement`` has the cosine and norm ratio (mtlib / TorchJD) of the
+  shared gradients and the largest relative difference of the task-owned gradients, so one can see which methods
+  compute the same update (PCGrad's random orders and the solvers' tolerances make small differences).
+* Timing: each TorchJD block is timed next to its mtlib counterpart's (the pair stays together in the round's
+  shuffled order, in a random order of its own), both flanked by ``equal`` blocks like every other entry.
+  ``ratio`` = median over rounds of (mtlib ms/step / TorchJD ms/step in the same round); ``mtlib_ms`` and
+  ``torchjd_ms`` are the medians of the absolute times. Target: ``ratio <= 0.5`` at k = 8 for every shared method.
+* ``--peers torchjd`` runs only this comparison (the shared methods on both sides, plus the equal baseline) and
+  replaces only the TorchJD rows (``"peer": "torchjd"``) of the existing JSON, leaving the other rows, the settings
+  and the PNG as they were; its own settings and machine go under the JSON's ``torchjd`` key. ``--peers libmtl``
+  leaves TorchJD out (its old rows are kept).
+
 Writes benchmarks/results/gradient_overhead.json and gradient_overhead.png; prints a table of ratios (method rows,
-k columns), the LibMTL comparison, and PASS/FAIL lines for the targets: mgda_ub and famo <= 1.3x equal at k = 8,
-pcgrad and cagrad <= 2x at k = 8.
+k columns), the LibMTL and TorchJD comparisons, and PASS/FAIL lines for the targets: mgda_ub and famo <= 1.3x equal
+at k = 8, pcgrad and cagrad <= 2x at k = 8, mtlib / TorchJD <= 0.5 at k = 8.
 """
 
 from __future__ import annotations
@@ -69,6 +118,7 @@ from __future__ import annotations
 import argparse
 import gc
 import itertools
+import json
 import os
 import random
 import statistics
@@ -81,7 +131,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common import REPO, RESULTS, table, write_json
+from common import REPO, RESULTS, machine, table, write_json
 from throughput import CONTENDED, OtherLoad, other_cores_busy
 
 PEERS = REPO / "benchmarks" / ".peers"
@@ -106,6 +156,10 @@ LIBMTL_METHODS: dict[str, str | None] = {
 LIBMTL_KWARGS = {"DWA": ("T",), "GradNorm": ("alpha",), "MGDA": ("mgda_gn",), "GradVac": ("beta",),
                  "GradDrop": ("leak",), "CAGrad": ("calpha", "rescale"), "RLW": ("dist",)}  # fmt: skip
 
+# mtlib gradient methods that TorchJD 0.18 also has (TorchJD's aggregator: see torchjd_aggregator).
+TORCHJD_METHODS = ("mgda", "pcgrad", "cagrad", "upgrad", "dualproj", "nash_mtl")
+TORCHJD_TARGET = (8, 0.5)  # mtlib's step time / TorchJD's at k = 8, every shared method
+
 Step = Callable[[], None]
 
 
@@ -113,10 +167,10 @@ Step = Callable[[], None]
 class Entry:
     """One thing to time at one k."""
 
-    key: str  # unique: "weighting:famo", "gradient:pcgrad", "control:equal", "libmtl:PCGrad"
-    system: str  # mtlib | LibMTL
-    method: str
-    kind: str  # weighting | gradient | control | libmtl
+    key: str  # unique: "weighting:famo", "gradient:pcgrad", "control:equal", "libmtl:PCGrad", "torchjd:mgda"
+    system: str  # mtlib | LibMTL | TorchJD
+    method: str  # mtlib's name, except for LibMTL (its class name)
+    kind: str  # weighting | gradient | control | reference | libmtl | torchjd
     step: Step | None = None
     error: str | None = None
     maps_to: str | None = None
@@ -384,6 +438,134 @@ def libmtl_step(name: str, data: Any, features: Any, tasks: list[Any], args: Any
     return step
 
 
+# ---------------------------------------------------------------------------------------------------------- TorchJD
+
+
+def import_torchjd() -> tuple[Any, str | None]:
+    try:
+        import torchjd
+        import torchjd.aggregation  # noqa: F401
+        import torchjd.autojac  # noqa: F401
+    except Exception as e:  # a missing dev dependency must not stop the rest
+        return None, f"cannot import torchjd (a dev dependency: pip install -e '.[dev]'): {_err(e)}"
+    return torchjd, None
+
+
+def torchjd_version() -> str:
+    from importlib.metadata import version
+
+    return version("torchjd")
+
+
+def _settings(obj: Any) -> dict[str, Any]:
+    """The public scalar attributes of an mtlib gradient method (its configuration), for the JSON."""
+    return {k: v for k, v in vars(obj).items() if not k.startswith("_") and isinstance(v, (bool, int, float, str))}
+
+
+def torchjd_aggregator(method: str, gradient: Any, k: int) -> Any:
+    """TorchJD's aggregator for mtlib's ``method``, with the settings of mtlib's instance ``gradient`` where
+    TorchJD has the same knob (see the module docstring); raises where the two cannot be matched."""
+    from torchjd.aggregation import MGDA, CAGrad, DualProj, NashMTL, PCGrad, UPGrad
+
+    if method == "mgda":
+        if getattr(gradient, "normalization", "none") != "none":
+            raise ValueError(f"TorchJD's MGDA has no gradient normalisation; mtlib's is {gradient.normalization!r}")
+        return MGDA()
+    if method == "pcgrad":
+        return PCGrad()
+    if method == "cagrad":
+        return CAGrad(c=float(gradient.c))
+    if method == "upgrad":
+        return UPGrad()
+    if method == "dualproj":
+        return DualProj()
+    if method == "nash_mtl":
+        if not getattr(gradient, "normalize", True):
+            raise ValueError("TorchJD's Nash-MTL always solves on the Frobenius-normalised Gram, mtlib's does not")
+        return NashMTL(n_tasks=k, max_norm=float(gradient.max_norm), update_weights_every=int(gradient.update_every))
+    raise ValueError(f"no TorchJD counterpart for {method!r}")
+
+
+class TorchJDStep:
+    """One TorchJD multi-task step per call, as TorchJD documents it: forward, ``optimizer.zero_grad()``,
+    ``mtl_backward(losses, features=Z)``, ``jac_to_grad(shared, aggregator)``, ``optimizer.step()``, and the
+    loss values (``.item()``), on its own MMoE built like mtlib's (same seed, same weights) and the same batches."""
+
+    def __init__(self, aggregator: Any, data: Any, features: Any, tasks: list[Any], args: Any) -> None:
+        import torch
+        from torchjd.autojac import jac_to_grad, mtl_backward
+
+        self.model = build_model(features, tasks, args.seed)
+        self.tasks = list(tasks)
+        self.names = [t.name for t in tasks]
+        self.shared = list(self.model.parameter_groups()["shared"])
+        self.optimizer = build_optimizer(self.model, tasks, [], args.lr)
+        self.aggregator = aggregator
+        self.per_task = args.torchjd_forward == "per_task"
+        self.mtl_backward, self.jac_to_grad = mtl_backward, jac_to_grad  # attributes, for --profile's labels
+        if any(p.requires_grad for p in self.model.inputs.parameters()):
+            raise ValueError("the input arch has parameters: the gates' input would be a second shared feature")
+        batches = list(data.batches(args.batch_size, shuffle=True, seed=args.seed, drop_last=True))
+        self.batches = itertools.cycle(batches)
+        with torch.no_grad():
+            first = batches[0]
+            ours, theirs = self.model(first.dense, first.sparse), self.forward(first)[0]
+            for t in self.names:
+                torch.testing.assert_close(theirs[t], ours[t], rtol=1e-5, atol=1e-6)
+
+    def forward(self, batch: Any) -> tuple[dict[str, Any], list[Any]]:
+        """The task outputs and the shared features ``[Z]`` (the experts' output)."""
+        from mtrec.models.layers import mix
+
+        m = self.model
+        if not self.per_task:
+            out, z = m.forward_with_representation(batch.dense, batch.sparse)
+            return out, [z]
+        x = m._input_vector(batch.dense, batch.sparse)
+        experts = m.experts(x)  # [E, B, H]
+        return {t: m.towers[t](mix(m.gates[t](x), experts)) for t in self.names}, [experts]
+
+    def __call__(self) -> None:
+        batch = next(self.batches)
+        self.model.train()
+        out, feats = self.forward(batch)
+        losses = [t.loss_fn(out[t.name], batch.labels[t.name]) for t in self.tasks]
+        self.optimizer.zero_grad(set_to_none=True)
+        # Grouped heads share graph nodes between tasks: each task's backward must leave the graph for the next.
+        self.mtl_backward(losses, features=feats, retain_graph=not self.per_task)
+        self.jac_to_grad(self.shared, self.aggregator)
+        self.optimizer.step()
+        for loss in losses:
+            loss.item()
+
+
+def _grads(model: Any) -> tuple[Any, list[Any]]:
+    """The flat shared gradient and the task-owned gradients (``.grad`` after a step) of an MMoE."""
+    import torch
+
+    groups = model.parameter_groups()
+    shared = torch.cat([p.grad.reshape(-1) for p in groups["shared"]]).double()
+    owned = [p.grad.double() for name, ps in groups.items() if name != "shared" for p in ps]
+    return shared, owned
+
+
+def torchjd_agreement(mtlib: Step, torchjd: TorchJDStep) -> dict[str, float]:
+    """One step of a fresh mtlib Trainer and a fresh TorchJD step (same initial model, same first batch): how
+    close their shared and task-owned gradients are. Both leave the step's gradients in ``.grad``."""
+    import torch
+
+    mtlib()
+    torchjd()
+    a, a_owned = _grads(mtlib.trainer.model)  # type: ignore[attr-defined]
+    b, b_owned = _grads(torchjd.model)
+    rel = max(float((x - y).norm() / y.norm().clamp_min(1e-30)) for x, y in zip(a_owned, b_owned))
+    return {
+        "shared_cosine": float(torch.nn.functional.cosine_similarity(a, b, dim=0)),
+        "shared_norm_ratio": float(a.norm() / b.norm().clamp_min(1e-30)),
+        "task_grads_max_rel_diff": rel,
+    }
+
+
 # ---------------------------------------------------------------------------------------------------------- timing
 
 
@@ -448,6 +630,8 @@ PROFILED_FUNCTIONS = {
     "mtl.weighting": ("_task_grad_norms",),
     "mtl.solvers": ("min_norm_simplex", "cagrad_dual", "nash_bargaining"),
 }  # fmt: skip
+# Methods of mtl classes labelled the same way: the cut graph's head backward, body Jacobian and body backward.
+PROFILED_METHODS = {"mtl.split": {"TaskSplit": ("head_backward", "param_jacobian", "body_grads")}}
 
 
 def _labelled(label: str, fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -463,10 +647,12 @@ def _labelled(label: str, fn: Callable[..., Any]) -> Callable[..., Any]:
 def profile_entry(entry: Entry, steps: int, rows: int = 25) -> None:
     """torch.profiler over ``steps`` steps: the ops table, then milliseconds per step in each phase of the step
     (the Trainer's model forward, weighting, gradient method and optimiser calls, and the mtl functions they run;
-    labels nest: ``gradient.backward`` contains ``mtl.gradients.*``)."""
+    for a TorchJD step its forward, ``mtl_backward``, ``jac_to_grad``, weighting and optimiser; labels nest:
+    ``gradient.backward`` contains ``mtl.gradients.*``; ``step`` is the whole step, ``step, outside the labels``
+    what the top-level phases leave out: the Trainer's bookkeeping and logging record)."""
     import importlib
 
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import ProfilerActivity, profile, record_function
 
     assert entry.step is not None
     patched: list[tuple[Any, str, Any]] = []
@@ -480,21 +666,39 @@ def profile_entry(entry: Entry, steps: int, rows: int = 25) -> None:
     if trainer is not None:
         patch(trainer.model, "forward", "model.forward")
         patch(trainer.model, "forward_with_representation", "model.forward_with_representation")
+        patch(trainer.model, "forward_with_split", "model.forward_with_split")
         patch(trainer.weighting, "weighted", "weighting.weighted")
         patch(trainer.weighting, "after_step", "weighting.after_step")
         patch(trainer.gradient, "backward", "gradient.backward")
         patch(trainer.optimizer, "step", "optimizer.step")
+    top = ["model.forward", "model.forward_with_representation", "model.forward_with_split", "weighting.weighted",
+           "weighting.after_step", "gradient.backward", "optimizer.step"]  # fmt: skip
+    if isinstance(entry.step, TorchJDStep):
+        tj = entry.step
+        patch(tj, "forward", "torchjd.forward")
+        patch(tj, "mtl_backward", "torchjd.mtl_backward")
+        patch(tj, "jac_to_grad", "torchjd.jac_to_grad")
+        patch(getattr(tj.aggregator, "gramian_weighting", None) or tj.aggregator.weighting, "forward",
+              "torchjd.jac_to_grad.weighting")  # fmt: skip
+        patch(tj.optimizer, "step", "optimizer.step")
+        top = ["torchjd.forward", "torchjd.mtl_backward", "torchjd.jac_to_grad", "optimizer.step"]
     for module, names in PROFILED_FUNCTIONS.items():
         mod = importlib.import_module(module)
         for name in names:
             patch(mod, name, f"{module}.{name}")
+    for module, classes in PROFILED_METHODS.items():
+        mod = importlib.import_module(module)
+        for cls_name, names in classes.items():
+            for name in names:
+                patch(getattr(mod, cls_name, None), name, f"{module}.{cls_name}.{name}")
     try:
         for _ in range(3):
             entry.step()
         t0 = time.perf_counter()
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             for _ in range(steps):
-                entry.step()
+                with record_function("step"):
+                    entry.step()
         wall = 1000 * (time.perf_counter() - t0) / steps
     finally:
         for obj, attr, before in reversed(patched):
@@ -504,14 +708,90 @@ def profile_entry(entry: Entry, steps: int, rows: int = 25) -> None:
                 setattr(obj, attr, before)
     events = prof.key_averages()
     print(events.table(sort_by="self_cpu_time_total", row_limit=rows))
-    labels = [e for e in events if e.key.startswith(("model.", "weighting.", "gradient.", "optimizer.", "mtl."))]
+    prefixes = ("step", "model.", "weighting.", "gradient.", "optimizer.", "mtl.", "torchjd.")
+    labels = [e for e in events if e.key.startswith(prefixes)]
     phase_rows = [[e.key, f"{e.cpu_time_total / 1000 / steps:.3f}", f"{e.count / steps:g}"] for e in labels]
+    totals = {e.key: e.cpu_time_total / 1000 / steps for e in labels}
+    if "step" in totals:
+        rest = totals["step"] - sum(totals.get(key, 0.0) for key in top)
+        phase_rows.append(["step, outside the labels", f"{rest:.3f}", "1"])
     phase_rows.sort(key=lambda r: -float(r[1]))
     print(f"phases, CPU ms per step under the profiler (whole step: {wall:.2f} ms wall with profiling):")
     print(table(["phase", "ms/step", "calls/step"], phase_rows))
 
 
 # ---------------------------------------------------------------------------------------------------------- output
+
+
+def torchjd_rows(by_key: dict[int, dict[str, Entry]], ks: list[int], settings: dict[tuple[int, str], dict[str, Any]],
+                 methods: list[str], when: str) -> list[dict[str, Any]]:  # fmt: skip
+    """The JSON rows of the TorchJD comparison: ``{"peer": "torchjd", "method", "k", "ratio" (mtlib / TorchJD),
+    "mtlib_ms", "torchjd_ms", ...}``, one per method and k, with the error where a side could not run."""
+    from mtl.gradients import GRADIENT_METHODS
+
+    rows = []
+    for k in ks:
+        for m in methods:
+            ours, theirs = by_key[k].get(f"gradient:{m}"), by_key[k].get(f"torchjd:{m}")
+            if m not in GRADIENT_METHODS:
+                error: str | None = f"mtlib has no {m!r} gradient method (not in mtl.gradients.GRADIENT_METHODS)"
+            elif ours is None or theirs is None:
+                error = "not built"
+            else:
+                error = (f"TorchJD: {theirs.error}" if theirs.error else None) or (
+                    f"mtlib: {ours.error}" if ours.error else None)  # fmt: skip
+            mine = {r["round"]: r for r in ours.rounds} if ours is not None else {}
+            per_round = [
+                {"round": r["round"], "mtlib_ms": mine[r["round"]]["ms"], "torchjd_ms": r["ms"],
+                 "ratio": mine[r["round"]]["ms"] / r["ms"], "mtlib_equal_ms": mine[r["round"]]["equal_ms"],
+                 "torchjd_equal_ms": r["equal_ms"], "contended": flagged(mine[r["round"]]) or flagged(r)}
+                for r in (theirs.rounds if theirs is not None else []) if r["round"] in mine
+            ]  # fmt: skip
+            ratios = [x["ratio"] for x in per_round]
+            rows.append({
+                "peer": "torchjd", "system": "TorchJD", "kind": "torchjd", "method": m, "k": k,
+                "ratio": med(ratios),
+                "mtlib_ms": med([x["mtlib_ms"] for x in per_round]),
+                "torchjd_ms": med([x["torchjd_ms"] for x in per_round]),
+                "ratio_quiet": med([x["ratio"] for x in per_round if not x["contended"]]),
+                "ratio_min": min(ratios, default=None), "ratio_max": max(ratios, default=None),
+                "mtlib_ratio_vs_equal": med([x["mtlib_ms"] / x["mtlib_equal_ms"] for x in per_round]),
+                "torchjd_ratio_vs_equal": med([x["torchjd_ms"] / x["torchjd_equal_ms"] for x in per_round]),
+                "rounds": len(per_round), "contended_rounds": sum(x["contended"] for x in per_round),
+                **settings.get((k, m), {}), "error": error, "measured": when, "per_round": per_round,
+            })  # fmt: skip
+    return rows
+
+
+def print_torchjd(rows: list[dict[str, Any]], ks: list[int], args: Any) -> list[dict[str, Any]]:
+    """Print the TorchJD table; return the targets (mtlib / TorchJD <= TORCHJD_TARGET at its k)."""
+    k_target, limit = TORCHJD_TARGET
+    ms = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+    table_rows = []
+    for r in rows:
+        agree = r.get("agreement") or {}
+        spread = "-" if r["ratio_min"] is None else f"{r['ratio_min']:.2f}-{r['ratio_max']:.2f}"
+        cos = agree.get("shared_cosine")
+        nr = agree.get("shared_norm_ratio")
+        table_rows.append([r["method"], r["k"], ms(r["mtlib_ms"]), ms(r["torchjd_ms"]),
+                           "error" if r["ratio"] is None else f"{r['ratio']:.3f}", spread,
+                           "-" if cos is None else f"{cos:.4f}", "-" if nr is None else f"{nr:.3f}"])  # fmt: skip
+    print(f"\nTorchJD 0.18 (mtl_backward + jac_to_grad, forward {args.torchjd_forward}) on the same MMoE, data and "
+          f"optimiser: ms/step (medians over {args.rounds} rounds of {args.steps} steps) and mtlib / TorchJD "
+          "(median of the per-round ratios; < 1: mtlib faster); shared gradient of one step from the same state: "
+          "cosine and norm ratio mtlib / TorchJD:")  # fmt: skip
+    print(table(["method", "k", "mtlib ms", "TorchJD ms", "mtlib/TorchJD", "range", "grad cos", "grad norm ratio"],
+                table_rows))  # fmt: skip
+    for r in rows:
+        if r["error"]:
+            print(f"  {r['method']} at k={r['k']}: {r['error']}")
+    targets = []
+    for r in rows:
+        if r["k"] == k_target:
+            ok = r["ratio"] is not None and r["ratio"] <= limit
+            keep = ("method", "ratio", "ratio_quiet", "error")
+            targets.append({"peer": "torchjd", "k": k_target, "limit": limit, "pass": ok, **{x: r[x] for x in keep}})
+    return targets
 
 
 def fmt_ratio(v: float | None) -> str:
@@ -556,7 +836,7 @@ def plot(entries: dict[int, list[Entry]], summaries: dict[tuple[int, str], dict[
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-    print(f"wrote {path.relative_to(REPO)}")
+    print(f"wrote {path.relative_to(REPO) if path.is_relative_to(REPO) else path}")
 
 
 # ---------------------------------------------------------------------------------------------------------- main
@@ -575,7 +855,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1; 0: torch's default)")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--no-libmtl", action="store_true", help="time mtlib only")
+    ap.add_argument("--no-libmtl", action="store_true", help="leave LibMTL out (same as --peers without libmtl)")
+    ap.add_argument("--peers", nargs="+", choices=["libmtl", "torchjd"], default=["libmtl", "torchjd"],
+                    help="peers to compare with (default both); `--peers torchjd` alone runs only the TorchJD "
+                    "comparison and updates only its rows of the JSON")  # fmt: skip
+    ap.add_argument("--torchjd-forward", choices=["per_task", "grouped"], default="per_task",
+                    help="TorchJD side's forward: the towers and gates one task at a time (default), or the model's "
+                    "grouped heads (needs retain_graph=True)")  # fmt: skip
     ap.add_argument("--no-reference", action="store_true", help="leave out the two lower-bound reference entries")
     ap.add_argument("--only", nargs="+", default=None, help="time only these methods (mtlib names or LibMTL classes)")
     ap.add_argument(
@@ -583,10 +869,10 @@ def main() -> None:
         nargs="+",
         default=[],
         metavar="METHOD",
-        help="torch.profiler table of these methods' steps at the largest k (e.g. famo, LibMTL:PCGrad)",
+        help="torch.profiler table of these methods' steps at the largest k (e.g. famo, LibMTL:PCGrad, TorchJD:mgda)",
     )
     ap.add_argument("--profile-steps", type=int, default=20)
-    ap.add_argument("--peers", type=Path, default=PEERS, help="where `make bench-peers` installed LibMTL")
+    ap.add_argument("--libmtl-dir", type=Path, default=PEERS, help="where `make bench-peers` installed LibMTL")
     ap.add_argument("--output", default="gradient_overhead", help="file stem of the JSON and PNG in benchmarks/results")
     args = ap.parse_args()  # fmt: skip
     args.rounds = args.rounds or (9 if args.quick else 11)
@@ -607,11 +893,24 @@ def main() -> None:
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
 
-    libmtl, why_not = (None, "--no-libmtl") if args.no_libmtl else import_libmtl(args.peers.resolve())
+    peers = set(args.peers) - ({"libmtl"} if args.no_libmtl else set())
+    torchjd_only = peers == {"torchjd"}  # only the TorchJD comparison: the rest of the JSON stays as it was
+    if "libmtl" not in peers:
+        libmtl, why_not = None, "not in --peers" if not args.no_libmtl else "--no-libmtl"
+    else:
+        libmtl, why_not = import_libmtl(args.libmtl_dir.resolve())
     if libmtl is None:
-        print(f"NOTE: LibMTL not available -- {why_not}. Timing mtlib alone.")
+        if not torchjd_only:
+            print(f"NOTE: LibMTL not available -- {why_not}.")
     else:
         print(f"LibMTL {getattr(libmtl, '__version__', '1.1.5')} from {Path(libmtl.__file__).parent}")
+    torchjd, torchjd_why_not = import_torchjd() if "torchjd" in peers else (None, "not in --peers")
+    if torchjd is None and "torchjd" in peers:
+        print(f"NOTE: TorchJD not available -- {torchjd_why_not}.")
+    elif torchjd is not None:
+        print(f"TorchJD {torchjd_version()} from {Path(torchjd.__file__).parent}; forward: {args.torchjd_forward}")
+    if torchjd_only and torchjd is None:
+        raise SystemExit(f"--peers torchjd: {torchjd_why_not}")
     busy_before = other_cores_busy()
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} torch thread(s), {os.cpu_count()} cores; "
@@ -624,17 +923,22 @@ def main() -> None:
         return args.only is None or name in args.only or name in ("equal", "EW")
 
     tmp = tempfile.TemporaryDirectory(prefix="gradient_overhead_")
+    tj_settings: dict[tuple[int, str], dict[str, Any]] = {}  # TorchJD: aggregator, mtlib's settings, agreement
     entries: dict[int, list[Entry]] = {}
     baselines: dict[int, Entry] = {}
     params: dict[int, int] = {}
     for k in ks:
         data, features, tasks = k_task_data(args.rows, k, correlation=args.correlation, seed=args.seed)
         run = Path(tmp.name) / f"k{k}"
-        plan = [("baseline", "equal", "equal", "none"), ("control", "equal", "equal", "none")]
-        plan += [("weighting", w, w, "none") for w in weighting_names() if w != "equal" and wanted(w)]
-        plan += [("gradient", g, "equal", g) for g in GRADIENT_METHODS if g != "none" and wanted(g)]
-        if not args.no_reference:
-            plan += [("reference", name, w, g) for name, (w, g) in reference_methods().items()]
+        if torchjd_only:
+            plan = [("baseline", "equal", "equal", "none")]
+            plan += [("gradient", g, "equal", g) for g in TORCHJD_METHODS if g in GRADIENT_METHODS and wanted(g)]
+        else:
+            plan = [("baseline", "equal", "equal", "none"), ("control", "equal", "equal", "none")]
+            plan += [("weighting", w, w, "none") for w in weighting_names() if w != "equal" and wanted(w)]
+            plan += [("gradient", g, "equal", g) for g in GRADIENT_METHODS if g != "none" and wanted(g)]
+            if not args.no_reference:
+                plan += [("reference", name, w, g) for name, (w, g) in reference_methods().items()]
         entries[k] = []
         for kind, method, w, g in plan:
             e = Entry(f"{kind}:{method}", "mtlib", method, kind)
@@ -662,6 +966,29 @@ def main() -> None:
                     e.step, e.error = None, _err(ex)
                     print(f"  k={k} LibMTL {name}: FAILED -- {e.error}")
                 entries[k].append(e)
+        if torchjd is not None:
+            ours_by_method = {e.method: e for e in entries[k] if e.kind == "gradient"}
+            for m in TORCHJD_METHODS:
+                if not wanted(m) or m not in GRADIENT_METHODS:
+                    continue
+                e = Entry(f"torchjd:{m}", "TorchJD", m, "torchjd", maps_to=m)
+                ours = ours_by_method.get(m)
+                try:
+                    if ours is None or ours.step is None:
+                        raise RuntimeError(f"mtlib's {m} step failed: {ours.error if ours else 'not built'}")
+                    mtlib_gradient = ours.step.trainer.gradient  # type: ignore[attr-defined]
+                    agg = torchjd_aggregator(m, mtlib_gradient, k)
+                    tj_settings[(k, m)] = {"aggregator": repr(agg), "mtlib": _settings(mtlib_gradient)}
+                    fresh = mtlib_step("equal", m, data, features, tasks, args, run / f"agreement_{m}")
+                    fresh_tj = TorchJDStep(torchjd_aggregator(m, mtlib_gradient, k), data, features, tasks, args)
+                    tj_settings[(k, m)]["agreement"] = torchjd_agreement(fresh, fresh_tj)
+                    e.step = TorchJDStep(agg, data, features, tasks, args)
+                    for _ in range(3):
+                        e.step()
+                except Exception as ex:
+                    e.step, e.error = None, _err(ex)
+                    print(f"  k={k} TorchJD {m}: FAILED -- {e.error}")
+                entries[k].append(e)
         print(f"k={k}: {len(entries[k])} entries built ({params[k]:,} model parameters)")
 
     for name in args.profile:
@@ -671,7 +998,12 @@ def main() -> None:
             e
             for e in [baselines[k], *entries[k]]
             if e.step is not None
-            and (e.key == key or e.method == name or (name.startswith("LibMTL:") and e.key == "libmtl:" + name[7:]))
+            and (
+                e.key == key
+                or e.method == name
+                or (name.startswith("LibMTL:") and e.key == "libmtl:" + name[7:])
+                or (name.startswith("TorchJD:") and e.key == "torchjd:" + name[8:])
+            )
         ]
         for e in found[:1]:
             print(f"\ntorch.profiler, {e.system} {e.method} at k={k}, {args.profile_steps} steps:")
@@ -691,8 +1023,14 @@ def main() -> None:
         for k in ks:
             base = baselines[k]
             assert base.step is not None
-            order = [e for e in entries[k] if e.step is not None]
-            random.Random(args.seed * 1000 + r * 10 + k).shuffle(order)
+            # A TorchJD entry is timed next to its mtlib counterpart (the pair in a random order of its own).
+            live = [e for e in entries[k] if e.step is not None]
+            partner = {e.maps_to: e for e in live if e.kind == "torchjd"}
+            units = [[e, partner[e.method]] if e.kind == "gradient" and e.method in partner else [e]
+                     for e in live if e.kind != "torchjd"]  # fmt: skip
+            rng = random.Random(args.seed * 1000 + r * 10 + k)
+            rng.shuffle(units)
+            order = [e for u in units for e in (u if len(u) == 1 or rng.random() < 0.5 else u[::-1])]
             rows_now: list[dict[str, Any]] = []
             with OtherLoad() as sequence:
                 prev_ms, prev_busy = timed(base.step, args.steps, args.warmup)
@@ -808,10 +1146,16 @@ def main() -> None:
             if e.system == "mtlib" and e.error:
                 print(f"  mtlib {e.method} failed at k={k}: {e.error}")
 
+    # ------------------------------------------------------------------------------------------ TorchJD
+    tj_methods = [m for m in TORCHJD_METHODS if wanted(m)]
+    when = time.strftime("%Y-%m-%d %H:%M:%S")
+    tj_rows = torchjd_rows(by_key, ks, tj_settings, tj_methods, when) if torchjd is not None else []
+    tj_targets = print_torchjd(tj_rows, ks, args) if torchjd is not None else []
+
     # ------------------------------------------------------------------------------------------ targets
     print()
     target_results = []
-    for method, k, limit in TARGETS:
+    for method, k, limit in [] if torchjd_only else TARGETS:
         key = f"weighting:{method}" if method in weighting_names() else f"gradient:{method}"
         s = summaries.get((k, key))
         ratio = s["ratio_vs_equal"] if s else None
@@ -821,19 +1165,65 @@ def main() -> None:
                                "pass": ok})  # fmt: skip
         qtxt = "" if quiet is None or s is None or not s["contended_rounds"] else f"; quiet rounds only: {quiet:.2f}x"
         print(f"{'PASS' if ok else 'FAIL'} {method} at k={k}: {fmt_ratio(ratio)} equal (target <= {limit}x{qtxt})")
+    for t in tj_targets:
+        qtxt = "" if t["ratio_quiet"] is None else f"; quiet rounds only: {t['ratio_quiet']:.2f}"
+        verdict = "PASS" if t["pass"] else ("FAIL" if t["ratio"] is not None else "N/A ")
+        print(f"{verdict} {t['method']} at k={t['k']}: mtlib / TorchJD {fmt_ratio(t['ratio'])} (target <= "
+              f"{t['limit']}{qtxt}){' -- ' + t['error'] if t.get('error') else ''}")  # fmt: skip
 
     contended = {k: sorted({r["round"] for e in entries[k] for r in e.rounds if flagged(r)}) for k in ks}
     if any(contended.values()):
         print(
             f"WARNING: other processes kept more than {CONTENDED} cores busy during some blocks (rounds per k: "
             f"{contended}); ratios are against equal blocks of the same round, which share the slow-down, and the "
-            "medians over unflagged rounds are in the JSON (ratio_vs_equal_quiet)"
+            "medians over unflagged rounds are in the JSON (ratio_vs_equal_quiet, ratio_quiet)"
         )
     control = [summaries.get((k, "control:equal"), {}).get("ratio_vs_equal") for k in ks]
-    print("noise check: an identical second equal Trainer measured " + ", ".join(
-        f"k={k} {fmt_ratio(c)}" for k, c in zip(ks, control)))  # fmt: skip
+    if not torchjd_only:
+        print("noise check: an identical second equal Trainer measured " + ", ".join(
+            f"k={k} {fmt_ratio(c)}" for k, c in zip(ks, control)))  # fmt: skip
 
     # ------------------------------------------------------------------------------------------ JSON + PNG
+    out = args.output
+    path = RESULTS / f"{out}.json"
+    try:
+        old = json.loads(path.read_text()) if path.exists() else {}
+    except ValueError:
+        old = {}
+    old_rows = old.get("results", [])
+    measured = {(r["method"], r["k"]) for r in tj_rows}
+    tj_all = [r for r in old_rows if r.get("peer") == "torchjd" and (r["method"], r["k"]) not in measured] + tj_rows
+    rank = {m: i for i, m in enumerate(TORCHJD_METHODS)}
+    tj_all.sort(key=lambda r: (r["k"], rank.get(r["method"], len(rank))))
+    tj_block = old.get("torchjd")
+    if "torchjd" in peers:
+        tj_block = {
+            "machine": machine(),
+            "version": None if torchjd is None else torchjd_version(),
+            "note": torchjd_why_not,
+            "settings": {"ks": ks, "rounds": args.rounds, "steps": args.steps, "warmup": args.warmup,
+                         "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "batch_size": args.batch_size,
+                         "rows": args.rows, "seed": args.seed, "lr": args.lr, "only": args.only,
+                         "torchjd_forward": args.torchjd_forward, "methods": tj_methods,
+                         "mtlib_step": "mtrec.trainer.Trainer.train_step, weighting equal, configs/gradient/<method>"
+                         ".yaml, cut graph (forward_with_split)",
+                         "torchjd_step": "forward; optimizer.zero_grad(); torchjd.autojac.mtl_backward(losses, "
+                         "features=[experts' output]); torchjd.autojac.jac_to_grad(shared, aggregator); "
+                         "optimizer.step(); loss.item() per task",
+                         "optimizer": "configs/optimizer/adam.yaml, mtrec.train.build_optimizer (fused Adam), both",
+                         "ratio": "median over rounds of mtlib ms/step / TorchJD ms/step in the same round"},
+            "other_cores_busy_before": busy_before,
+            "other_cores_busy_after": other_cores_busy(),
+            "targets": tj_targets,
+            "wall_seconds": time.perf_counter() - t_start,
+        }  # fmt: skip
+    if torchjd_only:
+        # Only the TorchJD rows are new: everything else (including the machine the rest was measured on) stays.
+        payload = {**old, "results": [r for r in old_rows if r.get("peer") != "torchjd"] + tj_all, "torchjd": tj_block}
+        write_json(f"{out}.json", payload)
+        print(f"total {time.perf_counter() - t_start:.0f} s")
+        tmp.cleanup()
+        return
     results: list[dict[str, Any]] = []
     for k in ks:
         eq = summaries[(k, "baseline:equal")]
@@ -841,6 +1231,8 @@ def main() -> None:
             results.append({"system": "mtlib", "method": "equal" if kind == "weighting" else "none", "kind": kind,
                             "k": k, "baseline": True, **eq})  # fmt: skip
         for e in entries[k]:
+            if e.kind == "torchjd":
+                continue  # in tj_all, in their own format
             s = summaries[(k, e.key)]
             row: dict[str, Any] = {"system": e.system, "method": e.method, "kind": e.kind, "k": k, **s}
             if e.system == "LibMTL":
@@ -851,7 +1243,6 @@ def main() -> None:
             row["error"] = e.error
             row["per_round"] = e.rounds
             results.append(row)
-    out = args.output
     write_json(
         f"{out}.json",
         {
@@ -877,13 +1268,14 @@ def main() -> None:
                 "libmtl_mapping": LIBMTL_METHODS,
                 "wall_seconds": time.perf_counter() - t_start,
             },
-            "results": results,
+            "results": results + tj_all,
             "equal_blocks": {str(k): v for k, v in equal_rows.items()},
             "summary": {
                 "targets": target_results,
                 "contended_rounds": {str(k): v for k, v in contended.items()},
                 "control_ratio": dict(zip(map(str, ks), control)),
             },
+            "torchjd": tj_block,
         },
     )
     plot(entries, summaries, ks, ours_vs_lib, RESULTS / f"{out}.png")
