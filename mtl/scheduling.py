@@ -408,7 +408,11 @@ class Exp3Bandit(TaskScheduler):
     One task per step, drawn from ``p = (1 - gamma) softmax(w) + gamma / k``. After the step, :meth:`observe`
     needs the chosen task's loss ``L_now``; with ``L_prev`` its loss when it was last chosen, the learning progress
     is ``v = (L_prev - L_now) / |L_prev|`` (the sign of the change when ``L_prev = 0``). A task's first observation
-    only records ``L_prev``; other tasks' losses in the same call are ignored. The reward ``r`` is:
+    only records ``L_prev``; other tasks' losses in the same call are ignored. With ``loss_smoothing = d > 0``,
+    ``L`` is instead an exponential moving average of the task's observed losses, ``L <- d L + (1 - d) loss``
+    (initialised to its first loss): a batch's loss is noisy (relative noise of 10-30% per batch is common, against
+    progress of about 1e-3 per step) and the average keeps the progress signal while shrinking the noise in ``v``
+    by about ``1 - d``. The reward ``r`` is:
 
     - ``reward_scaling="quantile"`` (default; Graves et al., section 2.3): ``v`` rescaled to ``[-1, 1]`` by the
       ``q_lo`` and ``q_hi`` quantiles (the paper's 20th and 80th percentiles) of the unscaled progress values seen
@@ -441,6 +445,8 @@ class Exp3Bandit(TaskScheduler):
         q_lo: lower quantile of the reward history, in ``[0, q_hi)``; progress below it is rewarded -1.
         q_hi: upper quantile, in ``(q_lo, 1]``; progress above it is rewarded +1.
         history_size: most unscaled rewards kept in the reservoir, ``>= 1``.
+        loss_smoothing: decay ``d`` in ``[0, 1)`` of the per-task loss average progress is measured on; 0 (default,
+            as Graves et al. and this class before) uses each observed loss as it is.
     """
 
     name = "bandit"
@@ -460,6 +466,7 @@ class Exp3Bandit(TaskScheduler):
         q_lo: float = 0.2,
         q_hi: float = 0.8,
         history_size: int = 1000,
+        loss_smoothing: float = 0.0,
     ) -> None:
         super().__init__(tasks, sizes=sizes, seed=seed, total_steps=total_steps)
         if not 0 < gamma <= 1:
@@ -472,14 +479,17 @@ class Exp3Bandit(TaskScheduler):
             raise ValueError(f"quantiles must satisfy 0 <= q_lo < q_hi <= 1, got q_lo={q_lo}, q_hi={q_hi}")
         if operator.index(history_size) < 1:
             raise ValueError(f"history_size (reservoir of past rewards) must be >= 1, got {history_size}")
+        if not 0 <= loss_smoothing < 1:
+            raise ValueError(f"loss_smoothing (decay of the loss average) must be in [0, 1), got {loss_smoothing}")
         self.gamma = float(gamma)
         self.eta = self.gamma / self.num_tasks if eta is None else _positive("eta", eta)
         self.alpha = float(alpha)
         self.reward_scaling = str(reward_scaling)
         self.q_lo, self.q_hi = float(q_lo), float(q_hi)
         self.history_size = operator.index(history_size)
+        self.loss_smoothing = float(loss_smoothing)
         self.log_weights = np.zeros(self.num_tasks)
-        self.last_loss: list[float | None] = [None] * self.num_tasks
+        self.last_loss: list[float | None] = [None] * self.num_tasks  # (smoothed) loss when last chosen
         self.history: list[float] = []  # reservoir of unscaled rewards (quantile scaling)
         self.rewards_seen = 0  # unscaled rewards offered to the reservoir so far
         self.last_reward: tuple[float, float] | None = None  # (unscaled, scaled) reward of the latest update
@@ -538,7 +548,9 @@ class Exp3Bandit(TaskScheduler):
                 f"{sorted(values)}; pass at least the chosen task's loss"
             )
         self._pending = None
-        loss, prev = values[task], self.last_loss[i]
+        prev = self.last_loss[i]
+        d = self.loss_smoothing
+        loss = values[task] if prev is None or d == 0 else d * prev + (1.0 - d) * values[task]
         self.last_loss[i] = loss
         if prev is None:
             return

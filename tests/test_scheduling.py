@@ -288,11 +288,11 @@ def test_bandit_rescaled_rewards_match_graves_by_hand() -> None:
     assert s.history == pytest.approx(history) and s.rewards_seen == updates
 
 
-def learning_run(scaling: str, seed: int, steps: int = 300, noise: float = 0.0) -> float:
+def learning_run(scaling: str, seed: int, steps: int = 300, noise: float = 0.0, **kw: float) -> float:
     """p(a) after ``steps`` steps: each time a task is trained its loss falls by 0.2% (task a) or 0.05% (b, c), so
     relative progress is about 1e-3 per step; ``noise`` is the relative noise of each observed loss."""
     rates = {"a": 2e-3, "b": 5e-4, "c": 5e-4}
-    s = Exp3Bandit(TASKS, seed=seed, reward_scaling=scaling)
+    s = Exp3Bandit(TASKS, seed=seed, reward_scaling=scaling, **kw)
     loss = dict.fromkeys(TASKS, 1.0)
     rng = np.random.default_rng(seed)
     for step in range(steps):
@@ -313,6 +313,25 @@ def test_rescaled_bandit_finds_the_faster_task_where_the_fixed_reward_stays_near
     assert rescaled.min() > 0.9, rescaled.round(3).tolist()
     assert abs(fixed.mean() - 1 / 3) < 0.1, fixed.round(3).tolist()
     assert np.median(fixed) < 0.45 and fixed.max() < 0.7, fixed.round(3).tolist()
+
+
+def test_bandit_loss_smoothing_by_hand_and_under_batch_noise() -> None:
+    """Progress between exponential averages of the chosen task's losses (d = 0.5 by hand); with 10% noise per
+    observed loss the averaged losses still find the faster task, the raw ones do not."""
+    s = Exp3Bandit(["a"], loss_smoothing=0.5, reward_scaling="fixed")
+    ema = None
+    for step, loss in enumerate([2.0, 1.0, 1.5, 0.5]):
+        s.select(step)
+        s.observe(step, {"a": loss})
+        prev, ema = ema, loss if ema is None else 0.5 * ema + 0.5 * loss  # 2, 1.5, 1.5, 1.0
+        if prev is not None:
+            assert s.last_reward is not None
+            assert s.last_reward[0] == pytest.approx((prev - ema) / prev)
+    assert s.last_loss == [pytest.approx(1.0)]
+    seeds = range(8)
+    smoothed = np.mean([learning_run("quantile", seed, 800, noise=0.1, loss_smoothing=0.9) for seed in seeds])
+    raw = np.mean([learning_run("quantile", seed, 800, noise=0.1) for seed in seeds])
+    assert smoothed > 0.6 and raw < 0.45, (smoothed, raw)
 
 
 def test_bandit_reservoir_is_a_uniform_sample_and_seeded() -> None:
@@ -646,6 +665,8 @@ def test_progress_validation_messages() -> None:
         Exp3Bandit(TASKS, q_lo=0.8, q_hi=0.2)
     with pytest.raises(ValueError, match="history_size"):
         Exp3Bandit(TASKS, history_size=0)
+    with pytest.raises(ValueError, match="loss_smoothing"):
+        Exp3Bandit(TASKS, loss_smoothing=1.0)
 
 
 # ---------------------------------------------------------------------------------------------- streams
