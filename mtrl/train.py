@@ -5,6 +5,7 @@ Examples::
     mtrl-train                                                     # CARE on the 4-goal point-mass
     mtrl-train agent=mt_sac trainer.total_steps=20000 seed=1
     mtrl-train agent=mt_sac gradient=pcgrad                        # PCGrad on the per-task SAC losses
+    mtrl-train weighting=famo schedule=bandit gradient=pcgrad      # FAMO on the critic losses, EXP3 over tasks
     mtrl-train env=mt10 agent=care trainer.device=cuda
     mtrl-train hydra.run.dir=runs/a trainer.resume=true trainer.total_steps=200000   # continue a run
 
@@ -13,15 +14,33 @@ What one step is: every env of the pool (``K * envs_per_task`` single-task envs,
 ``updates_per_step`` SAC updates (:meth:`mtrl.agents.SAC.update`) each sample ``batch_size`` rows from
 every task. The first ``learning_starts`` steps act uniformly at random and do not update.
 
+Multi-task strategies (groups of the recommendation trainer too, built here for the task names):
+
+* ``gradient``: one instance for the actor's per-task losses, one for the critic's.
+* ``weighting``: one instance for the critic's per-task losses and, with ``weighted_losses=actor_and_critic``,
+  one for the actor's (see :mod:`mtrl.agents.sac` for why the critic alone is the default). Every task
+  contributes ``batch_size`` rows to an update, so the ``sizes`` of ``inverse_size`` (and of size-based
+  schedules) are equal and those reduce to equal weights (uniform sampling).
+* ``schedule``: one scheduler over the agent's updates (its clock is the update count): the tasks it selects
+  are the only ones whose rows count in that update. It learns from the critic losses after each update and
+  from the outcomes of the training episodes that finish (:meth:`TaskScheduler.observe_outcomes` with each
+  task's success rate among the episodes that ended at a step). Evaluation results are not fed to it, so that
+  evaluating or not never changes training.
+* Epoch-based weightings (``dwa``) get the mean losses of every ``trainer.epoch_steps`` steps.
+
+A config key none of this reads (a typo, a group of another command such as ``+model=mmoe``) fails at
+start-up: ``mtrl-train`` prints one line naming it and exits with status 2, as it does for any configuration
+error (a ``ValueError``).
+
 Written into the run directory: ``config.yaml`` (resolved), ``last.pt`` (every ``checkpoint_interval``
 steps, at the end and on Ctrl-C; atomic, :mod:`mtl.checkpoint`), ``train_log.jsonl`` (training records
 every ``log_interval`` steps, evaluation records every ``eval_interval``) and ``eval.json`` (the final
 evaluation, :func:`mtrl.evaluate.evaluate`'s format). Ctrl-C or SIGTERM (a scheduler's or ``timeout``'s
 stop) finishes the current step, writes ``last.pt`` and exits (status 130 / 143).
 
-**Exact resume.** ``last.pt`` holds the agent (weights, target critics, temperatures, optimisers,
-gradient-method state), every task's replay buffer with its sampler's generator, the exploration
-generator, the global RNG states (Python, NumPy, torch, CUDA), and each env's position: its episode index
+**Exact resume.** ``last.pt`` holds the agent (weights, target critics, temperatures, optimisers, the
+weightings', gradient methods' and scheduler's state), every task's replay buffer with its sampler's generator, the
+exploration generator, the global RNG states (Python, NumPy, torch, CUDA), and each env's position: its episode index
 and the actions taken so far in the current episode. Every episode of env ``j`` starts with
 ``reset(seed=<derived from (seed, j, episode)>)``, and the families' envs are deterministic given their
 seed and actions, so a resumed run rebuilds each env's state by replaying the current episode's actions
@@ -35,8 +54,10 @@ import json
 import logging
 import math
 import signal
+import sys
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -58,6 +79,7 @@ from mtl.checkpoint import (
     set_rng_state,
 )
 from mtrl.agents import SAC, EnvSpec, SACConfig
+from mtrl.agents.sac import Strategies
 from mtrl.evaluate import Evaluator, episode_seed
 from mtrl.replay import TaskReplay
 
@@ -68,6 +90,8 @@ __all__ = [
     "RLTrainer",
     "RLTrainerConfig",
     "build_agent_from_config",
+    "build_strategies",
+    "check_config_keys",
     "load_run",
     "main",
     "run",
@@ -81,6 +105,17 @@ LAST = "last.pt"
 LOG_FILE = "train_log.jsonl"
 EVAL_FILE = "eval.json"
 TRAIN_STREAM = 0  # episode-seed stream of training envs (evaluation uses mtrl.evaluate.EVAL_STREAM)
+PROGRAM = "mtrl-train"
+#: The top-level keys of ``configs/mtrl.yaml`` that a run reads; any other key is an error.
+CONFIG_KEYS = ("seed", "env", "agent", "gradient", "weighting", "schedule", "weighted_losses", "sac", "trainer")
+#: ``weighted_losses``: which per-task SAC losses the ``weighting`` balances.
+WEIGHTED_LOSSES = ("critic", "actor_and_critic")
+# What runs written before the weighting and schedule groups existed did (for their checkpoints' fingerprints).
+_EARLIER_DEFAULTS: dict[str, Any] = {
+    "weighting": {"_target_": "mtl.weighting.Equal", "_partial_": True},
+    "schedule": {"_target_": "mtl.scheduling.AllTasks", "_partial_": True},
+    "weighted_losses": "critic",
+}
 log = logging.getLogger("mtrl")
 
 
@@ -110,6 +145,9 @@ class RLTrainerConfig:
     """Write ``last.pt`` every N steps (0 = only at the end and on interruption)."""
     log_interval: int = 1_000
     """Write a training record every N steps."""
+    epoch_steps: int = 1_000
+    """Steps that make one epoch for epoch-based weightings (``dwa``): every N steps each weighting gets the mean
+    per-task losses of the updates in them."""
     resume: bool = False
     """Continue from ``last.pt`` in the run directory (a fresh start when there is none)."""
     progress: bool = True
@@ -120,7 +158,15 @@ class RLTrainerConfig:
     """torch intra-op threads (``null`` = torch's default)."""
 
     def __post_init__(self) -> None:
-        for key in ("total_steps", "envs_per_task", "batch_size", "replay_capacity", "eval_episodes", "log_interval"):
+        for key in (
+            "total_steps",
+            "envs_per_task",
+            "batch_size",
+            "replay_capacity",
+            "eval_episodes",
+            "log_interval",
+            "epoch_steps",
+        ):
             if getattr(self, key) < 1:
                 raise ValueError(f"trainer.{key} must be >= 1, got {getattr(self, key)}")
         for key in ("learning_starts", "eval_interval", "checkpoint_interval"):
@@ -139,7 +185,8 @@ def _structured(schema: type, node: Any, section: str) -> Any:
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema), node if node is not None else {})
     except OmegaConfBaseException as err:
-        raise ValueError(f"config section {section!r}: {err}") from err
+        # OmegaConf's first line names the key ("Key 'x' not in 'Schema'"); the rest repeats it
+        raise ValueError(f"config section {section!r}: {str(err).splitlines()[0]}") from err
     return schema(**OmegaConf.to_container(merged, resolve=True))
 
 
@@ -162,13 +209,72 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def check_config_keys(cfg: DictConfig, known: tuple[str, ...], program: str) -> None:
+    """Refuse top-level config keys ``program`` does not read (a typo, or a group of another command added with
+    ``+group=...``), which would otherwise be ignored silently.
+
+    Raises:
+        ValueError: naming the first unknown key and the keys ``program`` reads.
+    """
+    unknown = [k for k in cfg if k not in known]
+    if unknown:
+        raise ValueError(
+            f"config key {unknown[0]!r} is not used by {program} (it reads {', '.join(known)}); remove it, or check "
+            "the spelling (a group of another command added with +group=...?)"
+        )
+
+
+def _build(section: str, node: Any, **kwargs: Any) -> Any:
+    """``instantiate(node)(**kwargs)`` for a ``_partial_`` strategy config; a wrong keyword names the section."""
+    try:
+        return instantiate(node)(**kwargs)
+    except TypeError as err:
+        raise ValueError(f"config section {section!r}: {err}") from err
+
+
+def total_updates(tcfg: RLTrainerConfig) -> int:
+    """SAC updates of a whole run (the schedulers' ``total_steps``; at least 1)."""
+    return max(1, math.floor(max(0, tcfg.total_steps - tcfg.learning_starts) * tcfg.updates_per_step))
+
+
+def build_strategies(cfg: DictConfig, task_names: Sequence[str], *, seed: int, tcfg: RLTrainerConfig) -> Strategies:
+    """SAC's multi-task strategies from ``cfg.gradient``, ``cfg.weighting``, ``cfg.weighted_losses`` and
+    ``cfg.schedule`` (each may be absent: then none), for the tasks ``task_names``.
+
+    Gradient methods: one for the actor (``seed``), one for the critic (``seed + 1``). Weightings: one for the
+    critic's losses (``seed``) and, with ``weighted_losses=actor_and_critic``, one for the actor's (``seed + 1``).
+    ``sizes`` are the rows every task gives an update (``trainer.batch_size``, the same for all).
+
+    Raises:
+        ValueError: an unknown ``weighted_losses``, or a strategy's config has a key its class does not take.
+    """
+    names = list(task_names)
+    sizes = {n: tcfg.batch_size for n in names}
+    out: Strategies = {}
+    if cfg.get("gradient") is not None:
+        out["actor_gradient"] = _build("gradient", cfg.gradient, seed=seed)
+        out["critic_gradient"] = _build("gradient", cfg.gradient, seed=seed + 1)
+    weighted = cfg.get("weighted_losses", "critic")
+    if weighted not in WEIGHTED_LOSSES:
+        raise ValueError(f"config key weighted_losses: expected one of {list(WEIGHTED_LOSSES)}, got {weighted!r}")
+    if cfg.get("weighting") is not None:
+        out["critic_weighting"] = _build("weighting", cfg.weighting, tasks=names, sizes=sizes, seed=seed)
+        if weighted == "actor_and_critic":
+            out["actor_weighting"] = _build("weighting", cfg.weighting, tasks=names, sizes=sizes, seed=seed + 1)
+    if cfg.get("schedule") is not None:
+        out["scheduler"] = _build(
+            "schedule", cfg.schedule, tasks=names, sizes=sizes, seed=seed, total_steps=total_updates(tcfg)
+        )
+    return out
+
+
 def build_agent_from_config(cfg: DictConfig, spec: EnvSpec, *, seed: int, gradients: bool = True) -> SAC:
     """The agent of ``cfg.agent`` (a partial builder of :mod:`mtrl.agents`) with ``cfg.sac`` and, when
-    ``gradients``, ``cfg.gradient`` (one instance for the actor, one for the critic)."""
-    kwargs: dict[str, Any] = {}
-    if gradients and cfg.get("gradient") is not None:
-        kwargs["actor_gradient"] = instantiate(cfg.gradient)(seed=seed)
-        kwargs["critic_gradient"] = instantiate(cfg.gradient)(seed=seed + 1)
+    ``gradients``, the multi-task strategies of :func:`build_strategies` (``False``: only the networks, e.g. to load
+    a trained run's weights)."""
+    kwargs: Strategies = {}
+    if gradients:
+        kwargs = build_strategies(cfg, spec.task_names, seed=seed, tcfg=trainer_config(cfg.get("trainer")))
     try:
         return instantiate(cfg.agent)(spec, sac_config(cfg.get("sac")), **kwargs)
     except TypeError as err:
@@ -436,11 +542,8 @@ class RLTrainer:
         state = load_checkpoint(path)
         if int(state["seed"]) != self.seed:
             raise ValueError(f"{path} was trained with seed {state['seed']}, this run has seed {self.seed}")
-        diff = sorted(
-            k
-            for k in set(state["fingerprint"]) | set(self.fingerprint)
-            if state["fingerprint"].get(k) != self.fingerprint.get(k)
-        )
+        saved = {**_EARLIER_DEFAULTS, **state["fingerprint"]}
+        diff = sorted(k for k in set(saved) | set(self.fingerprint) if saved.get(k) != self.fingerprint.get(k))
         if diff:
             raise ValueError(
                 f"{path} was written with a different {', '.join(diff)} config; resume with the run's own "
@@ -558,12 +661,23 @@ class RLTrainer:
         self.step += 1
         self.episodes += len(finished)
         self._window.extend(finished)
+        if finished:
+            self.agent.observe_outcomes(self._success_rates(finished))
         n = _updates_due(self.step, cfg.learning_starts, cfg.updates_per_step)
         for i in range(n):
             want_stats = i == n - 1 and self.step % cfg.log_interval == 0
             stats = self.agent.update(self.replay.sample(cfg.batch_size), stats=want_stats)
             if want_stats:
                 self._last_stats = stats
+        if self.step % cfg.epoch_steps == 0:
+            self.agent.end_epoch()
+
+    def _success_rates(self, finished: list[tuple[int, float, bool]]) -> dict[str, float]:
+        """``{task: share of successes}`` among the episodes in ``finished`` (tasks without one are left out)."""
+        done: dict[str, list[bool]] = {}
+        for task, _, success in finished:
+            done.setdefault(self.task_names[task], []).append(success)
+        return {name: sum(s) / len(s) for name, s in done.items()}
 
     def close(self) -> None:
         self.pool.close()
@@ -576,9 +690,10 @@ class RLTrainer:
 def _fingerprint(cfg: DictConfig) -> dict[str, Any]:
     """The parts of the config a resumed run must share with the checkpoint."""
     out: dict[str, Any] = {}
-    for key in ("env", "agent", "sac", "gradient"):
+    for key in ("env", "agent", "sac", "gradient", "weighting", "schedule"):
         node = cfg.get(key)
         out[key] = OmegaConf.to_container(node, resolve=True) if node is not None else None
+    out["weighted_losses"] = cfg.get("weighted_losses", "critic")
     out["envs_per_task"] = int(cfg.trainer.get("envs_per_task", 1))
     out["replay_capacity"] = int(cfg.trainer.get("replay_capacity", RLTrainerConfig.replay_capacity))
     return out
@@ -591,6 +706,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     Returns the final evaluation: ``{"tasks": {task: {"success": s, "return": r}}, "mean_success": s,
     "mean_return": r, "episodes": n, "step": N, "family": describe(), "agent": name}``.
     """
+    check_config_keys(cfg, CONFIG_KEYS, PROGRAM)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     tcfg = trainer_config(cfg.trainer)
@@ -645,9 +761,29 @@ def load_run(run_dir: str | Path, device: str = "cpu") -> LoadedRun:
     return LoadedRun(cfg, family, agent, int(state["step"]))
 
 
+_started: list[bool] = []  # set once Hydra has composed the config and called the task function
+
+
 @hydra.main(config_path=CONFIG_DIR, config_name="mtrl", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    run(cfg, HydraConfig.get().runtime.output_dir)
+def _hydra_main(cfg: DictConfig) -> None:
+    _started.append(True)
+    try:
+        run(cfg, HydraConfig.get().runtime.output_dir)
+    except ValueError as err:  # a configuration error: one line, exit status 2, no traceback
+        print(f"{PROGRAM}: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def main() -> None:
+    """``mtrl-train``. Configuration errors exit with status 2: those of the run (a ``ValueError``, one line) and
+    those Hydra finds composing the config (an override of a key that does not exist, an unknown group option, a
+    group given twice), which Hydra reports without a traceback and would end with status 1."""
+    try:
+        _hydra_main()
+    except SystemExit as stop:
+        if stop.code == 1 and not _started:
+            raise SystemExit(2) from None
+        raise
 
 
 if __name__ == "__main__":

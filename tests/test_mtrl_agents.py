@@ -3,6 +3,7 @@ references, CARE's attention, per-task replay, and gradient methods on per-task 
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -11,6 +12,8 @@ import torch
 from torch import nn
 
 from mtl.gradients import GRADIENT_METHODS, PCGrad, Plain
+from mtl.scheduling import SCHEDULERS
+from mtl.weighting import FAMO, RLW, Static, Uncertainty
 from mtrl.agents import (
     AGENTS,
     SAC,
@@ -427,6 +430,146 @@ def test_every_gradient_method_trains_mt_sac_and_multihead(method: str) -> None:
         assert all(math.isfinite(v) for v in stats.values())
         changed = [not torch.equal(p, q) for p, q in zip(agent.parameters(), before)]
         assert all(changed[: len(list(agent.actor.parameters()))])  # every actor tensor moved
+
+
+# ------------------------------------------------------------------------- weighting and scheduling
+
+
+def _critic_grads(agent: SAC) -> list[torch.Tensor]:
+    return [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in agent.critic.parameters()]
+
+
+def _task_critic_loss(agent: SAC, b: Transition, t: int, k: int) -> torch.Tensor:
+    """Task ``t``'s critic loss on a batch of terminal transitions (target = reward), as task_losses scales it
+    with ``k`` tasks present."""
+    rows = b.task == t
+    q = agent.critic(b.obs[rows], b.task[rows], b.action[rows])
+    return ((q - b.reward[rows]) ** 2).sum(0).mean() / k
+
+
+def test_critic_weighting_weights_each_task_critic_gradient() -> None:
+    s = spec(k=2)
+    b = _conflicting_batch(s)
+    torch.manual_seed(0)
+    agent = multihead_sac(s, hidden=[16, 16], critic_weighting=Static(list(s.task_names), weights={"a": 3.0, "b": 0.5}))
+    losses, _ = agent.update_critic(b)
+    got = _critic_grads(agent)
+    assert agent.critic_step.weighting.current_weights() == {"a": 3.0, "b": 0.5}
+    torch.manual_seed(0)
+    ref = multihead_sac(s, hidden=[16, 16])
+    (3.0 * _task_critic_loss(ref, b, 0, 2) + 0.5 * _task_critic_loss(ref, b, 1, 2)).backward()
+    for g, p in zip(got, ref.critic.parameters()):
+        torch.testing.assert_close(g, p.grad, rtol=1e-5, atol=1e-7)
+    assert losses["a"].item() == pytest.approx(_task_critic_loss(ref, b, 0, 2).item(), rel=1e-6)
+
+
+def test_famo_on_the_critic_updates_its_logits_from_the_losses_after_the_step() -> None:
+    s = spec(k=2)
+    b = _conflicting_batch(s)  # terminal transitions: the target is the reward, so losses are reproducible by hand
+    b = b._replace(reward=b.reward * torch.tensor([1.0, 0.1]).repeat_interleave(8))  # unequal task losses
+    torch.manual_seed(0)
+    agent = mt_sac(s, hidden=[16, 16], critic_weighting=FAMO(list(s.task_names), lr=0.1))
+    before, _ = agent.update_critic(b)
+    with torch.no_grad():
+        after = {n: _task_critic_loss(agent, b, t, 2) for t, n in enumerate(s.task_names)}
+    ref = FAMO(list(s.task_names), lr=0.1)
+    ref.weighted({k: v.detach().clone().requires_grad_() for k, v in before.items()})
+    ref.after_step(after)
+    torch.testing.assert_close(agent.critic_step.weighting.logits, ref.logits)
+    assert agent.critic_step.weighting.logits.abs().sum() > 0 and agent.actor_step.weighting is None
+
+
+def test_scheduler_counts_only_the_selected_tasks_rows() -> None:
+    s = spec()
+    b = batch(s, rows_per_task=4)
+    torch.manual_seed(0)
+    agent = multihead_sac(s, hidden=[8], scheduler=SCHEDULERS["round_robin"](list(s.task_names)))
+    torch.manual_seed(0)
+    ref = multihead_sac(s, hidden=[8])
+    alpha_before = agent.log_alpha.detach().clone()
+    torch.manual_seed(1)
+    stats = agent.update(b, stats=True)  # update 0: task "a" (rows 0..3) only
+    assert {k for k in stats if k.startswith("loss/critic/")} == {"loss/critic/a"}
+    assert {k for k in stats if k.startswith("loss/actor/")} == {"loss/actor/a"}
+    # The same update on task a's rows alone, with nothing dropped (one task present: not divided further).
+    torch.manual_seed(1)
+    only_a = Transition(*(x[:4] for x in b))
+    ref_stats = ref.update(only_a, stats=True)
+    assert stats["loss/critic"] == pytest.approx(ref_stats["loss/critic"], rel=1e-6)
+    assert stats["loss/actor"] == pytest.approx(ref_stats["loss/actor"], rel=1e-6)
+    for p, q in zip(agent.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q)
+    # b's and c's temperatures did not move (nor, by the comparison above, their heads)
+    assert torch.equal(agent.log_alpha[1:], alpha_before[1:]) and not torch.equal(agent.log_alpha[0], alpha_before[0])
+    assert agent.critic_step.select(1) == ["b"] and agent.num_updates == 1
+
+
+def test_uncertainty_log_variances_join_the_critic_optimizer() -> None:
+    s = spec()
+    torch.manual_seed(0)
+    w = Uncertainty(list(s.task_names))
+    agent = mt_sac(s, hidden=[8], critic_weighting=w)
+    assert [p for g in agent.critic_optimizer.param_groups[1:] for p in g["params"]] == list(w.log_vars)
+    agent.update(batch(s))
+    assert all(p.detach().item() != 0.0 for p in w.log_vars)
+    agent.double()  # the weightings follow the agent's dtype (and device), though they are not submodules
+    assert w.log_vars[0].dtype == torch.float64 and "critic_step" not in dict(agent.named_modules())
+    assert not any("log_vars" in k for k in agent.state_dict())
+
+
+def test_observe_outcomes_reaches_the_scheduler() -> None:
+    s = spec()
+    progress = SCHEDULERS["progress"](list(s.task_names), seed=0)
+    agent = mt_sac(s, hidden=[8], scheduler=progress)
+    agent.observe_outcomes({"b": 1.0})
+    assert progress.fast == [None, 1.0, None]
+    mt_sac(s, hidden=[8]).observe_outcomes({"b": 1.0})  # no scheduler: nothing to feed
+
+
+def test_training_state_round_trip_with_weightings_and_a_scheduler() -> None:
+    s = spec()
+
+    def build() -> SAC:
+        names = list(s.task_names)
+        return multihead_sac(
+            s,
+            hidden=[8],
+            critic_gradient=PCGrad(seed=2),
+            critic_weighting=FAMO(names, lr=0.1),
+            actor_weighting=RLW(names, seed=4),
+            scheduler=SCHEDULERS["random"](names, seed=1, tasks_per_step=2),
+        )
+
+    torch.manual_seed(0)
+    a1 = build()
+    for i in range(3):
+        a1.update(batch(s, seed=i))
+    torch.manual_seed(5)
+    a2 = build()
+    a2.load_training_state(copy.deepcopy(a1.training_state()))
+    for i in range(3, 6):
+        torch.manual_seed(i)
+        a1.update(batch(s, seed=i))
+        torch.manual_seed(i)
+        a2.update(batch(s, seed=i))
+    for (k, v1), v2 in zip(a1.state_dict().items(), a2.state_dict().values()):
+        assert torch.equal(v1, v2), k
+    assert torch.equal(a1.critic_step.weighting.logits, a2.critic_step.weighting.logits)
+    assert a1.critic_step.weighting.logits.abs().sum() > 0
+    assert a1.training_state()["steps"]["actor"]["scheduler"] is None  # the critic's step holds the scheduler
+
+
+def test_training_state_of_the_earlier_layout_loads() -> None:
+    s = spec()
+    torch.manual_seed(0)
+    a1 = mt_sac(s, hidden=[8], critic_gradient=PCGrad(seed=2))
+    a1.update(batch(s))
+    state = a1.training_state()
+    steps = state.pop("steps")
+    state["gradient"] = {k: v["gradient"] for k, v in steps.items()}  # written before the multi-task steps
+    a2 = mt_sac(s, hidden=[8], critic_gradient=PCGrad(seed=9))
+    a2.load_training_state(state)
+    assert a2.critic_gradient.state_dict()["generator"].equal(a1.critic_gradient.state_dict()["generator"])
 
 
 # ---------------------------------------------------------------------------------------- replay

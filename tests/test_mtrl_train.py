@@ -111,12 +111,24 @@ def test_every_agent_config_trains_a_few_steps(agent: str, tmp_path: Path) -> No
     assert all(math.isfinite(v) for v in result["tasks"]["goal-0deg"].values())
 
 
-@pytest.mark.parametrize(("agent", "gradient"), [("care", "none"), ("mt_sac", "pcgrad")])
-def test_resume_continues_to_bit_identical_weights(agent: str, gradient: str, tmp_path: Path) -> None:
+RESUME_CASES = [
+    ("care", ["gradient=none"]),
+    ("mt_sac", ["gradient=pcgrad"]),
+    # FAMO's logits on the critic losses, the bandit's weights over tasks (fed by the critic losses)
+    ("mt_sac", ["gradient=pcgrad", "weighting=famo", "schedule=random", "schedule.tasks_per_step=2"]),
+    ("multihead_sac", ["weighting=famo", "schedule=bandit"]),
+    # DWA's epochs (every 20 steps: step 30 is mid-epoch), RLW on the actor too, progress fed by episode outcomes
+    ("multihead_sac", ["weighting=dwa", "trainer.epoch_steps=20", "schedule=progress"]),
+    ("mt_sac", ["weighting=rlw", "weighted_losses=actor_and_critic"]),
+]
+
+
+@pytest.mark.parametrize(("agent", "strategies"), RESUME_CASES, ids=[" ".join(s) for _, s in RESUME_CASES])
+def test_resume_continues_to_bit_identical_weights(agent: str, strategies: list[str], tmp_path: Path) -> None:
     # 60 steps straight vs 30 + resume + 30. Episodes last 20 steps, so step 30 is mid-episode: the resumed
     # run must rebuild the envs by replaying the episode's actions. Evaluations happen at different steps in
-    # the two runs (and must not matter).
-    common = [f"gradient={gradient}", "trainer.total_steps=60"]
+    # the two runs (and must not matter: they do not feed the scheduler).
+    common = [*strategies, "trainer.total_steps=60"]
     straight, split = tmp_path / "straight", tmp_path / "split"
     run(cfg_for(agent, *common, "trainer.eval_interval=25"), straight)
     run(cfg_for(agent, *common, "trainer.total_steps=30", "trainer.eval_interval=0"), split)
@@ -137,9 +149,62 @@ def test_resume_continues_to_bit_identical_weights(agent: str, gradient: str, tm
             assert torch.equal(ta, tb), key
     assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
     assert np.array_equal(a["pool"]["obs"], b["pool"]["obs"])
+    _assert_same(a["agent"]["steps"], b["agent"]["steps"])  # weightings, gradient methods, scheduler, epochs
     # The resumed run's log continues from step 30 (nothing duplicated).
     steps = [r["step"] for r in _records(split) if "transitions" in r]
     assert steps == [10, 20, 30, 40, 50, 60]
+
+
+def _assert_same(a: object, b: object) -> None:
+    """Nested dicts, lists and tensors equal (NaN equal to NaN)."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0))
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and list(a) == list(b)
+        for k in a:
+            _assert_same(a[k], b[k])
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b)
+        for x, y in zip(a, b):
+            _assert_same(x, y)
+    else:
+        assert a == b or (a != a and b != b), (a, b)
+
+
+def test_weighting_schedule_and_gradient_groups_train_tiny(tmp_path: Path) -> None:
+    """``mtrl-train weighting=famo schedule=bandit gradient=pcgrad``, tiny: FAMO weights the critic losses, the bandit
+    picks one task per update from the critic losses, PCGrad modulates both families' gradients."""
+    result = run(cfg_for("mt_sac", "weighting=famo", "schedule=bandit", "gradient=pcgrad"), tmp_path)
+    assert 0.0 <= result["mean_success"] <= 1.0
+    state = load_checkpoint(tmp_path / LAST)["agent"]["steps"]
+    bandit = state["critic"]["scheduler"]
+    assert bandit["method"] == "bandit" and any(w != 0.0 for w in bandit["log_weights"])  # it learned
+    assert state["critic"]["weighting"]["logits"].shape == (4,) and state["actor"]["weighting"] is None
+    record = [r for r in _records(tmp_path) if "transitions" in r][-1]
+    weights = [k for k in record if k.startswith("weight/critic/")]
+    assert len(weights) == 1 and record[weights[0]] == pytest.approx(1.0)  # one task per update: FAMO weight 1
+    assert len([k for k in record if k.startswith("loss/critic/")]) == 1
+
+
+def test_progress_schedule_learns_from_training_episode_outcomes(tmp_path: Path) -> None:
+    # Episodes of 20 steps end at steps 20 and 40 in all four envs: every task's success rate reaches the scheduler.
+    run(cfg_for("mt_sac", "schedule=progress", "trainer.total_steps=45", "trainer.eval_interval=0"), tmp_path)
+    progress = load_checkpoint(tmp_path / LAST)["agent"]["steps"]["critic"]["scheduler"]
+    assert progress["method"] == "progress"
+    assert all(f is not None and 0.0 <= f <= 1.0 for f in progress["fast"]), progress
+
+
+def test_unused_and_misplaced_config_keys_fail_at_start_up(tmp_path: Path) -> None:
+    for override, key in (("+model=mmoe", "model"), ("+optimizer=adam", "optimizer"), ("+foo=1", "foo")):
+        with pytest.raises(ValueError, match=f"config key '{key}' is not used by mtrl-train"):
+            run(cfg_for("mt_sac", override), tmp_path)
+    with pytest.raises(ValueError, match="weighted_losses: expected one of"):
+        run(cfg_for("mt_sac", "weighted_losses=actor"), tmp_path)
+    with pytest.raises(ValueError, match="config section 'weighting'.*lrr"):
+        run(cfg_for("mt_sac", "weighting=famo", "+weighting.lrr=0.1"), tmp_path)
+    with pytest.raises(ValueError, match="config section 'schedule'.*tau"):
+        run(cfg_for("mt_sac", "schedule=bandit", "+schedule.tau=0.1"), tmp_path)
+    assert not (tmp_path / LAST).exists()  # nothing started
 
 
 def test_resume_refuses_a_different_config(tmp_path: Path) -> None:
@@ -148,6 +213,17 @@ def test_resume_refuses_a_different_config(tmp_path: Path) -> None:
         run(cfg_for("multihead_sac", "trainer.total_steps=20", "trainer.resume=true"), tmp_path)
     with pytest.raises(ValueError, match="seed 0, this run has seed 3"):
         run(cfg_for("mt_sac", "trainer.total_steps=20", "trainer.resume=true", "seed=3"), tmp_path)
+    with pytest.raises(ValueError, match="different schedule, weighting config"):
+        run(cfg_for("mt_sac", "trainer.total_steps=20", "trainer.resume=true", "weighting=famo", "schedule=bandit"),
+            tmp_path)
+    # A checkpoint written before the weighting and schedule groups (no such keys in its fingerprint) was trained
+    # with equal weights and every task: it resumes under those defaults.
+    state = load_checkpoint(tmp_path / LAST)
+    for key in ("weighting", "schedule", "weighted_losses"):
+        del state["fingerprint"][key]
+    torch.save(state, tmp_path / LAST)
+    run(cfg_for("mt_sac", "trainer.total_steps=20", "trainer.resume=true", "trainer.eval_interval=0"), tmp_path)
+    assert load_checkpoint(tmp_path / LAST)["step"] == 20
 
 
 def test_config_typos_name_the_key(tmp_path: Path) -> None:
@@ -303,6 +379,30 @@ def test_cli_entry_points(tmp_path: Path) -> None:
     )
     assert ev.returncode == 0, ev.stderr[-3000:]
     assert "goal-90deg" in ev.stdout and (run_dir / "evaluation.json").is_file()
+
+
+def test_cli_strategy_groups_and_a_misplaced_group(tmp_path: Path) -> None:
+    """``mtrl-train weighting=famo schedule=bandit gradient=pcgrad`` runs tiny; ``+model=mmoe`` (a group of
+    mtrec-train) exits with status 2 and one line naming the key, no traceback."""
+    overrides = [o for o in TINY if not o.startswith("trainer.total_steps")]
+    base = [sys.executable, "-m", "mtrl.train", "agent=mt_sac", "trainer.total_steps=15", *overrides]
+    ok = subprocess.run(
+        [*base, "weighting=famo", "schedule=bandit", "gradient=pcgrad", f"hydra.run.dir={tmp_path / 'ok'}"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    assert json.loads((tmp_path / "ok" / "eval.json").read_text())["step"] == 15
+    bad = subprocess.run(
+        [*base, "+model=mmoe", f"hydra.run.dir={tmp_path / 'bad'}"], cwd=REPO, capture_output=True, text=True,
+        timeout=300,
+    )
+    assert bad.returncode == 2, bad.stderr[-3000:]
+    assert "mtrl-train: error: config key 'model' is not used by mtrl-train" in bad.stderr
+    assert "Traceback" not in bad.stderr and not (tmp_path / "bad" / LAST).exists()
+    # weighting is a group of mtrl-train now: adding it again is Hydra's composition error, also status 2
+    twice = subprocess.run([*base, "+weighting=equal"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert twice.returncode == 2, twice.stderr[-3000:]
+    assert "weighting appears more than once" in twice.stderr and "Traceback" not in twice.stderr
 
 
 def test_sigterm_checkpoints_a_complete_step_and_the_run_resumes_exactly(tmp_path: Path) -> None:

@@ -20,30 +20,50 @@ temperature, or one temperature for every task):
 **Multi-task objective.** The critic and actor losses are averaged over each task's rows, giving the
 per-task losses ``{task: L_t}`` of :mod:`mtl` (ARCHITECTURE.md: "a multi-task objective is a dict of
 scalar losses"); each is divided by the number of tasks present, so their plain sum is the usual SAC loss
-(the batch mean when every task has the same number of rows, which the per-task replay guarantees). The
-dict goes to the actor's and the critic's :class:`~mtl.gradients.GradientMethod`: ``backward(losses,
-shared=<shared parameters>, others=<per-task heads>, representation=<last hidden layer>)``; ``none``
-(:class:`~mtl.gradients.Plain`, the default) is the plain sum, PCGrad and the others modulate the
-per-task gradients of the shared parameters. The temperature loss touches no shared parameter and is
-always summed.
+(the batch mean when every task has the same number of rows, which the per-task replay guarantees).
+Each of the two objectives runs through its own :class:`mtl.step.MultiTaskStep` (the one step the
+recommendation trainer runs too): scheduler -> weighting -> gradient method -> optimiser step -> feedback.
+
+* **Scheduler** (one, shared by both steps; default: every task): ``scheduler.select(num_updates)`` picks the
+  tasks that count in an update. The batch keeps only those tasks' rows, so the critic, actor and temperature
+  losses are of those tasks alone (and divided by their number). It learns from the critic losses
+  (``observe``, after the critic step: squared TD errors, comparable over time) and from episode outcomes
+  (:meth:`SAC.observe_outcomes`, called by the RL trainer).
+* **Weighting** (one instance per loss family, each with its own state; default: none, the plain sum):
+  ``critic_weighting`` weights the per-task critic losses, ``actor_weighting`` the actor losses. The critic
+  losses are squared errors (>= 0), which every weighting accepts; the actor losses ``alpha log pi - Q`` can be
+  negative, which FAMO, DWA and uncertainty refuse. ``mtrl-train`` therefore weights the critic losses only
+  unless told otherwise (``weighted_losses``), as FAMO's own MT10 runs do.
+* **Gradient method** (one per family; default :class:`~mtl.gradients.Plain`, the plain sum): ``backward(weighted,
+  shared=<shared parameters>, others=<per-task heads>, representation=<last hidden layer>)``; PCGrad and the
+  others modulate the per-task gradients of the shared parameters.
+
+Weightings that want the losses after the optimiser step (FAMO) get the same batch's losses recomputed: the
+critic's at the same targets, the actor's with the same action noise. The temperature loss touches no shared
+parameter and is always summed.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypedDict
 
 import torch
 from torch import Tensor, nn
 
-from mtl.gradients import GradientMethod, Plain
+from mtl.gradients import GradientMethod
+from mtl.scheduling import TaskScheduler
+from mtl.step import MultiTaskStep, StepParameters
+from mtl.weighting import Weighting
 from mtrl.agents.networks import EnvSpec, SquashedGaussianActor, TwinCritic, squashed_gaussian
 
 __all__ = [
     "SAC",
     "SACConfig",
+    "Strategies",
     "Transition",
     "actor_rows",
     "critic_rows",
@@ -164,6 +184,16 @@ def task_losses(rows: Tensor, task: Tensor, task_names: tuple[str, ...] | list[s
 # ------------------------------------------------------------------------------------------------ agent
 
 
+class Strategies(TypedDict, total=False):
+    """SAC's multi-task strategies: keyword arguments of :class:`SAC` and of every builder of :mod:`mtrl.agents`."""
+
+    actor_gradient: GradientMethod | None
+    critic_gradient: GradientMethod | None
+    actor_weighting: Weighting | None
+    critic_weighting: Weighting | None
+    scheduler: TaskScheduler | None
+
+
 class SAC(nn.Module):
     """A multi-task SAC agent: actor, twin critics, target critics, temperatures and their optimisers.
 
@@ -179,6 +209,10 @@ class SAC(nn.Module):
         actor_gradient: how per-task actor losses become gradients (default :class:`~mtl.gradients.Plain`).
         critic_gradient: the same for the critic losses (a separate instance: stateful methods keep state
             per objective).
+        actor_weighting: weights the per-task actor losses (:mod:`mtl.weighting`, built for the task names;
+            default: none, the plain sum). Its trainable parameters (uncertainty's) join the actor's optimiser.
+        critic_weighting: the same for the critic losses (a separate instance).
+        scheduler: picks the tasks that count in each update (:mod:`mtl.scheduling`; default: every task).
         name: the agent's name (recorded in checkpoints and exports).
 
     Example::
@@ -199,6 +233,9 @@ class SAC(nn.Module):
         per_task_temperature: bool = True,
         actor_gradient: GradientMethod | None = None,
         critic_gradient: GradientMethod | None = None,
+        actor_weighting: Weighting | None = None,
+        critic_weighting: Weighting | None = None,
+        scheduler: TaskScheduler | None = None,
         name: str = "sac",
     ) -> None:
         super().__init__()
@@ -224,16 +261,55 @@ class SAC(nn.Module):
         self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=config.actor_lr, foreach=True)
         self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=config.critic_lr, foreach=True)
         self.temperature_optimizer = torch.optim.Adam([self.log_alpha], lr=config.temperature_lr, foreach=True)
-        # Parameter lists, fixed at construction (gradient methods take them every update).
-        self._groups = {
-            "actor": (self.actor.shared_parameters(), self.actor.task_parameters()),
-            "critic": (self.critic.shared_parameters(), self.critic.task_parameters()),
+        # One multi-task step per objective; they count the same tasks (one scheduler), the critic's feeds it.
+        self.critic_step = MultiTaskStep(
+            self.task_names,
+            weighting=critic_weighting,
+            gradient=critic_gradient,
+            scheduler=scheduler,
+            max_grad_norm=config.grad_clip,
+        )
+        self.actor_step = MultiTaskStep(
+            self.task_names,
+            weighting=actor_weighting,
+            gradient=actor_gradient,
+            scheduler=scheduler,
+            feedback=False,
+            max_grad_norm=config.grad_clip,
+        )
+        self.actor_gradient, self.critic_gradient = self.actor_step.gradient, self.critic_step.gradient
+        self.scheduler = scheduler
+        self._params = {
+            "actor": self._step_parameters(self.actor, self.actor_optimizer, self.actor_step),
+            "critic": self._step_parameters(self.critic, self.critic_optimizer, self.critic_step),
         }
+        self._task_index = {n: i for i, n in enumerate(self.task_names)}
         self._critic_params = list(self.critic.parameters())
         self._target_params = list(self.critic_target.parameters())
-        self.actor_gradient = actor_gradient if actor_gradient is not None else Plain()
-        self.critic_gradient = critic_gradient if critic_gradient is not None else Plain()
         self.num_updates = 0
+
+    @staticmethod
+    def _step_parameters(
+        net: SquashedGaussianActor | TwinCritic, optimizer: torch.optim.Optimizer, step: MultiTaskStep
+    ) -> StepParameters:
+        """The parameters of one objective (fixed at construction); a weighting's trainable ones join ``optimizer``."""
+        extra = step.trainable_parameters()
+        if extra:
+            optimizer.add_param_group({"params": extra})
+        shared = net.shared_parameters()
+        # GradNorm measures task gradient norms at the last shared layer: the last shared parameters are the
+        # output head's weight and bias (one head for every task) or the trunk's last layer (one head per task).
+        others = net.task_parameters() + extra
+        return StepParameters(shared, others, last_shared=shared[-2:], clipped=list(net.parameters()))
+
+    def _apply(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        # The weightings are not submodules (their state travels in training_state, not in the weights that
+        # load_run and export read), but follow the agent's device and dtype.
+        out = super()._apply(fn, *args, **kwargs)
+        for step in (self.actor_step, self.critic_step):
+            if step.weighting is not None:
+                step.weighting._apply(fn, *args, **kwargs)
+        return out
 
     # ------------------------------------------------------------------ acting
     @property
@@ -255,15 +331,21 @@ class SAC(nn.Module):
         return self.actor.sample(obs, task)[0]
 
     # ------------------------------------------------------------------ learning
-    def _backward(
-        self, method: GradientMethod, losses: dict[str, Tensor], which: str, representation: Tensor | None
-    ) -> dict[str, float]:
-        shared, task = self._groups[which]
-        return method.backward(losses, shared, others=task, representation=representation)
+    def counted_rows(self, batch: Transition) -> Transition:
+        """The rows of ``batch`` whose tasks count in this update (``scheduler.select(num_updates)``; all without a
+        scheduler)."""
+        tasks = self.critic_step.select(self.num_updates)
+        if len(tasks) == len(self.task_names):
+            return batch
+        index = torch.tensor([self._task_index[t] for t in tasks], device=batch.task.device)
+        keep = torch.isin(batch.task, index)
+        return Transition(*(x[keep] for x in batch))
 
     def update_critic(self, batch: Transition) -> tuple[dict[str, Tensor], dict[str, float]]:
-        """One critic step; returns the per-task losses and the gradient method's stats."""
+        """One critic step on the rows of the tasks that count; returns their per-task losses and the gradient
+        method's stats."""
         cfg = self.config
+        batch = self.counted_rows(batch)
         with torch.no_grad():
             next_action, next_log_prob = self.actor.sample(batch.next_obs, batch.task)
             next_q = self.critic_target(batch.next_obs, batch.task, next_action)
@@ -271,26 +353,36 @@ class SAC(nn.Module):
                 batch.reward, batch.terminated, next_q, next_log_prob, self.alpha(batch.task), cfg.gamma
             )
         representation = None
-        if self.critic_gradient.requires_representation:
+        if self.critic_step.requires_representation:
             q, representation = self.critic.forward_with_representation(batch.obs, batch.task, batch.action)
         else:
             q = self.critic(batch.obs, batch.task, batch.action)
         losses = task_losses(critic_rows(q, target), batch.task, self.task_names)
-        self.critic_optimizer.zero_grad(set_to_none=True)
-        grad_stats = self._backward(self.critic_gradient, losses, "critic", representation)
-        if cfg.grad_clip is not None:
-            nn.utils.clip_grad_norm_(self.critic.parameters(), cfg.grad_clip)
-        self.critic_optimizer.step()
-        return losses, grad_stats
+
+        def losses_after_step() -> dict[str, Tensor]:  # the same rows and targets, the stepped critic
+            q_after = self.critic(batch.obs, batch.task, batch.action)
+            return task_losses(critic_rows(q_after, target), batch.task, self.task_names)
+
+        out = self.critic_step.run(
+            self.num_updates,
+            losses,
+            self.critic_optimizer,
+            self._params["critic"],
+            cut=representation,
+            losses_after_step=losses_after_step,
+        )
+        return losses, out.stats
 
     def update_actor_and_temperature(
         self, batch: Transition
     ) -> tuple[dict[str, Tensor], Tensor, Tensor, dict[str, float]]:
-        """One actor step (critics frozen) and one temperature step; returns the per-task actor losses, the
-        temperature loss, the mean log-probability and the gradient method's stats."""
-        cfg = self.config
+        """One actor step (critics frozen) and one temperature step on the rows of the tasks that count; returns
+        their per-task actor losses, the temperature loss, the mean log-probability and the gradient method's
+        stats."""
+        batch = self.counted_rows(batch)
         mean, log_std, z = self.actor.forward_with_representation(batch.obs, batch.task)
-        action, log_prob = squashed_gaussian(mean, log_std, torch.randn_like(mean))
+        noise = torch.randn_like(mean)
+        action, log_prob = squashed_gaussian(mean, log_std, noise)
         for p in self._critic_params:
             p.requires_grad_(False)
         try:
@@ -300,19 +392,40 @@ class SAC(nn.Module):
                 p.requires_grad_(True)
         alpha = self.alpha(batch.task)
         losses = task_losses(actor_rows(q, log_prob, alpha.detach()), batch.task, self.task_names)
-        self.actor_optimizer.zero_grad(set_to_none=True)
-        representation = z if self.actor_gradient.requires_representation else None
-        grad_stats = self._backward(self.actor_gradient, losses, "actor", representation)
-        if cfg.grad_clip is not None:
-            nn.utils.clip_grad_norm_(self.actor.parameters(), cfg.grad_clip)
-        self.actor_optimizer.step()
+
+        def losses_after_step() -> dict[str, Tensor]:  # the same rows and action noise, the stepped actor
+            mean_after, log_std_after = self.actor(batch.obs, batch.task)
+            action_after, log_prob_after = squashed_gaussian(mean_after, log_std_after, noise)
+            q_after = self.critic(batch.obs, batch.task, action_after)
+            return task_losses(actor_rows(q_after, log_prob_after, alpha.detach()), batch.task, self.task_names)
+
+        out = self.actor_step.run(
+            self.num_updates,
+            losses,
+            self.actor_optimizer,
+            self._params["actor"],
+            cut=z if self.actor_step.requires_representation else None,
+            losses_after_step=losses_after_step,
+        )
 
         rows = temperature_rows(alpha, log_prob, self.target_entropy)
         temperature_loss = torch.stack(list(task_losses(rows, batch.task, self.task_names).values())).sum()
         self.temperature_optimizer.zero_grad(set_to_none=True)
         temperature_loss.backward()
         self.temperature_optimizer.step()
-        return losses, temperature_loss.detach(), log_prob.detach().mean(), grad_stats
+        return losses, temperature_loss.detach(), log_prob.detach().mean(), out.stats
+
+    def observe_outcomes(self, outcomes: Mapping[str, float]) -> None:
+        """Episode outcomes for the scheduler (:meth:`mtl.scheduling.TaskScheduler.observe_outcomes`):
+        ``{task: success rate in [0, 1]}`` of some tasks' recent episodes, at the current update. No-op without a
+        scheduler."""
+        if self.scheduler is not None and outcomes:
+            self.scheduler.observe_outcomes(self.num_updates, outcomes)
+
+    def end_epoch(self) -> None:
+        """Hand each weighting the mean per-task losses of the updates since the last call (DWA's epochs)."""
+        self.critic_step.end_epoch()
+        self.actor_step.end_epoch()
 
     @torch.no_grad()
     def update_target(self) -> None:
@@ -334,6 +447,7 @@ class SAC(nn.Module):
                 out["entropy"] = -float(log_prob.item())
                 out.update({f"grad/actor/{k}": float(v) for k, v in actor_grad.items()})
                 out.update({f"loss/actor/{k}": float(v.item()) * len(actor_losses) for k, v in actor_losses.items()})
+                out.update(_weights("actor", self.actor_step))
         if self.num_updates % cfg.target_update_every == 0:
             self.update_target()
         self.num_updates += 1
@@ -341,6 +455,7 @@ class SAC(nn.Module):
             out["loss/critic"] = float(sum(v.item() for v in critic_losses.values()))
             out.update({f"loss/critic/{k}": float(v.item()) * len(critic_losses) for k, v in critic_losses.items()})
             out.update({f"grad/critic/{k}": float(v) for k, v in critic_grad.items()})
+            out.update(_weights("critic", self.critic_step))
             alphas = self.log_alpha.detach().exp().tolist()
             names = self.task_names if self.per_task_temperature else ("all",)
             out.update({f"alpha/{n}": a for n, a in zip(names, alphas)})
@@ -349,7 +464,7 @@ class SAC(nn.Module):
     # ------------------------------------------------------------------ state
     def training_state(self) -> dict[str, Any]:
         """Everything needed to continue training exactly: weights (with targets and temperatures),
-        optimisers, gradient-method state and the update counter."""
+        optimisers, the multi-task steps' state (weightings, gradient methods, scheduler) and the update counter."""
         return {
             "name": self.name,
             "modules": self.state_dict(),
@@ -358,7 +473,7 @@ class SAC(nn.Module):
                 "critic": self.critic_optimizer.state_dict(),
                 "temperature": self.temperature_optimizer.state_dict(),
             },
-            "gradient": {"actor": self.actor_gradient.state_dict(), "critic": self.critic_gradient.state_dict()},
+            "steps": {"actor": self.actor_step.state_dict(), "critic": self.critic_step.state_dict()},
             "num_updates": self.num_updates,
         }
 
@@ -373,7 +488,17 @@ class SAC(nn.Module):
         self.actor_optimizer.load_state_dict(optimizers["actor"])
         self.critic_optimizer.load_state_dict(optimizers["critic"])
         self.temperature_optimizer.load_state_dict(optimizers["temperature"])
-        gradient = copy.deepcopy(state["gradient"])
-        self.actor_gradient.load_state_dict(gradient["actor"])
-        self.critic_gradient.load_state_dict(gradient["critic"])
+        if "steps" in state:
+            steps = copy.deepcopy(state["steps"])
+        else:  # written before the multi-task steps: gradient-method state only
+            steps = {k: {"gradient": v} for k, v in copy.deepcopy(state["gradient"]).items()}
+        self.actor_step.load_state_dict(steps["actor"])
+        self.critic_step.load_state_dict(steps["critic"])
         self.num_updates = int(state["num_updates"])
+
+
+def _weights(family: str, step: MultiTaskStep) -> dict[str, float]:
+    """``{"weight/<family>/<task>": w}`` of the step's weighting's last call (``{}`` without a weighting)."""
+    if step.weighting is None:
+        return {}
+    return {f"weight/{family}/{k}": v for k, v in step.weighting.current_weights().items()}

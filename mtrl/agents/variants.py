@@ -17,20 +17,25 @@ agent               encoder (actor and critic each have their own)        heads 
 * The task-blind agent sees neither the task index nor its metadata: on tasks that share observations
   it can only learn one behaviour for all of them (a lower bound).
 
-Every builder has the signature the ``agent/`` config group instantiates (``_partial_: true``)::
+Every builder has the signature the ``agent/`` config group instantiates (``_partial_: true``): the family's spec,
+SAC's config, the builder's own architecture keywords and SAC's multi-task strategies
+(:class:`~mtrl.agents.sac.Strategies`: ``actor_gradient``, ``critic_gradient``, ``actor_weighting``,
+``critic_weighting``, ``scheduler``), which go to :class:`~mtrl.agents.sac.SAC` unchanged::
 
-    agent = care(spec, config, actor_gradient=..., critic_gradient=..., hidden=[256, 256], num_experts=4)
+    agent = care(spec, config, critic_gradient=PCGrad(), critic_weighting=FAMO(spec.task_names), hidden=[256, 256])
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from mtl.gradients import GradientMethod
 from mtrl.agents.networks import EnvSpec, SquashedGaussianActor, TwinCritic
-from mtrl.agents.sac import SAC, SACConfig
+from mtrl.agents.sac import SAC, SACConfig, Strategies
 from mtrl.encoders import CAREEncoder, IdentityEncoder, OneHotEncoder, TaskEncoder
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = ["AGENTS", "build_agent", "build_sac", "care", "mt_sac", "multihead_sac", "task_blind_sac"]
 
@@ -45,14 +50,13 @@ def build_sac(
     hidden: Sequence[int],
     multi_head: bool,
     per_task_temperature: bool,
-    actor_gradient: GradientMethod | None,
-    critic_gradient: GradientMethod | None,
     name: str,
+    **strategies: Unpack[Strategies],
 ) -> SAC:
     """A :class:`SAC` whose actor and critic each read through their own ``encoder()``.
 
     ``hidden``: the widths of the actor's MLP and of each critic's MLP; ``multi_head``: one output layer
-    per task; ``per_task_temperature``: one ``alpha`` per task.
+    per task; ``per_task_temperature``: one ``alpha`` per task; ``strategies``: SAC's multi-task strategies.
     """
     config = config if config is not None else SACConfig()
     heads = spec.num_tasks if multi_head else 1
@@ -71,9 +75,8 @@ def build_sac(
         spec,
         config,
         per_task_temperature=per_task_temperature,
-        actor_gradient=actor_gradient,
-        critic_gradient=critic_gradient,
         name=name,
+        **strategies,
     )
 
 
@@ -82,8 +85,7 @@ def mt_sac(
     config: SACConfig | None = None,
     *,
     hidden: Sequence[int] = (256, 256),
-    actor_gradient: GradientMethod | None = None,
-    critic_gradient: GradientMethod | None = None,
+    **strategies: Unpack[Strategies],
 ) -> SAC:
     """MT-SAC (Yu et al. 2019): the task one-hot appended to the observation, one temperature per task."""
     return build_sac(
@@ -93,9 +95,8 @@ def mt_sac(
         hidden=hidden,
         multi_head=False,
         per_task_temperature=True,
-        actor_gradient=actor_gradient,
-        critic_gradient=critic_gradient,
         name="mt_sac",
+        **strategies,
     )
 
 
@@ -104,8 +105,7 @@ def multihead_sac(
     config: SACConfig | None = None,
     *,
     hidden: Sequence[int] = (256, 256),
-    actor_gradient: GradientMethod | None = None,
-    critic_gradient: GradientMethod | None = None,
+    **strategies: Unpack[Strategies],
 ) -> SAC:
     """Multi-head SAC (Yu et al. 2019): a shared trunk over the observation, one actor and one critic output
     head per task (the heads are the task-specific parameters for gradient methods), one temperature per task."""
@@ -116,9 +116,8 @@ def multihead_sac(
         hidden=hidden,
         multi_head=True,
         per_task_temperature=True,
-        actor_gradient=actor_gradient,
-        critic_gradient=critic_gradient,
         name="multihead_sac",
+        **strategies,
     )
 
 
@@ -134,8 +133,7 @@ def care(
     context_dim: int = 32,
     attention_temperature: float = 1.0,
     normalize_metadata: bool = True,
-    actor_gradient: GradientMethod | None = None,
-    critic_gradient: GradientMethod | None = None,
+    **strategies: Unpack[Strategies],
 ) -> SAC:
     """CARE (Sodhani et al. 2021): the :class:`~mtrl.encoders.CAREEncoder` (``num_experts`` encoders mixed by
     attention from the context of ``spec.metadata``) feeds actor and critics; one temperature per task.
@@ -167,9 +165,8 @@ def care(
         hidden=hidden,
         multi_head=False,
         per_task_temperature=True,
-        actor_gradient=actor_gradient,
-        critic_gradient=critic_gradient,
         name="care",
+        **strategies,
     )
 
 
@@ -178,8 +175,7 @@ def task_blind_sac(
     config: SACConfig | None = None,
     *,
     hidden: Sequence[int] = (256, 256),
-    actor_gradient: GradientMethod | None = None,
-    critic_gradient: GradientMethod | None = None,
+    **strategies: Unpack[Strategies],
 ) -> SAC:
     """Plain SAC that ignores the task (observation only, shared heads, one temperature): the baseline."""
     return build_sac(
@@ -189,9 +185,8 @@ def task_blind_sac(
         hidden=hidden,
         multi_head=False,
         per_task_temperature=False,
-        actor_gradient=actor_gradient,
-        critic_gradient=critic_gradient,
         name="task_blind_sac",
+        **strategies,
     )
 
 
