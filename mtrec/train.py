@@ -6,6 +6,9 @@ Examples::
     mtrec-train data=census data.path=PATH model=mmoe      # MMoE on Census-Income
     mtrec-train model=ple trainer.max_steps=500 tasks.income.lr=0.01
     mtrec-train hydra.run.dir=runs/a trainer.resume=true   # continue an interrupted run
+
+A configuration error (a ``ValueError``: a typo in a key, a value out of range, a key no part of the run reads
+such as ``+agent=care``, a group of ``mtrl-train``) prints one line naming the key and exits with status 2.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +35,22 @@ from mtrec.trainer import Trainer, TrainerConfig, evaluate, parameter_groups
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_DIR = str(REPO / "configs")
+PROGRAM = "mtrec-train"
+#: The top-level keys of ``configs/mtrec.yaml`` that a run reads; any other key is an error.
+CONFIG_KEYS = (
+    "seed",
+    "data",
+    "model",
+    "trainer",
+    "optimizer",
+    "weighting",
+    "gradient",
+    "schedule",
+    "distill",
+    "task_names",
+    "task_split",
+    "tasks",
+)
 log = logging.getLogger("mtrec")
 
 
@@ -44,9 +64,39 @@ if not OmegaConf.has_resolver("data_path"):
     OmegaConf.register_new_resolver("data_path", data_path)
 
 
+def check_config_keys(cfg: DictConfig, known: tuple[str, ...] = CONFIG_KEYS, program: str = PROGRAM) -> None:
+    """Refuse top-level config keys ``program`` does not read (a typo, or a group of another command added with
+    ``+group=...``), which would otherwise be ignored silently.
+
+    Raises:
+        ValueError: naming the first unknown key and the keys ``program`` reads.
+    """
+    unknown = [k for k in cfg if k not in known]
+    if unknown:
+        raise ValueError(
+            f"config key {unknown[0]!r} is not used by {program} (it reads {', '.join(known)}); remove it, or check "
+            "the spelling (a group of another command added with +group=...?)"
+        )
+
+
+def _build(section: str, node: Any, **kwargs: Any) -> Any:
+    """``instantiate(node)(**kwargs)`` for a ``_partial_`` strategy config; a wrong keyword names the section."""
+    try:
+        return instantiate(node)(**kwargs)
+    except TypeError as err:
+        raise ValueError(f"config section {section!r}: {err}") from err
+
+
 def trainer_config(node: Any) -> TrainerConfig:
-    """Validate the ``trainer`` config node against :class:`TrainerConfig` (unknown keys are errors)."""
-    merged = OmegaConf.merge(OmegaConf.structured(TrainerConfig), node)
+    """Validate the ``trainer`` config node against :class:`TrainerConfig` (an unknown key or a wrong type is a
+    ``ValueError`` naming the key)."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(TrainerConfig), node)
+    except OmegaConfBaseException as err:
+        # OmegaConf's first line names the key ("Key 'x' not in 'TrainerConfig'"); the rest repeats it
+        raise ValueError(f"config section 'trainer': {str(err).splitlines()[0]}") from err
     return TrainerConfig(**OmegaConf.to_container(merged, resolve=True))  # type: ignore[arg-type]
 
 
@@ -148,10 +198,10 @@ def build_training(
         # Every label column is dense, so each task trains on every training row.
         sizes = {t: len(bundle.train) for t in names}
         rows_per_epoch = len(bundle.train)
-    weighting = instantiate(cfg.weighting)(tasks=tasks, sizes=sizes, seed=seed)
-    gradient = instantiate(cfg.gradient)(seed=seed)
+    weighting = _build("weighting", cfg.weighting, tasks=tasks, sizes=sizes, seed=seed)
+    gradient = _build("gradient", cfg.gradient, seed=seed)
     total_steps = tcfg.max_steps or tcfg.max_epochs * -(-rows_per_epoch // tcfg.batch_size)
-    scheduler = instantiate(cfg.schedule)(tasks=names, sizes=sizes, seed=seed, total_steps=total_steps)
+    scheduler = _build("schedule", cfg.schedule, tasks=names, sizes=sizes, seed=seed, total_steps=total_steps)
     distill = None
     if cfg.get("distill") is not None:
         # Knowledge distillation from single-task teachers (configs/distill, mtrec-teachers); None when off.
@@ -186,6 +236,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     Returns ``{"val": {task: {metric: value}}, "test": {task: {metric: value}}}``: validation
     metrics of the best checkpoint (early stopping uses validation only) and test metrics of that checkpoint.
     """
+    check_config_keys(cfg)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(int(cfg.seed))
@@ -221,9 +272,30 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     return metrics
 
 
+_started: list[bool] = []  # set once Hydra has composed the config and called the task function
+
+
 @hydra.main(config_path=CONFIG_DIR, config_name="mtrec", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    run(cfg, HydraConfig.get().runtime.output_dir)
+def _hydra_main(cfg: DictConfig) -> None:
+    _started.append(True)
+    try:
+        run(cfg, HydraConfig.get().runtime.output_dir)
+    except ValueError as err:  # a configuration error: one line, exit status 2, no traceback
+        print(f"{PROGRAM}: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def main() -> None:
+    """``mtrec-train``. Configuration errors exit with status 2: those of the run (a ``ValueError``, one line) and
+    those Hydra finds composing the config (an override of a key that does not exist, an unknown group option, a
+    group given twice), which Hydra reports without a traceback and would end with status 1."""
+    _started.clear()
+    try:
+        _hydra_main()
+    except SystemExit as stop:
+        if stop.code == 1 and not _started:
+            raise SystemExit(2) from None
+        raise
 
 
 if __name__ == "__main__":

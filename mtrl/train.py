@@ -778,6 +778,7 @@ def main() -> None:
     """``mtrl-train``. Configuration errors exit with status 2: those of the run (a ``ValueError``, one line) and
     those Hydra finds composing the config (an override of a key that does not exist, an unknown group option, a
     group given twice), which Hydra reports without a traceback and would end with status 1."""
+    _started.clear()
     try:
         _hydra_main()
     except SystemExit as stop:

@@ -150,11 +150,37 @@ def test_per_task_learning_rates_reach_the_optimizer(tmp_path: Path) -> None:
         ("trainer.monitor=accuracy", "trainer.monitor"),
         ("+tasks.clik.lr=0.1", "tasks.clik"),
         ("task_names=[click,purchase]", "purchase"),
+        # groups of mtrl-train, and keys no part of a run reads, are refused instead of ignored
+        ("+agent=mt_sac", "config key 'agent' is not used by mtrec-train"),
+        ("+env=pointmass", "config key 'env' is not used by mtrec-train"),
+        ("+weighted_losses=critic", "config key 'weighted_losses' is not used"),
+        ("+lr=0.1", "config key 'lr' is not used"),
+        ("+weighting.lrr=0.1", "config section 'weighting'.*lrr"),
+        ("+trainer.max_step=3", "config section 'trainer': Key 'max_step' not in 'TrainerConfig'$"),
     ],
 )
 def test_config_errors_name_the_key(override: str, needle: str, tmp_path: Path) -> None:
     with pytest.raises(Exception, match=needle):
         run(cfg(override, *TINY), tmp_path)
+
+
+def test_cli_configuration_error_exits_2_naming_the_key(tmp_path: Path) -> None:
+    exe = Path(sys.executable).parent / "mtrec-train"
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "mtrec.train"]
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    for override, message, one_line in (
+        ("+agent=mt_sac", "mtrec-train: error: config key 'agent' is not used by mtrec-train", True),
+        # an error Hydra finds while composing (its own message, which names the key): status 2 as well
+        ("+weighting=equal", "Multiple values for weighting", False),
+    ):
+        proc = subprocess.run(
+            [*cmd, f"hydra.run.dir={tmp_path / 'run'}", override, *TINY],
+            capture_output=True, text=True, env=env, timeout=300,
+        )
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        assert message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+        assert not one_line or len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert not (tmp_path / "run" / "last.pt").exists()
 
 
 def test_cli_writes_metrics_json_in_the_hydra_run_dir(tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ from mtl.weighting import (
     FAMO,
     WEIGHTINGS,
     GradNorm,
+    Static,
     Uncertainty,
     Weighting,
     build_weighting,
@@ -160,6 +161,49 @@ def test_bad_inputs_raise_clear_errors() -> None:
         build_weighting("equal", [TaskSpec("a"), TaskSpec("a")])
     with pytest.raises(ValueError, match="unknown weighting 'nope'"):
         build_weighting("nope", TASKS)
+
+
+# ---------------------------------------------------------------------------------------------- tasks by name
+def test_tasks_given_by_name() -> None:
+    """Weightings built for task names (RL tasks have no TaskSpec): the weights of the same tasks given as
+    TaskSpecs where a method reads nothing from the spec, and a stated meaning where it does."""
+    specs = [TaskSpec("a", "regression"), TaskSpec("b", "regression"), TaskSpec("c", "regression")]
+    for name in ALL:
+        by_name, by_spec = make(name, ["a", "b", "c"]), make(name, specs)
+        assert by_name.task_names == ("a", "b", "c") and by_name.specs == {}
+        h1, h2 = drive(by_name, TinyMTL(TASKS), 5), drive(by_spec, TinyMTL(TASKS), 5)
+        assert h1 == h2, name
+    # static: a name weighs 1, unless weights= says otherwise (which also overrides a TaskSpec's weight)
+    losses = scalars(a=1.0, b=2.0, c=3.0)
+    out = Static(["a", "b", "c"], weights={"b": 3.0}).weighted(losses)
+    assert {k: v.item() for k, v in out.items()} == {"a": 1.0, "b": 6.0, "c": 3.0}
+    out = Static(TASKS, weights={"a": 0.0}).weighted(losses)
+    assert {k: v.item() for k, v in out.items()} == pytest.approx({"a": 0.0, "b": 4.0, "c": 1.5})
+    mixed = Static([TASKS[1], "q"])  # a TaskSpec and a name in one weighting
+    assert mixed.weighted(scalars(b=1.0, q=1.0)) and mixed.current_weights() == {"b": 2.0, "q": 1.0}
+    with pytest.raises(ValueError, match=r"unknown tasks \['zz'\]"):
+        Static(["a"], weights={"zz": 1.0})
+    with pytest.raises(ValueError, match=">= 0"):
+        Static(["a"], weights={"a": -1.0})
+    with pytest.raises(TypeError, match="TaskSpec objects or task names, got int"):
+        Static([1])  # type: ignore[list-item]
+    with pytest.raises(TypeError, match="the string 'ab'"):
+        Static("ab")  # type: ignore[arg-type]
+
+
+def test_uncertainty_of_a_task_given_by_name_is_gaussian_and_refuses_negative_losses() -> None:
+    w = Uncertainty(["q", TaskSpec("k", "binary")])
+    with torch.no_grad():
+        w.log_vars[0].fill_(math.log(2.0))
+    out = w.weighted(scalars(q=3.0, k=1.0))
+    # 0.5 exp(-s) L + 0.5 s with s = log 2: 0.75 + 0.5 log 2 (the Gaussian form); the binary task keeps c = 1
+    assert out["q"].item() == pytest.approx(0.75 + 0.5 * math.log(2.0))
+    assert w.current_weights() == pytest.approx({"q": 0.25, "k": 1.0})
+    with pytest.raises(ValueError, match=r"losses must be >= 0.*'q': -1\.0"):
+        w.weighted(scalars(q=-1.0, k=1.0))
+    with torch.no_grad():  # not a training call: nothing is learned, nothing checked
+        w.weighted({"q": torch.tensor(-1.0), "k": torch.tensor(1.0)})
+    Uncertainty([TaskSpec("r", "regression")]).weighted(scalars(r=1.0))  # supervised losses are not checked
 
 
 # ---------------------------------------------------------------------------------------------- uncertainty
