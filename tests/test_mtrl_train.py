@@ -186,6 +186,38 @@ def test_weighting_schedule_and_gradient_groups_train_tiny(tmp_path: Path) -> No
     assert len([k for k in record if k.startswith("loss/critic/")]) == 1
 
 
+STRATEGY_CONFIGS = [
+    f"{group}={p.stem}"
+    for group in ("weighting", "schedule")
+    for p in sorted((REPO / "configs" / group).glob("*.yaml"))
+]
+
+
+@pytest.mark.parametrize("override", STRATEGY_CONFIGS)
+def test_every_weighting_and_schedule_config_trains_a_sac_agent(override: str) -> None:
+    """Each config of the shared groups, built by mtrl-train for the family's task names (sizes, total_steps),
+    trains SAC updates: finite losses, the critic moves, DWA gets its epochs."""
+    from mtrl.agents import EnvSpec, Transition, mt_sac
+    from mtrl.train import build_strategies, trainer_config
+
+    cfg = cfg_for("mt_sac", override)
+    names = ["goal-0deg", "goal-90deg", "goal-180deg", "goal-270deg"]
+    strategies = build_strategies(cfg, names, seed=0, tcfg=trainer_config(cfg.trainer))
+    assert set(strategies) == {"actor_gradient", "critic_gradient", "critic_weighting", "scheduler"}
+    torch.manual_seed(0)
+    agent = mt_sac(EnvSpec(2, 2, tuple(names)), hidden=[8], **strategies)
+    before = [p.clone() for p in agent.critic.parameters()]
+    g, n = torch.Generator().manual_seed(0), 4 * 6
+    for _ in range(4):
+        b = Transition(torch.randn(n, 2, generator=g), torch.rand(n, 2, generator=g) * 2 - 1,
+                       -torch.rand(n, generator=g), torch.randn(n, 2, generator=g), torch.zeros(n),
+                       torch.arange(4).repeat_interleave(6))
+        stats = agent.update(b, stats=True)
+        agent.end_epoch()
+        assert all(math.isfinite(v) for v in stats.values()), stats
+    assert not all(torch.equal(p, q) for p, q in zip(agent.critic.parameters(), before))
+
+
 def test_progress_schedule_learns_from_training_episode_outcomes(tmp_path: Path) -> None:
     # Episodes of 20 steps end at steps 20 and 40 in all four envs: every task's success rate reaches the scheduler.
     run(cfg_for("mt_sac", "schedule=progress", "trainer.total_steps=45", "trainer.eval_interval=0"), tmp_path)
