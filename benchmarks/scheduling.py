@@ -1,6 +1,6 @@
 """Schedulers that learn which tasks to train: how far each moves the task distribution, and what that does.
 
-    python benchmarks/scheduling.py --quick     # 2 processes, about 6 min on 2 cores (the committed results)
+    python benchmarks/scheduling.py --quick     # 2 processes; 12 min on the 2-core dev machine while other jobs ran
     python benchmarks/scheduling.py             # more seeds and steps
     python benchmarks/scheduling.py --parts rec --seeds 1
 
@@ -311,7 +311,7 @@ def plot(sim: dict[str, Any], rec: list[dict[str, Any]], rl: list[dict[str, Any]
             style = "-" if i == 0 else ":"
             color = f"C{list(REC_SCHEDULES).index(name)}"
             ax.plot(traj["step"], [max(p) for p in traj["probs"]], style, color=color, label=name if i == 0 else None)
-    ax.set_title("rec (mtrec synthetic): largest task probability (seed 0 solid, others dotted)")
+    ax.set_title("rec (mtrec synthetic): largest task probability (seed 0 solid)")
     ax.set_xlabel("training step")
     ax.set_ylim(0, 1.0)
     ax.legend(fontsize=8)

@@ -370,7 +370,7 @@ class Annealed(TaskScheduler):
 
 
 def quantile_rescale(value: float, history: Sequence[float], q_lo: float = 0.2, q_hi: float = 0.8) -> float:
-    """Graves et al.'s (ICML 2017, section 2.3) adaptive reward scaling: ``value`` mapped to ``[-1, 1]`` by the
+    """Graves et al.'s (ICML 2017) adaptive reward scaling: ``value`` mapped to ``[-1, 1]`` by the
     ``q_lo`` and ``q_hi`` quantiles of ``history`` (the earlier, unscaled rewards)::
 
         lo, hi = quantile(history, q_lo), quantile(history, q_hi)
@@ -414,7 +414,7 @@ class Exp3Bandit(TaskScheduler):
     progress of about 1e-3 per step) and the average keeps the progress signal while shrinking the noise in ``v``
     by about ``1 - d``. The reward ``r`` is:
 
-    - ``reward_scaling="quantile"`` (default; Graves et al., section 2.3): ``v`` rescaled to ``[-1, 1]`` by the
+    - ``reward_scaling="quantile"`` (default; Graves et al.'s reward scaling): ``v`` rescaled to ``[-1, 1]`` by the
       ``q_lo`` and ``q_hi`` quantiles (the paper's 20th and 80th percentiles) of the unscaled progress values seen
       before it (:func:`quantile_rescale`). The history is a reservoir sample (Vitter's algorithm R) of at most
       ``history_size`` values over all tasks; which slot the ``n``-th value replaces is drawn from the seed and
@@ -428,14 +428,14 @@ class Exp3Bandit(TaskScheduler):
 
     Which algorithm: with ``alpha = 0`` (default) this is Exp3 itself, Auer et al.'s exploration mixture
     ``gamma / k`` included, with the step size ``eta`` freed from ``gamma`` (``eta=None`` is Auer et al.'s
-    ``gamma / k``; Graves et al. call the same mixture ``epsilon``). With ``alpha > 0`` it is the Exp3.S of Graves
-    et al. (their eq. 2 with ``beta = 0``, the value they use): after every update the weight shares are mixed,
-    ``s <- (1 - alpha) s + alpha / k``, so that the bandit can follow progress that changes during training.
+    ``gamma / k``; Graves et al. call the same mixture ``epsilon``). With ``alpha > 0`` it is the Exp3.S update of
+    Graves et al. with their ``beta = 0`` (no reward bonus ``beta / p``): after every update the weight shares are
+    mixed, ``s <- (1 - alpha) s + alpha / k``, so that the bandit can follow progress that changes during training.
     Graves et al. write the mixing as ``(1 - a) s_i + a / (k - 1) sum_{j != i} s_j``, which is this one with
-    ``alpha = a k / (k - 1)``. Not taken from the paper: its step size ``eta = 1e-3`` and ``epsilon = 0.05``
-    (tuned for runs of 10^5 steps and more; the defaults here move the distribution within a few hundred steps),
-    and its other progress signals (prediction gain on the same batch before and after the update, complexity
-    gains), which need the trainer's help.
+    ``alpha = a k / (k - 1)``. Not taken from the paper: its step size and exploration rate (tuned for its long
+    runs; the defaults here move the distribution within a few hundred steps), and its other progress signals
+    (prediction gain on the same batch before and after the update, complexity gains), which need the trainer's
+    help.
 
     Args:
         gamma: exploration, in ``(0, 1]``; every task keeps probability at least ``gamma / k``.
@@ -683,7 +683,10 @@ class LearningProgress(TaskScheduler):
       hard-exploration domain: Minecraft", 2021; the absolute slope of the learning curve, so that tasks being
       forgotten are trained too, as in Matiisen et al., "Teacher-Student Curriculum Learning", 2017). Tasks
       already solved and tasks still out of reach both score 0; the ones being learned are sampled. Kanitscheider
-      et al. further reshape the progress before sampling; this class samples in proportion to it as it is.
+      et al. further reshape the progress before sampling; this class samples in proportion to it as it is. A task
+      that has not started to succeed keeps only ``epsilon / k`` while others progress (in the point-mass runs of
+      benchmarks/scheduling.py one goal sat at that floor for most of the run and stayed unsolved): raise
+      ``epsilon``, or use ``"success"``, when tasks start at zero success and need training to begin to succeed.
     - ``"success"``: ``1 - fast``, how far the recent success rate is from solved: unsolved tasks are sampled more.
 
     The sampling distribution mixes the normalised scores with ``epsilon`` of uniform, so that no task starves::
