@@ -20,19 +20,31 @@ the pure functions ``<method>_weights(M, ...) -> (w, info)`` and ``aggregate_<me
 are what the classes call, and what the tests check on known vectors. ``M`` is moved to the CPU in float64
 once per step; the small solvers of :mod:`mtl.solvers` run there.
 
-Scale of the aggregated gradient (``none`` gives ``sum_i g_i``):
+Scale of the aggregated gradient (``none`` gives ``sum_i g_i``), and the TorchJD 0.18 aggregator it equals
+(``tests/test_gradient_oracle.py`` checks every pair):
 
-===============  ===============================================================================================
-``pcgrad``       ``sum_i g_i^PC`` (sum, as the paper and its official code)
-``gradvac``      ``sum_i g_i'`` (sum)
-``cagrad``       ``(g0 + lambda g_w) / (1 + c^2)`` with ``g0`` the *mean* gradient (official ``rescale=1``)
-``mgda``         ``sum_i alpha_i g_i``, ``alpha`` on the simplex (a convex combination, not multiplied by k)
-``mgda_ub``      gradient of ``sum_i alpha_i L_i``, ``alpha`` on the simplex
-``imtl_g``       ``sum_i alpha_i g_i`` with ``sum_i alpha_i = 1``
-``aligned_mtl``  sum of the k aligned gradients, each of norm ``sigma_min(G)`` (orthogonal to one another)
-``nash_mtl``     ``sum_i alpha_i g_i`` with ``alpha`` for the Frobenius-normalised Gram, clipped to ``max_norm``
-``great``        ``sum_i g_i`` plus the reversed adversarial gradient ``-lam * grad L_disc``
-===============  ===============================================================================================
+===============  ====================================================================  =========================
+``pcgrad``       ``sum_i g_i^PC`` (sum, as the paper and its official code)             ``PCGrad()``
+``gradvac``      ``sum_i g_i'`` (sum)                                                   ``GradVac(beta)``
+``cagrad``       ``(g0 + lambda g_w) / (1 + c^2)``, ``g0`` the *mean* (official)        ``CAGrad(c)`` x 1/(1+c^2)
+``mgda``         ``sum_i alpha_i g_i``, ``alpha`` on the simplex (not multiplied by k)   ``MGDA()`` (exact here)
+``mgda_ub``      gradient of ``sum_i alpha_i L_i``, ``alpha`` on the simplex             --
+``imtl_g``       ``sum_i alpha_i g_i`` with ``sum_i alpha_i = 1``                       ``IMTLG()``
+``aligned_mtl``  sum of the k aligned gradients, each of norm ``sigma_min(G)``          ``AlignedMTL()`` x k
+``nash_mtl``     ``sum_i alpha_i g_i``, ``alpha_i (M alpha)_i = 1``, clipped to ``max_norm``  ``NashMTL`` (solver)
+``upgrad``       mean of the projections of ``g_i`` onto the dual cone                  ``UPGrad()``
+``dualproj``     projection of the mean gradient onto the dual cone                     ``DualProj()``
+``con_fig``      equal-cosine direction, length ``sum_i g_i . u`` (sum)                 ``ConFIG()``
+``great``        ``sum_i g_i`` plus the reversed adversarial gradient ``-lam * grad L_disc``   --
+===============  ====================================================================  =========================
+
+**Accuracy.** Every method is exact for any finite Jacobian, to a tolerance relative to each task's own
+gradient norm: the solvers (:mod:`mtl.solvers`, :mod:`mtl.projection`) work on the Jacobi-equilibrated Gram
+matrix and stop on per-task relative optimality conditions, so tasks whose gradients differ by orders of
+magnitude (an MSE head next to a rare-event BCE head) get the paper's answer, not one biased towards the
+largest gradient. A solve that misses its tolerance warns (:class:`mtl.solvers.SolverWarning` or
+``RuntimeWarning``) with its residual. Where a paper leaves a case open (zero rows, duplicate or opposite rows,
+rank deficiency) each ``<method>_weights`` docstring states mtlib's rule and why.
 
 **Fast path.** When ``backward`` gets a :class:`~mtl.split.TaskSplit` as ``representation`` (the model cut
 its graph between the shared body and the task heads, see :mod:`mtl.split`), every method uses it: one plain
@@ -61,7 +73,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mtl import solvers
+from mtl import projection, solvers
 from mtl.split import TaskSplit, _flat, as_param_grad
 
 Info = dict[str, Tensor]
@@ -71,6 +83,12 @@ ScaleMode = Literal["min", "median", "rmse"]
 _F64 = torch.float64
 _CPU = torch.device("cpu")
 _F32_EPS = float(torch.finfo(torch.float32).eps)  # the official Aligned-MTL rank rule uses float32's eps
+
+
+def _rank_eps(dtype: torch.dtype) -> float:
+    """Machine epsilon of the dtype a Jacobian was computed in, at most float32's (the Gram matrix is computed
+    in at least float32): the resolution of its Gram matrix's eigenvalues."""
+    return float(torch.finfo(torch.promote_types(dtype, torch.float32)).eps)
 
 # --------------------------------------------------------------------------------------------------------------
 # Per-task gradients
@@ -213,24 +231,36 @@ def cagrad_weights(
 ) -> tuple[Tensor, Info]:
     """CAGrad (Liu et al., "Conflict-Averse Gradient Descent for Multi-task Learning", NeurIPS 2021).
 
-    ``d = argmax_{||d - g0|| <= c ||g0||} min_i g_i . d`` with ``g0 = mean_i g_i``. Its dual:
-    ``w = argmin_{w in simplex} g_w . g0 + c ||g0|| ||g_w||`` (:func:`mtl.solvers.cagrad_dual`), and
-    ``d = g0 + c ||g0|| / ||g_w|| g_w`` (``d = g0`` if ``||g_w|| <= 1e-8 ||g||_typical``). With
-    ``rescale=True`` the result is divided by ``1 + c^2``, the official code's default (``rescale=1``); the
-    official third option, ``1 + c``, is not offered. ``c = 0`` gives ``g0``. ``info["dual_weights"]`` is ``w``.
+    ``d = argmax_{||d - g0|| <= c ||g0||} min_i g_i . d`` with ``g0 = mean_i g_i``, solved exactly on the Gram
+    matrix (:func:`mtl.solvers.cagrad_direction`): ``d = g0 + c ||g0|| g_w / ||g_w||`` with ``w`` the dual
+    weights, every task in their support at the same (worst) ``g_i . d``. With ``rescale=True`` the result is
+    divided by ``1 + c^2``, the official code's default (``rescale=1``); the official third option, ``1 + c``, is
+    not offered. TorchJD's ``CAGrad(c)`` is ``rescale=False``. ``c = 0`` gives ``g0``.
+
+    With ``c >= 1`` the ball contains the origin, so the optimum never conflicts with a task (``g_i . d >= 0``).
+    Where the paper leaves the answer open, mtlib's rules: a task with an exactly zero gradient is left out of
+    the worst-task ``min`` (no direction can change its loss to first order); and when the optimum is attained
+    at ``g_w = 0`` (0 in the convex hull of the gradients, a Pareto-stationary point, where ``g_w / ||g_w||`` is
+    undefined and every ``d`` in the ball with ``g_i . d >= 0`` is optimal) ``d`` is the optimal point nearest
+    ``g0``: the projection of ``g0`` onto the dual cone ``{d : g_i . d >= 0}``, i.e. DualProj of the mean
+    (:func:`mtl.projection.project_dual_cone`). TorchJD returns 0 there; the projection keeps improving the tasks
+    that are not part of the stationary combination. Both choices are unique, hence permutation invariant.
+
+    ``info``: ``dual_weights`` (``w``), ``value`` (the worst-task ``g_i . d``, before rescaling), ``iters``,
+    ``residual``, ``converged`` and ``stationary``.
     """
     if (one := _single(M)) is not None:
         return one
     k = M.shape[0]
-    w_dual, iters = solvers.cagrad_dual(M, c, max_iter=max_iter, tol=tol)
-    Ml, wl = M.tolist(), w_dual.tolist()  # a few k x k sums: cheaper on Python floats than on tiny tensors
-    g0_norm = math.sqrt(max(sum(map(sum, Ml)) / (k * k), 0.0))
-    gw_norm = math.sqrt(max(sum(wi * sum(m * x for m, x in zip(row, wl)) for wi, row in zip(wl, Ml)), 0.0))
-    typical = math.sqrt(max(sum(Ml[i][i] for i in range(k)) / k, 0.0))
-    lam = c * g0_norm / gw_norm if gw_norm > 1e-8 * typical else 0.0
+    coef, w_dual, sol = solvers.cagrad_direction(M, c, max_iter=max_iter, tol=tol)
+    if sol["stationary"]:
+        coef, proj = projection.project_dual_cone(M, torch.full((k,), 1.0 / k, dtype=M.dtype))
+        sol["residual"] = float(proj.get("residual", torch.tensor(0.0)))
     scale = 1.0 + c**2 if rescale else 1.0
-    w = torch.tensor([(1.0 / k + lam * x) / scale for x in wl], dtype=M.dtype)
-    return w, {"weights": w, "dual_weights": w_dual, "iters": torch.tensor(float(iters))}
+    w = coef / scale
+    info: Info = {"weights": w, "dual_weights": w_dual}
+    info.update({key: torch.tensor(float(v)) for key, v in sol.items()})
+    return w, info
 
 
 def _normalizers(M: Tensor, losses: Tensor | None, normalization: str) -> Tensor:
@@ -309,20 +339,46 @@ class _WarmSupport:
 def imtl_g_weights(M: Tensor) -> tuple[Tensor, Info]:
     """IMTL-G (Liu et al., "Towards Impartial Multi-task Learning", ICLR 2021, Section 3.2).
 
-    With unit gradients ``u_i = g_i / ||g_i||``, ``D`` rows ``g_1 - g_j`` and ``U`` rows ``u_1 - u_j``
-    (``j = 2..k``): ``alpha_{2..k} = g_1 U^T (D U^T)^{-1}``, ``alpha_1 = 1 - sum_{j>1} alpha_j``, so that
-    ``g = sum_i alpha_i g_i`` has the same projection onto every ``u_i``. All products come from ``M``
-    (``u_a . g_b = M_ab / ||g_a||``); the inverse is a pseudo-inverse, and a zero gradient gets ``u = 0``.
+    The combination ``g = sum_i alpha_i g_i`` with ``sum_i alpha_i = 1`` whose projections ``g . u_i`` onto
+    the unit gradients ``u_i = g_i / ||g_i||`` are all equal. The paper's closed form (``alpha_{2..k} = g_1 U^T
+    (D U^T)^{-1}``, differences against task 1) is the same as ``alpha = M^-1 n / (1^T M^-1 n)`` with ``n_i =
+    ||g_i||`` (``M alpha = t n`` says exactly that every ``g . u_i = t``), which is how it is computed here: on
+    the cosine matrix ``C = D^-1 M D^-1`` (``M^-1 n = D^-1 C^-1 1``), by an equilibrated Cholesky solve, so
+    gradients whose norms differ by orders of magnitude are solved as accurately as equal ones.
+
+    Degenerate cases, mtlib's rules (as TorchJD's ``IMTLG``, the generalisation of Quinton & Rey 2024):
+
+    - A task whose gradient is exactly zero has no direction to be impartial to and gets ``alpha_i = 0``; the
+      others are solved among themselves. (Imposing ``g . u_i`` equal for ``u_i = 0`` would force every
+      projection to 0, so one silent task would stop every update.)
+    - Linearly dependent gradients (duplicates, ``k`` above the rank): ``M^+ n`` with the pseudo-inverse.
+    - If ``1^T M^+ n`` vanishes (below 1e-12 of ``sum_i |(M^+ n)_i|``, e.g. ``g_2 = -g_1``) no combination with
+      equal positive projections exists: ``alpha = 0``.
+
+    The common projection ``t = 1 / (1^T M^-1 n)`` can be negative (IMTL-G does not guarantee non-conflict).
+    ``alpha`` is invariant under ``G -> s G`` for ``s > 0``. ``info["projection"]`` is ``t``.
     """
     if (one := _single(M)) is not None:
         return one
-    n = M.diagonal().clamp_min(0.0).sqrt()
-    inv = torch.where(n > 0, 1.0 / n.clamp_min(1e-300), torch.zeros_like(n))
-    x = M[0, 0] * inv[0] - M[0, 1:] * inv[1:]  # g_1 . (u_1 - u_b)
-    A = (M[0, 0] - M[1:, 0])[:, None] * inv[0] - (M[0, 1:][None, :] - M[1:, 1:]) * inv[None, 1:]
-    rest = x @ torch.linalg.pinv(A)
-    alpha = torch.cat([(1.0 - rest.sum()).reshape(1), rest])
-    return alpha, {"weights": alpha}
+    k = M.shape[0]
+    Ml = M.tolist()
+    nz = [i for i in range(k) if Ml[i][i] > 0.0]
+    alpha = [0.0] * k
+    if nz:
+        n = [math.sqrt(Ml[i][i]) for i in nz]
+        sol = solvers._cholesky_solve([[Ml[a][b] for b in nz] for a in nz], [n])
+        if sol is not None:
+            v = sol[0]
+        else:  # linearly dependent rows: the pseudo-inverse
+            Mz = M[nz][:, nz]
+            v = (torch.linalg.pinv(Mz, hermitian=True) @ torch.tensor(n, dtype=M.dtype)).tolist()
+        total, gross = sum(v), sum(abs(x) for x in v)
+        if gross > 0.0 and abs(total) > 1e-12 * gross:
+            for i, x in zip(nz, v):
+                alpha[i] = x / total
+    w = torch.tensor(alpha, dtype=M.dtype)
+    t = float(w @ M[:, nz[0]]) / math.sqrt(Ml[nz[0]][nz[0]]) if nz else 0.0
+    return w, {"weights": w, "projection": torch.tensor(t)}
 
 
 def aligned_mtl_weights(M: Tensor, *, scale_mode: ScaleMode = "min", rank_eps: float = _F32_EPS) -> tuple[Tensor, Info]:
@@ -330,7 +386,9 @@ def aligned_mtl_weights(M: Tensor, *, scale_mode: ScaleMode = "min", rank_eps: f
 
     Eigendecomposition ``M = V diag(lambda) V^T`` (``lambda = sigma^2``, the squared singular values of
     ``G``), keeping the ``r`` eigenvalues above ``lambda_max * k * rank_eps`` (the official code's rank
-    rule). The aligned gradients are the rows of ``W G`` with ``W = V_r diag(sqrt(s / lambda_r)) V_r^T`` and
+    rule, with ``rank_eps`` the epsilon of the dtype the Jacobian was computed in: float32's in training, as the
+    official code; float64's for a float64 ``G``, as TorchJD). The aligned gradients are the rows of ``W G``
+    with ``W = V_r diag(sqrt(s / lambda_r)) V_r^T`` and
     ``s = lambda_min`` (``scale_mode="min"``, the paper's choice), ``median(lambda)`` (lower median, as
     ``torch.median``) or ``mean(lambda)`` (``"rmse"``). For full rank ``(W G)(W G)^T = s I``: orthogonal
     rows of equal norm ``sqrt(s)`` (all singular values equal to ``sqrt(s)``), the condition number is one.
@@ -362,29 +420,46 @@ def nash_mtl_weights(
     M: Tensor,
     alpha0: Tensor | None = None,
     *,
-    normalize: bool = True,
+    normalize: bool = False,
     max_norm: float = 1.0,
     max_iter: int = 100,
     tol: float = 1e-10,
 ) -> tuple[Tensor, Info]:
-    """Nash-MTL (Navon et al., "Multi-Task Learning as a Bargaining Game", ICML 2022).
+    """Nash-MTL (Navon et al., "Multi-Task Learning as a Bargaining Game", ICML 2022, Claim 3.1).
 
-    ``alpha > 0`` with ``(M' alpha)_i alpha_i = 1`` (:func:`mtl.solvers.nash_bargaining`, warm-started from
-    ``alpha0``), where ``M' = M / ||M||_F`` if ``normalize`` (the official code's normalisation) else ``M``.
-    ``g = sum_i alpha_i g_i``, scaled down to norm ``max_norm`` if longer (the official code clips the shared
-    gradient norm at 1.0; ``max_norm=0`` disables). ``info["alpha"]`` is the unclipped ``alpha``.
+    ``alpha > 0`` with ``alpha_i (M alpha)_i = 1`` on the Gram matrix as it is (:func:`mtl.solvers.nash_bargaining`,
+    warm-started from ``alpha0``), and ``g = sum_i alpha_i g_i``, scaled down to norm ``max_norm`` if longer (the
+    official code clips the shared gradient norm at 1.0; ``max_norm=0`` disables). The official code divides the
+    Gram matrix by its Frobenius norm for its solver but multiplies ``alpha`` by that norm inside its log
+    constraint, so its ``alpha`` is this one; so is TorchJD's ``NashMTL``. ``g`` then scales as ``sqrt(s)`` under
+    ``G -> s G`` (``||g||^2 = k``: the product of the tasks' improvements is fixed by the bargaining condition).
+
+    ``normalize=True`` uses ``alpha`` solved for ``M / ||M||_F`` instead, ``sqrt(||M||_F)`` times the paper's (what
+    mtlib < 0.2 did by default, kept only to reproduce those runs; the clip hid the difference only when the
+    gradient was long). Zero rows get weight 0; see :func:`mtl.solvers.nash_bargaining` for linearly dependent
+    rows. ``info``: ``alpha`` (unclipped), ``iters``, ``residual`` (``max_i |alpha_i (M alpha)_i - 1|`` over
+    non-zero rows) and ``converged``.
     """
     if (one := _single(M)) is not None:
         return one
     fro = float(torch.linalg.matrix_norm(M))
-    Mn = M / fro if normalize and fro > 0 else M
-    alpha, iters = solvers.nash_bargaining(Mn, alpha0=alpha0, max_iter=max_iter, tol=tol)
+    factor = math.sqrt(fro) if normalize and fro > 0 else 1.0  # alpha for M / ||M||_F is sqrt(||M||_F) alpha(M)
+    a0 = None if alpha0 is None else alpha0.to(_CPU, M.dtype) / factor
+    alpha, iters = solvers.nash_bargaining(M, alpha0=a0, max_iter=max_iter, tol=tol)
+    residual = solvers.nash_residual(M, alpha)
+    alpha = alpha * factor
     w = alpha
     if max_norm > 0:
         norm = math.sqrt(max(float(alpha @ M @ alpha), 0.0))
         if norm > max_norm:
             w = alpha * (max_norm / norm)
-    return w, {"weights": w, "alpha": alpha, "iters": torch.tensor(float(iters))}
+    return w, {
+        "weights": w,
+        "alpha": alpha,
+        "iters": torch.tensor(float(iters)),
+        "residual": torch.tensor(residual),
+        "converged": torch.tensor(float(residual < max(tol, 1e-8))),
+    }
 
 
 def aggregate_sum(G: Tensor) -> tuple[Tensor, Info]:
@@ -435,10 +510,12 @@ def aggregate_imtl_g(G: Tensor) -> tuple[Tensor, Info]:
 
 
 def aggregate_aligned_mtl(
-    G: Tensor, *, scale_mode: ScaleMode = "min", rank_eps: float = _F32_EPS
+    G: Tensor, *, scale_mode: ScaleMode = "min", rank_eps: float | None = None
 ) -> tuple[Tensor, Info]:
-    """Aligned-MTL of ``G [k, P]``; see :func:`aligned_mtl_weights`."""
-    w, info = aligned_mtl_weights(gram(G), scale_mode=scale_mode, rank_eps=rank_eps)
+    """Aligned-MTL of ``G [k, P]``; see :func:`aligned_mtl_weights` (``rank_eps``: default the epsilon of
+    ``G``'s dtype, at most float32's)."""
+    eps = _rank_eps(G.dtype) if rank_eps is None else rank_eps
+    w, info = aligned_mtl_weights(gram(G), scale_mode=scale_mode, rank_eps=eps)
     return combine(G, w), info
 
 
@@ -446,13 +523,32 @@ def aggregate_nash_mtl(
     G: Tensor,
     alpha0: Tensor | None = None,
     *,
-    normalize: bool = True,
+    normalize: bool = False,
     max_norm: float = 1.0,
     max_iter: int = 100,
     tol: float = 1e-10,
 ) -> tuple[Tensor, Info]:
     """Nash-MTL of ``G [k, P]``; see :func:`nash_mtl_weights`."""
     w, info = nash_mtl_weights(gram(G), alpha0, normalize=normalize, max_norm=max_norm, max_iter=max_iter, tol=tol)
+    return combine(G, w), info
+
+
+def aggregate_upgrad(G: Tensor, pref: Tensor | None = None) -> tuple[Tensor, Info]:
+    """UPGrad of ``G [k, P]``; see :func:`mtl.projection.upgrad_weights`."""
+    w, info = projection.upgrad_weights(gram(G), pref)
+    return combine(G, w), info
+
+
+def aggregate_dualproj(G: Tensor, pref: Tensor | None = None) -> tuple[Tensor, Info]:
+    """DualProj of ``G [k, P]``; see :func:`mtl.projection.dualproj_weights`."""
+    w, info = projection.dualproj_weights(gram(G), pref)
+    return combine(G, w), info
+
+
+def aggregate_con_fig(G: Tensor, pref: Tensor | None = None, *, rank_tol: float | None = None) -> tuple[Tensor, Info]:
+    """ConFIG of ``G [k, P]``; see :func:`mtl.projection.config_weights` (``rank_tol`` from ``G``'s dtype)."""
+    tol = (1e-5 if G.dtype == torch.float64 else 1e-3) if rank_tol is None else rank_tol
+    w, info = projection.config_weights(gram(G), pref, rank_tol=tol)
     return combine(G, w), info
 
 
@@ -655,12 +751,15 @@ class AggregatingMethod(GradientMethod):
     """A method that aggregates the Jacobian ``G [k, P]`` over the shared parameters through task weights
     computed from ``G G^T``: subclasses implement :meth:`weights`."""
 
+    _jacobian_dtype: torch.dtype = torch.float32  # dtype of the last Jacobian (the resolution of its Gram matrix)
+
     def weights(self, M: Tensor, losses: Tensor | None) -> tuple[Tensor, Info]:
         """Task weights ``w`` (``g = w^T G``) from the float64 CPU Gram matrix; may update the state."""
         raise NotImplementedError
 
     def aggregate(self, G: Tensor, losses: Tensor | None = None) -> tuple[Tensor, Info]:
         """``g [P]`` for the task gradients ``G [k, P]`` (and the loss values, for loss normalisations)."""
+        self._jacobian_dtype = G.dtype
         w, info = self.weights(gram(G), None if losses is None else losses.detach().to(_CPU, _F64))
         return combine(G, w), info
 
@@ -675,6 +774,7 @@ class AggregatingMethod(GradientMethod):
         names, L = _stack_losses(losses)
         shared_l, others_l = _split_params(shared, others)
         G, batched = self._shared_jacobian(names, L, shared_l, others_l, representation)
+        self._jacobian_dtype = G.dtype
         M = gram(G)
         w, info = self.weights(M, L.detach().to(_CPU, _F64))
         _set_grads(shared_l, combine(G, w))
@@ -874,7 +974,91 @@ class AlignedMTL(AggregatingMethod):
         self.scale_mode = scale_mode
 
     def weights(self, M: Tensor, losses: Tensor | None) -> tuple[Tensor, Info]:
-        return aligned_mtl_weights(M, scale_mode=self.scale_mode)
+        return aligned_mtl_weights(M, scale_mode=self.scale_mode, rank_eps=_rank_eps(self._jacobian_dtype))
+
+
+def _pref(pref: Sequence[float] | Tensor | None, k: int, name: str) -> Tensor | None:
+    """A preference vector from a config list (or tensor) as float64, checked against the number of tasks."""
+    if pref is None:
+        return None
+    t = torch.as_tensor(pref, dtype=_F64).reshape(-1)
+    if t.shape[0] != k:
+        raise ValueError(f"{name}: pref has {t.shape[0]} entries but this step has {k} tasks; give one per task")
+    return t
+
+
+class _DualConeMethod(AggregatingMethod):
+    """UPGrad and DualProj: weights from a pure function ``(M, pref, max_iter, tol) -> (w, info)`` of
+    :mod:`mtl.projection` (``_weights``), with a preference vector and the box-QP solver's settings."""
+
+    _weights: ClassVar[Any]
+
+    def __init__(
+        self, *, pref: Sequence[float] | None = None, max_iter: int = 100, tol: float = 1e-12, seed: int = 0
+    ) -> None:
+        super().__init__(seed=seed)
+        self.pref = None if pref is None else [float(x) for x in pref]
+        self.max_iter, self.tol = max_iter, tol
+
+    def weights(self, M: Tensor, losses: Tensor | None) -> tuple[Tensor, Info]:
+        pref = _pref(self.pref, M.shape[0], type(self).__name__)
+        return type(self)._weights(M, pref, max_iter=self.max_iter, tol=self.tol)
+
+
+class UPGrad(_DualConeMethod):
+    """UPGrad (Quinton & Rey, "Jacobian Descent for Multi-Objective Optimization", 2024): every task gradient,
+    weighted by ``pref`` (default ``1/k``), projected onto the dual cone ``{x : G x >= 0}`` and summed, so the
+    result conflicts with no task; the mean gradient when no two tasks conflict
+    (:func:`mtl.projection.upgrad_weights`, the same scale as TorchJD's ``UPGrad``).
+
+    Args:
+        pref: preference weights, one per task (default uniform ``1/k``).
+        max_iter, tol: of the exact active-set solver of each box QP.
+    """
+
+    name = "upgrad"
+    _weights = staticmethod(projection.upgrad_weights)
+
+
+class DualProj(_DualConeMethod):
+    """DualProj (Quinton & Rey, 2024): the ``pref``-weighted combination of the task gradients (default the
+    mean) projected onto the dual cone ``{x : G x >= 0}`` (:func:`mtl.projection.dualproj_weights`, the same
+    scale as TorchJD's ``DualProj``).
+
+    Args:
+        pref: preference weights, one per task (default uniform ``1/k``).
+        max_iter, tol: of the exact active-set solver of the box QP.
+    """
+
+    name = "dualproj"
+    _weights = staticmethod(projection.dualproj_weights)
+
+
+class ConFIG(AggregatingMethod):
+    """ConFIG (Liu et al., "ConFIG: Towards Conflict-free Training of Physics Informed Neural Networks", 2024):
+    the direction with equal cosine to every task gradient (``pref`` sets unequal target cosines), with the
+    length of the sum of the task gradients' projections onto it (:func:`mtl.projection.config_weights`; sum
+    scale, as TorchJD's ``ConFIG``).
+
+    Args:
+        pref: target cosines up to scale, one per task (default all equal).
+        rank_tol: rank decision on the unit gradients; ``None`` picks it from the Jacobian's dtype (1e-5 for
+            float64, 1e-3 for float32, whose Gram matrix resolves cosines only to about that).
+    """
+
+    name = "con_fig"
+
+    def __init__(self, *, pref: Sequence[float] | None = None, rank_tol: float | None = None, seed: int = 0) -> None:
+        super().__init__(seed=seed)
+        self.pref = None if pref is None else [float(x) for x in pref]
+        self.rank_tol = rank_tol
+
+    def weights(self, M: Tensor, losses: Tensor | None) -> tuple[Tensor, Info]:
+        pref = _pref(self.pref, M.shape[0], "ConFIG")
+        tol = self.rank_tol
+        if tol is None:
+            tol = 1e-5 if self._jacobian_dtype == torch.float64 else 1e-3
+        return projection.config_weights(M, pref, rank_tol=tol)
 
 
 class NashMTL(AggregatingMethod):
@@ -885,7 +1069,8 @@ class NashMTL(AggregatingMethod):
     Args:
         update_every: steps between solves (official ``update_weights_every``, default 1).
         max_norm: clip of the shared gradient's norm (official default 1.0; 0 disables).
-        normalize: solve on ``G G^T / ||G G^T||_F`` (official) rather than on ``G G^T``.
+        normalize: use the weights solved for ``G G^T / ||G G^T||_F`` (``sqrt(||G G^T||_F)`` times the paper's;
+            mtlib < 0.2's default, kept to reproduce those runs). Default: the paper's (and the official code's).
         max_iter, tol: of the Newton solver.
     """
 
@@ -896,7 +1081,7 @@ class NashMTL(AggregatingMethod):
         *,
         update_every: int = 1,
         max_norm: float = 1.0,
-        normalize: bool = True,
+        normalize: bool = False,
         max_iter: int = 100,
         tol: float = 1e-10,
         seed: int = 0,
@@ -1146,6 +1331,9 @@ GRADIENT_METHODS: dict[str, type[GradientMethod]] = {
     "imtl_g": IMTLG,
     "aligned_mtl": AlignedMTL,
     "nash_mtl": NashMTL,
+    "upgrad": UPGrad,
+    "dualproj": DualProj,
+    "con_fig": ConFIG,
     "great": GREAT,
 }
 
