@@ -369,9 +369,9 @@ def imtl_g_weights(M: Tensor) -> tuple[Tensor, Info]:
         sol = solvers._cholesky_solve([[Ml[a][b] for b in nz] for a in nz], [n])
         if sol is not None:
             v = sol[0]
-        else:  # linearly dependent rows: the pseudo-inverse
+        else:  # linearly dependent rows: the pseudo-inverse (graded, accurate for disparate norms)
             Mz = M[nz][:, nz]
-            v = (torch.linalg.pinv(Mz, hermitian=True) @ torch.tensor(n, dtype=M.dtype)).tolist()
+            v = (_graded_pinv(Mz, float(torch.finfo(M.dtype).eps)) @ torch.tensor(n, dtype=M.dtype)).tolist()
         total, gross = sum(v), sum(abs(x) for x in v)
         if gross > 0.0 and abs(total) > 1e-12 * gross:
             for i, x in zip(nz, v):
@@ -379,6 +379,54 @@ def imtl_g_weights(M: Tensor) -> tuple[Tensor, Info]:
     w = torch.tensor(alpha, dtype=M.dtype)
     t = float(w @ M[:, nz[0]]) / math.sqrt(Ml[nz[0]][nz[0]]) if nz else 0.0
     return w, {"weights": w, "projection": torch.tensor(t)}
+
+
+def _graded_eigh(M: Tensor) -> tuple[Tensor, Tensor]:
+    """Eigenvalues (ascending) and eigenvectors of the Gram matrix ``M``, accurate *relative to each eigenvalue*
+    when the gradients' norms differ by orders of magnitude.
+
+    ``torch.linalg.eigh(M)`` is accurate to about ``eps * lambda_max``: with norms spanning 1e-3..1e3 the small
+    eigenvalues (1e-6 next to 1e6) come out with relative errors of 1e-6 and worse, and Aligned-MTL and the
+    pseudo-inverse divide by them. Instead ``M = D C D`` (``D = diag(||g_i||)``, ``C`` the cosines, well scaled)
+    is factored as ``B B^T`` with ``B = D F`` and ``C = F F^T`` (Cholesky, or ``Q_r Lambda_r^{1/2}`` from
+    ``eigh(C)`` keeping the eigenvalues above ``k eps`` where ``C`` is singular: zero, duplicate or dependent
+    rows), and the SVD of ``B`` with its rows sorted by decreasing norm gives ``M``'s eigenpairs to about
+    ``eps`` relative accuracy (graded matrices; Demmel & Veselic, SIAM J. Matrix Anal. Appl. 1992). The
+    eigenvalues of the dropped directions are returned as 0."""
+    k = M.shape[0]
+    n = M.diagonal().clamp_min(0.0).sqrt()
+    nz = (n > 0).nonzero().flatten()
+    lam_all = torch.zeros(k, dtype=M.dtype)
+    if nz.numel() == 0:
+        return lam_all, torch.eye(k, dtype=M.dtype)
+    nn = n[nz]
+    C = M[nz][:, nz] / nn[:, None] / nn[None, :]
+    F, info = torch.linalg.cholesky_ex(C)
+    if int(info) != 0:
+        lc, Q = torch.linalg.eigh(C)
+        keep = lc > k * float(torch.finfo(M.dtype).eps) * float(lc.max())
+        F = Q[:, keep] * lc[keep].sqrt()
+    order = torch.argsort(nn, descending=True)
+    U, S, _ = torch.linalg.svd(nn[order, None] * F[order], full_matrices=False)
+    r = S.shape[0]
+    V = torch.zeros(k, k, dtype=M.dtype)
+    V[nz[order], :r] = U
+    lam_all[:r] = S**2
+    if r < k:  # an orthonormal basis of the rest (the null space of M), from the complement of V's columns
+        P = torch.eye(k, dtype=M.dtype) - V[:, :r] @ V[:, :r].T
+        _, Qn = torch.linalg.eigh(P)
+        V[:, r:] = Qn[:, k - (k - r) :] if k - r > 0 else Qn[:, :0]
+    asc = torch.argsort(lam_all, stable=True)
+    return lam_all[asc], V[:, asc]
+
+
+def _graded_pinv(M: Tensor, rank_eps: float) -> Tensor:
+    """Pseudo-inverse of the Gram matrix from :func:`_graded_eigh`, keeping eigenvalues above ``lambda_max k
+    rank_eps`` (accurate for gradients of very different norms, where ``torch.linalg.pinv`` is not)."""
+    lam, V = _graded_eigh(M)
+    keep = lam > float(lam.max()) * M.shape[0] * rank_eps
+    Vr = V[:, keep]
+    return (Vr / lam[keep]) @ Vr.T
 
 
 def aligned_mtl_weights(M: Tensor, *, scale_mode: ScaleMode = "min", rank_eps: float = _F32_EPS) -> tuple[Tensor, Info]:
@@ -397,7 +445,7 @@ def aligned_mtl_weights(M: Tensor, *, scale_mode: ScaleMode = "min", rank_eps: f
     if (one := _single(M)) is not None:
         return one
     k = M.shape[0]
-    lam, V = torch.linalg.eigh(M)
+    lam, V = _graded_eigh(M)
     keep = lam > lam.max() * k * rank_eps
     if not bool(keep.any()):
         w = torch.zeros(k, dtype=M.dtype)
