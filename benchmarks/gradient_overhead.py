@@ -483,7 +483,9 @@ def torchjd_aggregator(method: str, gradient: Any, k: int) -> Any:
         # TorchJD (like the official code) solves on the Frobenius-normalised Gram with the norm carried in its log
         # constraint: the paper's alpha, which is mtlib's default (normalize=False).
         if getattr(gradient, "normalize", False):
-            raise ValueError("mtlib's Nash-MTL runs with normalize=True (not the paper's alpha); TorchJD has no such mode")
+            raise ValueError(
+                "mtlib's Nash-MTL runs with normalize=True (not the paper's alpha); TorchJD has no such mode"
+            )
         return NashMTL(n_tasks=k, max_norm=float(gradient.max_norm), update_weights_every=int(gradient.update_every))
     raise ValueError(f"no TorchJD counterpart for {method!r}")
 
