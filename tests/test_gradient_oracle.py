@@ -7,9 +7,8 @@ TorchJD solves several problems only approximately, so each comparison runs Torc
 - MGDA: Frank-Wolfe with its step-size stop ``epsilon`` (default 1e-3): run with 1e-12 and many iterations, and
   mtlib's min-norm point is never longer than TorchJD's (mtlib solves it exactly).
 - CAGrad and Nash-MTL: cvxpy (Clarabel, ECOS; Nash stops at a residual of 1e-3): compared to 1e-5 and 1e-3.
-- UPGrad and DualProj: TorchJD's default projector adds a ridge of 1e-4 of the trace; their tight comparisons
-  (TorchJD's own projector without the ridge) are in ``tests/test_projection.py``; here the classes are checked
-  against the defaults on gradients of similar norms, to that ridge's precision.
+- UPGrad and DualProj: TorchJD's default projector adds a ridge of 1e-4 of the trace, which moves the answer by
+  up to a few percent; they are compared with TorchJD's own projector without it (as ``tests/test_projection.py``).
 
 The Jacobians are drawn with row norms in [0.1, 10] (where TorchJD's absolute tolerances are meaningful); the
 harder families (norms 1e-3..1e3, degenerate rows) are covered by ``tests/test_gradient_properties.py``, whose
@@ -23,6 +22,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from jacobians import gross, jacobian
+from test_projection import torchjd_dualproj, torchjd_upgrad
 from torch import Tensor
 
 from mtl import gradients as gm
@@ -147,12 +147,14 @@ def test_con_fig_matches_torchjd(case: tuple[str, int, int]) -> None:
     assert_agree(g, A.ConFIG()(G), info["weights"], G, 1e-8)
 
 
-@pytest.mark.parametrize(("name", "peer"), [("upgrad", "UPGrad"), ("dualproj", "DualProj")])
+@pytest.mark.parametrize("name", ["upgrad", "dualproj"])
 @SETTINGS
 @given(case=st.tuples(st.sampled_from(("spread", "conflict")), st.integers(2, 6), st.integers(0, 2**31 - 1)))
-def test_dual_cone_methods_match_torchjds_defaults(name: str, peer: str, case: tuple[str, int, int]) -> None:
-    """To the precision of TorchJD's default ridge (1e-4 of the trace); see the module docstring."""
-    family, k, seed = case
-    G = jacobian(family, k, seed, low=-0.1, high=0.1)
+def test_dual_cone_methods_match_torchjds_projector(name: str, case: tuple[str, int, int]) -> None:
+    """The classes against TorchJD's own dual-cone projector (quadprog) without its default ridge, whose 1e-4 of
+    the trace moves the answer by up to a few percent (see ``tests/test_projection.py``)."""
+    G = moderate(case)
+    k = G.shape[0]
     g, info = gm.build_gradient_method(name).aggregate(G)
-    assert_agree(g, getattr(A, peer)()(G), info["weights"], G, 1e-2)
+    peer = torchjd_upgrad if name == "upgrad" else torchjd_dualproj
+    assert_agree(g, peer(G, torch.full((k,), 1.0 / k, dtype=G.dtype)), info["weights"], G, 1e-6)
