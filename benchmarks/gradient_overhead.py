@@ -85,12 +85,12 @@ TorchJD's aggregator on the same MMoE (same seed, so the same initial weights), 
 * Settings, matched where both have the knob: CAGrad ``c`` = mtlib's (0.5); mtlib also divides by ``1 + c^2``
   (``rescale``, the official default), TorchJD does not (same direction, norm 0.8x). Nash-MTL ``max_norm`` and
   ``update_weights_every`` = mtlib's (1.0, 1); TorchJD runs the official ``optim_niter = 20`` cvxpy/ECOS
-  re-linearisations, mtlib a Newton solve of ``(M_n alpha)_i alpha_i = 1`` (``M_n = M / ||M||_F``) to 1e-10.
-  TorchJD's constraint, like the official code's, is ``alpha_i (M_n alpha)_i >= 1 / ||M||_F``: its ``alpha`` is
-  mtlib's divided by ``sqrt(||M||_F)`` (checked on random Gram matrices: same direction, other scale), so the two
-  updates differ in norm until ``max_norm`` clips both. MGDA: both normalisation
+  re-linearisations, mtlib a Newton solve of ``(M alpha)_i alpha_i = 1`` on the cosine matrix to 1e-10.
+  TorchJD's constraint, like the official code's, is ``alpha_i (M_n alpha)_i >= 1 / ||M||_F`` (``M_n = M /
+  ||M||_F``): the paper's ``alpha`` for the raw ``M``, which is mtlib's default (``normalize: false``; mtlib < 0.2
+  used the normalised Gram's, ``sqrt(||M||_F)`` times longer). MGDA: both normalisation
   ``none``; TorchJD's Frank-Wolfe with its defaults (stops at step ``gamma < 1e-3``, at most 100 iterations), mtlib's
-  exact active-set solve (Frank-Wolfe gap 1e-10): TorchJD's answer is the less accurate one, so this is the
+  exact active-set solve (relative KKT to 1e-10): TorchJD's answer is the less accurate one, so this is the
   conservative setting for mtlib. PCGrad: both project in an independently seeded random order per task. UPGrad,
   DualProj: TorchJD's defaults (mean preference vector, quadprog with ``norm_eps = reg_eps = 1e-4``); mtlib's from
   its config. TorchJD's CAGrad (cvxpy + Clarabel) and Nash-MTL (cvxpy + ECOS, which warns that its problem is not
