@@ -19,10 +19,10 @@ such a row is meaningful) are taken out before the solve: they add nothing to ``
 
 A non-finite ``M`` raises ``ValueError``: these functions never return a silent wrong answer. An iterative solve
 that does not reach its tolerance returns its best iterate, reports ``converged = 0`` and its ``residual`` in
-``info``, and emits a ``RuntimeWarning`` with the residual.
+``info``, and emits a :class:`mtl.solvers.SolverWarning` (a ``RuntimeWarning``) with the residual.
 
-Only ``torch``, ``math``, ``typing`` and ``warnings`` are imported (``mtl.gradients`` builds its method classes
-on these functions).
+Only ``torch``, ``math``, ``typing``, ``warnings`` and :mod:`mtl.solvers` (for its warning class) are imported
+(``mtl.gradients`` builds its method classes on these functions).
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ from typing import Final
 
 import torch
 from torch import Tensor
+
+from mtl.solvers import SolverWarning
 
 Info = dict[str, Tensor]
 Vec = list[float]
@@ -380,7 +382,7 @@ def _warn_unconverged(name: str, residual: float, tol: float, max_iter: int) -> 
     warnings.warn(
         f"{name}: the dual-cone QP did not reach tol={tol:.1e} (relative KKT residual {residual:.2e}, "
         f"max_iter={max_iter}); returning the best iterate",
-        RuntimeWarning,
+        SolverWarning,
         stacklevel=3,
     )
 
@@ -419,7 +421,7 @@ def project_dual_cone(M: Tensor, u: Tensor, *, max_iter: int = 100, tol: float =
 
     Returns ``(v [k] float64, info)`` with ``info`` keys ``weights`` (= ``v``), ``iters`` (active-set steps),
     ``residual`` (relative KKT residual in equilibrated coordinates, see :func:`_residual_from`) and ``converged``
-    (1.0 if ``residual <= tol``, else 0.0 and a ``RuntimeWarning``).
+    (1.0 if ``residual <= tol``, else 0.0 and a ``SolverWarning``).
     """
     Ml = _check_gram(M, "project_dual_cone")
     k = len(Ml)
@@ -507,7 +509,7 @@ def upgrad_weights(
     the hyperplane ``g_1 . x = 0``: their projections are zero.
 
     ``info``: ``weights``; ``iters`` (active-set steps over the ``k`` QPs), ``residual`` (the largest relative KKT
-    residual), ``converged`` (1.0 if all reached ``tol``; else 0.0 and a ``RuntimeWarning``).
+    residual), ``converged`` (1.0 if all reached ``tol``; else 0.0 and a ``SolverWarning``).
     """
     Ml = _check_gram(M, "upgrad_weights")
     k = len(Ml)
