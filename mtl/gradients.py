@@ -304,6 +304,8 @@ def mgda_weights(
     ``sum_i alpha_i L_i``; LibMTL combines the normalised ones instead); ``alpha`` sums to one, it is not
     multiplied by k. Zero normalisers leave the task out of the min-norm problem. ``start``: a support to warm
     start the exact solver from (the classes pass the previous step's); the answer does not depend on it.
+    ``info``: ``iters``, ``residual`` (the largest relative KKT violation, :func:`mtl.solvers.min_norm_residual`)
+    and ``converged``.
     """
     if (one := _single(M)) is not None:
         return one
@@ -312,7 +314,13 @@ def mgda_weights(
         inv = torch.where(n > 0, 1.0 / n.clamp_min(1e-300), torch.zeros_like(n))
         M = M * inv[:, None] * inv[None, :]
     alpha, iters = solvers.min_norm_simplex(M, max_iter=max_iter, tol=tol, start=start)
-    return alpha, {"weights": alpha, "iters": torch.tensor(float(iters))}
+    residual = solvers.min_norm_residual(M, alpha)
+    return alpha, {
+        "weights": alpha,
+        "iters": torch.tensor(float(iters)),
+        "residual": torch.tensor(residual),
+        "converged": torch.tensor(float(residual <= max(tol, 1e-9))),
+    }
 
 
 class _WarmSupport:
