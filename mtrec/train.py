@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from mtl.checkpoint import atomic_write_json, seed_everything
+from mtl.cli import ConfigErrorExit, build_partial, check_config_keys
 from mtl.optim import build_param_groups
 from mtl.tasks import TaskSpec
 from mtrec.data.batch import DataBundle, TabularDataset, split_by_task
@@ -62,29 +62,6 @@ def data_path(relative: str) -> str:
 
 if not OmegaConf.has_resolver("data_path"):
     OmegaConf.register_new_resolver("data_path", data_path)
-
-
-def check_config_keys(cfg: DictConfig, known: tuple[str, ...] = CONFIG_KEYS, program: str = PROGRAM) -> None:
-    """Refuse top-level config keys ``program`` does not read (a typo, or a group of another command added with
-    ``+group=...``), which would otherwise be ignored silently.
-
-    Raises:
-        ValueError: naming the first unknown key and the keys ``program`` reads.
-    """
-    unknown = [k for k in cfg if k not in known]
-    if unknown:
-        raise ValueError(
-            f"config key {unknown[0]!r} is not used by {program} (it reads {', '.join(known)}); remove it, or check "
-            "the spelling (a group of another command added with +group=...?)"
-        )
-
-
-def _build(section: str, node: Any, **kwargs: Any) -> Any:
-    """``instantiate(node)(**kwargs)`` for a ``_partial_`` strategy config; a wrong keyword names the section."""
-    try:
-        return instantiate(node)(**kwargs)
-    except TypeError as err:
-        raise ValueError(f"config section {section!r}: {err}") from err
 
 
 def trainer_config(node: Any) -> TrainerConfig:
@@ -198,10 +175,10 @@ def build_training(
         # Every label column is dense, so each task trains on every training row.
         sizes = {t: len(bundle.train) for t in names}
         rows_per_epoch = len(bundle.train)
-    weighting = _build("weighting", cfg.weighting, tasks=tasks, sizes=sizes, seed=seed)
-    gradient = _build("gradient", cfg.gradient, seed=seed)
+    weighting = build_partial("weighting", cfg.weighting, tasks=tasks, sizes=sizes, seed=seed)
+    gradient = build_partial("gradient", cfg.gradient, seed=seed)
     total_steps = tcfg.max_steps or tcfg.max_epochs * -(-rows_per_epoch // tcfg.batch_size)
-    scheduler = _build("schedule", cfg.schedule, tasks=names, sizes=sizes, seed=seed, total_steps=total_steps)
+    scheduler = build_partial("schedule", cfg.schedule, tasks=names, sizes=sizes, seed=seed, total_steps=total_steps)
     distill = None
     if cfg.get("distill") is not None:
         # Knowledge distillation from single-task teachers (configs/distill, mtrec-teachers); None when off.
@@ -236,7 +213,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     Returns ``{"val": {task: {metric: value}}, "test": {task: {metric: value}}}``: validation
     metrics of the best checkpoint (early stopping uses validation only) and test metrics of that checkpoint.
     """
-    check_config_keys(cfg)
+    check_config_keys(cfg, CONFIG_KEYS, PROGRAM)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(int(cfg.seed))
@@ -272,30 +249,17 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     return metrics
 
 
-_started: list[bool] = []  # set once Hydra has composed the config and called the task function
+_EXIT = ConfigErrorExit(PROGRAM)
 
 
 @hydra.main(config_path=CONFIG_DIR, config_name="mtrec", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> None:
-    _started.append(True)
-    try:
-        run(cfg, HydraConfig.get().runtime.output_dir)
-    except ValueError as err:  # a configuration error: one line, exit status 2, no traceback
-        print(f"{PROGRAM}: error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+    _EXIT.run(run, cfg, HydraConfig.get().runtime.output_dir)
 
 
 def main() -> None:
-    """``mtrec-train``. Configuration errors exit with status 2: those of the run (a ``ValueError``, one line) and
-    those Hydra finds composing the config (an override of a key that does not exist, an unknown group option, a
-    group given twice), which Hydra reports without a traceback and would end with status 1."""
-    _started.clear()
-    try:
-        _hydra_main()
-    except SystemExit as stop:
-        if stop.code == 1 and not _started:
-            raise SystemExit(2) from None
-        raise
+    """``mtrec-train``. Configuration errors exit with status 2 (:class:`mtl.cli.ConfigErrorExit`)."""
+    _EXIT.main(_hydra_main)
 
 
 if __name__ == "__main__":

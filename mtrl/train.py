@@ -54,7 +54,6 @@ import json
 import logging
 import math
 import signal
-import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -78,6 +77,7 @@ from mtl.checkpoint import (
     seed_everything,
     set_rng_state,
 )
+from mtl.cli import ConfigErrorExit, build_partial, check_config_keys
 from mtrl.agents import SAC, EnvSpec, SACConfig
 from mtrl.agents.sac import Strategies
 from mtrl.evaluate import Evaluator, episode_seed
@@ -209,29 +209,6 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def check_config_keys(cfg: DictConfig, known: tuple[str, ...], program: str) -> None:
-    """Refuse top-level config keys ``program`` does not read (a typo, or a group of another command added with
-    ``+group=...``), which would otherwise be ignored silently.
-
-    Raises:
-        ValueError: naming the first unknown key and the keys ``program`` reads.
-    """
-    unknown = [k for k in cfg if k not in known]
-    if unknown:
-        raise ValueError(
-            f"config key {unknown[0]!r} is not used by {program} (it reads {', '.join(known)}); remove it, or check "
-            "the spelling (a group of another command added with +group=...?)"
-        )
-
-
-def _build(section: str, node: Any, **kwargs: Any) -> Any:
-    """``instantiate(node)(**kwargs)`` for a ``_partial_`` strategy config; a wrong keyword names the section."""
-    try:
-        return instantiate(node)(**kwargs)
-    except TypeError as err:
-        raise ValueError(f"config section {section!r}: {err}") from err
-
-
 def total_updates(tcfg: RLTrainerConfig) -> int:
     """SAC updates of a whole run (the schedulers' ``total_steps``; at least 1)."""
     return max(1, math.floor(max(0, tcfg.total_steps - tcfg.learning_starts) * tcfg.updates_per_step))
@@ -252,17 +229,17 @@ def build_strategies(cfg: DictConfig, task_names: Sequence[str], *, seed: int, t
     sizes = {n: tcfg.batch_size for n in names}
     out: Strategies = {}
     if cfg.get("gradient") is not None:
-        out["actor_gradient"] = _build("gradient", cfg.gradient, seed=seed)
-        out["critic_gradient"] = _build("gradient", cfg.gradient, seed=seed + 1)
+        out["actor_gradient"] = build_partial("gradient", cfg.gradient, seed=seed)
+        out["critic_gradient"] = build_partial("gradient", cfg.gradient, seed=seed + 1)
     weighted = cfg.get("weighted_losses", "critic")
     if weighted not in WEIGHTED_LOSSES:
         raise ValueError(f"config key weighted_losses: expected one of {list(WEIGHTED_LOSSES)}, got {weighted!r}")
     if cfg.get("weighting") is not None:
-        out["critic_weighting"] = _build("weighting", cfg.weighting, tasks=names, sizes=sizes, seed=seed)
+        out["critic_weighting"] = build_partial("weighting", cfg.weighting, tasks=names, sizes=sizes, seed=seed)
         if weighted == "actor_and_critic":
-            out["actor_weighting"] = _build("weighting", cfg.weighting, tasks=names, sizes=sizes, seed=seed + 1)
+            out["actor_weighting"] = build_partial("weighting", cfg.weighting, tasks=names, sizes=sizes, seed=seed + 1)
     if cfg.get("schedule") is not None:
-        out["scheduler"] = _build(
+        out["scheduler"] = build_partial(
             "schedule", cfg.schedule, tasks=names, sizes=sizes, seed=seed, total_steps=total_updates(tcfg)
         )
     return out
@@ -761,30 +738,17 @@ def load_run(run_dir: str | Path, device: str = "cpu") -> LoadedRun:
     return LoadedRun(cfg, family, agent, int(state["step"]))
 
 
-_started: list[bool] = []  # set once Hydra has composed the config and called the task function
+_EXIT = ConfigErrorExit(PROGRAM)
 
 
 @hydra.main(config_path=CONFIG_DIR, config_name="mtrl", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> None:
-    _started.append(True)
-    try:
-        run(cfg, HydraConfig.get().runtime.output_dir)
-    except ValueError as err:  # a configuration error: one line, exit status 2, no traceback
-        print(f"{PROGRAM}: error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+    _EXIT.run(run, cfg, HydraConfig.get().runtime.output_dir)
 
 
 def main() -> None:
-    """``mtrl-train``. Configuration errors exit with status 2: those of the run (a ``ValueError``, one line) and
-    those Hydra finds composing the config (an override of a key that does not exist, an unknown group option, a
-    group given twice), which Hydra reports without a traceback and would end with status 1."""
-    _started.clear()
-    try:
-        _hydra_main()
-    except SystemExit as stop:
-        if stop.code == 1 and not _started:
-            raise SystemExit(2) from None
-        raise
+    """``mtrl-train``. Configuration errors exit with status 2 (:class:`mtl.cli.ConfigErrorExit`)."""
+    _EXIT.main(_hydra_main)
 
 
 if __name__ == "__main__":
