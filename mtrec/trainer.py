@@ -418,7 +418,8 @@ class Trainer:
         Scheduler picks tasks -> losses -> :meth:`mtl.step.MultiTaskStep.run` (weighting -> gradient method ->
         regulariser -> clipping -> optimiser step -> FAMO-style post-step losses -> scheduler feedback).
         """
-        self.model.train()
+        if not self.model.training:  # evaluation left it in eval mode; Module.train() walks every submodule
+            self.model.train()
         tasks = self.active_tasks()
         batches = self._task_batches(tasks, batch) if isinstance(batch, TaskStreams) else batch_to(batch, self.device)
         losses, cut = self._losses(tasks, batches)
