@@ -1,5 +1,5 @@
 """What pyproject.toml cannot say: the repository's ``configs/`` tree ships inside the distribution as the package
-``mtlib_configs`` (every Hydra main composes from ``pkg://mtlib_configs``, see ``mtl.cli.CONFIG_PATH``), so an installed
+``mtlib_configs`` (every Hydra main composes from ``pkg://mtlib_configs``, see ``mtl.config.CONFIG_PATH``), so an installed
 wheel finds its configs from any working directory while ``configs/`` stays the one source."""
 
 from setuptools import find_packages, setup

@@ -27,7 +27,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from mtl.checkpoint import atomic_write_json, seed_everything
-from mtl.cli import ConfigErrorExit, build_partial, check_config_keys
+from mtl.cli import ConfigErrorExit
+from mtl.config import build_partial, check_config_keys
 from mtl.optim import build_param_groups
 from mtl.tasks import TaskSpec
 from mtrec.data.batch import DataBundle, TabularDataset, split_by_task

@@ -77,7 +77,8 @@ from mtl.checkpoint import (
     seed_everything,
     set_rng_state,
 )
-from mtl.cli import ConfigErrorExit, build_partial, check_config_keys
+from mtl.cli import ConfigErrorExit
+from mtl.config import build_partial, check_config_keys
 from mtrl.agents import SAC, EnvSpec, SACConfig
 from mtrl.agents.sac import Strategies
 from mtrl.evaluate import Evaluator, episode_seed
