@@ -9,24 +9,35 @@ FBGEMM_VERSION   := 1.8.0
 TORCHREC_VERSION := 1.8.0
 # torchrec's own needs, less fbgemm-gpu (installed separately in the CPU or CUDA flavour).
 TORCHREC_DEPS := tensordict==0.15.3 torchmetrics==1.0.3 pyre-extensions==0.0.32 iopath tqdm
+PIP_FLAGS := --no-warn-conflicts
 
 .PHONY: setup test lint bench bench-peers clean
 
 setup:
 	$(PYTHON) -m venv $(VENV)
+	@# torchrec declares the CUDA fbgemm-gpu; it is installed without its dependencies next to the CPU (or CUDA)
+	@# build of fbgemm, so pip's own post-install conflict warning is off (--no-warn-conflicts) and `pip check`
+	@# below says in our words what is expected, failing on anything else.
 	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then \
 	  echo "== CUDA machine: CUDA builds of torch, fbgemm-gpu, onnxruntime-gpu"; \
-	  $(PIP) install torch==$(TORCH_VERSION) fbgemm-gpu==$(FBGEMM_VERSION) && \
-	  $(PIP) install --no-deps torchrec==$(TORCHREC_VERSION) && \
-	  $(PIP) install $(TORCHREC_DEPS) && \
-	  $(PIP) install -e ".[dev,serve,rl,gpu]" ; \
+	  $(PIP) install $(PIP_FLAGS) torch==$(TORCH_VERSION) fbgemm-gpu==$(FBGEMM_VERSION) && \
+	  $(PIP) install $(PIP_FLAGS) --no-deps torchrec==$(TORCHREC_VERSION) && \
+	  $(PIP) install $(PIP_FLAGS) $(TORCHREC_DEPS) && \
+	  $(PIP) install $(PIP_FLAGS) -e ".[dev,serve,rl,gpu]" ; \
 	else \
 	  echo "== CPU machine: torch $(TORCH_VERSION) CPU wheel, fbgemm-gpu-cpu"; \
-	  $(PIP) install torch==$(TORCH_VERSION) fbgemm-gpu-cpu==$(FBGEMM_VERSION) && \
-	  $(PIP) install --no-deps torchrec==$(TORCHREC_VERSION) && \
-	  $(PIP) install $(TORCHREC_DEPS) && \
-	  $(PIP) install -e ".[dev,serve,rl]" ; \
+	  $(PIP) install $(PIP_FLAGS) torch==$(TORCH_VERSION) fbgemm-gpu-cpu==$(FBGEMM_VERSION) && \
+	  $(PIP) install $(PIP_FLAGS) --no-deps torchrec==$(TORCHREC_VERSION) && \
+	  $(PIP) install $(PIP_FLAGS) $(TORCHREC_DEPS) && \
+	  $(PIP) install $(PIP_FLAGS) -e ".[dev,serve,rl]" ; \
 	fi
+	@out="$$($(PIP) check 2>&1)"; \
+	rest="$$(printf '%s\n' "$$out" | grep -v -e '^torchrec [^ ]* requires fbgemm-gpu, which is not installed' \
+	  -e '^No broken requirements found')"; \
+	if [ -n "$$rest" ]; then printf 'pip check: broken requirements:\n%s\n' "$$rest"; exit 1; fi; \
+	if printf '%s\n' "$$out" | grep -q '^torchrec'; then \
+	  echo "== dependencies consistent: torchrec's declared fbgemm-gpu is provided by fbgemm-gpu-cpu $(FBGEMM_VERSION) (same fbgemm_gpu module)"; \
+	else echo "== dependencies consistent"; fi
 	$(PY) -c "import torch, torchrec, fbgemm_gpu, mtl, mtrec; print('torch', torch.__version__, '| cuda', torch.cuda.is_available())"
 
 test:
