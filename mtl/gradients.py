@@ -694,6 +694,91 @@ def _stats(names: Sequence[str], M: Tensor, w: Tensor, info: Info, batched: bool
     return out
 
 
+class StepGradients:
+    """One step's per-task gradients for a gradient method: the one place that chooses between the cut graph (a
+    :class:`~mtl.split.TaskSplit` given as ``representation``: one head backward, then the body alone) and the whole
+    graph (batched autograd through everything), so every ``backward`` asks for what it needs and gets it either way.
+
+    The task-owned parameters (``others``) get the plain gradient of ``sum_i L_i`` exactly once per step, accumulated:
+    through a split the head backward gives it; on the whole graph a backward restricted to them runs after the
+    shared gradients (the graph is kept until then).
+
+    Args:
+        method: the gradient method (its ``_batched`` flag and head-row workspace are used and updated).
+        losses: ``{task: scalar loss}``.
+        shared, others: the parameters (:meth:`GradientMethod.backward`).
+        representation: ``None``, the shared representation ``Z`` or a ``TaskSplit``.
+        requires_representation: refuse a missing ``representation`` (methods that work on ``dL_i/dZ``).
+    """
+
+    def __init__(
+        self,
+        method: GradientMethod,
+        losses: Mapping[str, Tensor],
+        shared: Iterable[nn.Parameter],
+        others: Iterable[nn.Parameter],
+        representation: Tensor | TaskSplit | None,
+        *,
+        requires_representation: bool = False,
+    ) -> None:
+        self.names, self.L = _stack_losses(losses)
+        self.shared, self.others = _split_params(shared, others)
+        self.representation = method._representation(representation) if requires_representation else representation
+        self.split = self.representation if isinstance(self.representation, TaskSplit) else None
+        self._method = method
+        self._rows: list[Tensor] | None = None
+        self._others_pending = True
+
+    def cut_rows(self, *, create_graph: bool = False) -> list[Tensor]:
+        """Through the split: per cut, ``[k, *z.shape]`` with row ``i`` = ``dL_i/dz`` (one head backward, which also
+        gives ``others`` their gradient; with ``create_graph`` the rows stay differentiable)."""
+        assert self.split is not None, "cut_rows needs a TaskSplit"
+        if self._rows is None:
+            workspace = None if create_graph else self._method._workspace
+            self._rows = self.split.head_backward(
+                self.names, self.L, self.others, create_graph=create_graph, workspace=workspace
+            )
+            self._others_pending = False
+        return self._rows
+
+    def shared_jacobian(self) -> tuple[Tensor, bool]:
+        """``G [k, P]`` over the shared parameters, and whether batched autograd ran."""
+        method = self._method
+        if self.split is not None:
+            G, batched = self.split.param_jacobian(self.cut_rows(), self.shared, batched=method._batched)
+        else:
+            G, batched = task_gradients(self.L, self.shared, batched=method._batched)
+            self._backward_others()
+        method._batched = batched
+        return G, batched
+
+    def representation_jacobian(self, *, create_graph: bool = False) -> tuple[Tensor, bool]:
+        """``[k, D]``: row ``i`` = ``dL_i/dZ`` flattened (every cut's, through a split), and whether batched autograd
+        ran."""
+        if self.split is not None:
+            return self.split.flat(self.cut_rows(create_graph=create_graph)), True
+        assert isinstance(self.representation, Tensor)
+        return self._method._jacobian(self.L, [self.representation], create_graph=create_graph)
+
+    def combined(self, w: Tensor | None) -> list[Tensor | None]:
+        """The shared parameters' gradients of ``sum_i w_i L_i`` (``w = None``: the plain sum), by one backward
+        (through a split: of the combined cut rows, through the body alone)."""
+        if self.split is not None:
+            rows = self.cut_rows()
+            cotangents = [j.sum(0) for j in rows] if w is None else self.split.combine(rows, w)
+            return self.split.body_grads(cotangents, self.shared)
+        total = self.L.sum() if w is None else (w.to(self.L.device, self.L.dtype) * self.L).sum()
+        keep = bool(self.others) and self._others_pending
+        grads = list(torch.autograd.grad(total, self.shared, retain_graph=keep, allow_unused=True))
+        self._backward_others()
+        return grads
+
+    def _backward_others(self) -> None:
+        if self._others_pending:
+            self._others_pending = False
+            _backward_others(self.L.sum(), self.others)
+
+
 class GradientMethod:
     """How one step's per-task losses become gradients (see the module docstring for the contract).
 
@@ -738,26 +823,6 @@ class GradientMethod:
         self._batched = batched
         return G, batched
 
-    def _shared_jacobian(
-        self,
-        names: Sequence[str],
-        L: Tensor,
-        shared: Sequence[nn.Parameter],
-        others: Sequence[nn.Parameter],
-        representation: Tensor | TaskSplit | None,
-    ) -> tuple[Tensor, bool]:
-        """``G [k, P]`` over ``shared``, and the plain gradient of ``sum(L)`` accumulated into ``others``:
-        through a :class:`TaskSplit` when given (one head backward + a batched body VJP), else the batched
-        Jacobian of the whole graph plus a backward restricted to ``others``."""
-        if isinstance(representation, TaskSplit):
-            J = representation.head_backward(names, L, others, workspace=self._workspace)
-            G, batched = representation.param_jacobian(J, shared, batched=self._batched)
-        else:
-            G, batched = task_gradients(L, shared, batched=self._batched)
-            _backward_others(L.sum(), others)
-        self._batched = batched
-        return G, batched
-
     def _representation(self, representation: Tensor | TaskSplit | None) -> Tensor | TaskSplit:
         if isinstance(representation, TaskSplit):
             return representation
@@ -793,13 +858,11 @@ class Plain(GradientMethod):
         others: Iterable[nn.Parameter] = (),
         representation: Tensor | TaskSplit | None = None,
     ) -> dict[str, float]:
-        names, L = _stack_losses(losses)
         if isinstance(representation, TaskSplit):
-            shared_l, others_l = _split_params(shared, others)
-            J = representation.head_backward(names, L, others_l)
-            _set_grad_list(shared_l, representation.body_grads([j.sum(0) for j in J], shared_l))
+            src = StepGradients(self, losses, shared, others, representation)
+            _set_grad_list(src.shared, src.combined(None))
             return {}
-        L.sum().backward()
+        _stack_losses(losses)[1].sum().backward()
         return {}
 
 
@@ -827,14 +890,13 @@ class AggregatingMethod(GradientMethod):
         others: Iterable[nn.Parameter] = (),
         representation: Tensor | TaskSplit | None = None,
     ) -> dict[str, float]:
-        names, L = _stack_losses(losses)
-        shared_l, others_l = _split_params(shared, others)
-        G, batched = self._shared_jacobian(names, L, shared_l, others_l, representation)
+        src = StepGradients(self, losses, shared, others, representation)
+        G, batched = src.shared_jacobian()
         self._jacobian_dtype = G.dtype
         M = gram(G)
-        w, info = self.weights(M, L.detach().to(_CPU, _F64))
-        _set_grads(shared_l, combine(G, w))
-        return _stats(names, M, w, info, batched)
+        w, info = self.weights(M, src.L.detach().to(_CPU, _F64))
+        _set_grads(src.shared, combine(G, w))
+        return _stats(src.names, M, w, info, batched)
 
 
 def _generator_state(gen: torch.Generator) -> Tensor:
@@ -981,25 +1043,15 @@ class MGDAUB(_WarmSupport, GradientMethod):
         others: Iterable[nn.Parameter] = (),
         representation: Tensor | TaskSplit | None = None,
     ) -> dict[str, float]:
-        names, L = _stack_losses(losses)
-        shared_l, others_l = _split_params(shared, others)
-        Z = self._representation(representation)
-        if isinstance(Z, TaskSplit):
-            # One head backward for every dL_i/dZ (and the heads' plain gradients), one body backward.
-            J_cuts = Z.head_backward(names, L, others_l, workspace=self._workspace)
-            M = gram(Z.flat(J_cuts))
-            alpha, info = self._solve_min_norm(M, L.detach().to(_CPU, _F64))
-            _set_grad_list(shared_l, Z.body_grads(Z.combine(J_cuts, alpha), shared_l))
-            return _stats(names, M, alpha, info, True)  # its "norm": of the combined gradient w.r.t. Z
-        J, batched = self._jacobian(L, [Z])
+        src = StepGradients(self, losses, shared, others, representation, requires_representation=True)
+        # Through a split: one head backward for every dL_i/dZ (and the heads' plain gradients), one body backward.
+        J, batched = src.representation_jacobian()
         M = gram(J)
-        alpha, info = self._solve_min_norm(M, L.detach().to(_CPU, _F64))
-        weighted = (alpha.to(L.device, L.dtype) * L).sum()
-        grads = torch.autograd.grad(weighted, shared_l, retain_graph=bool(others_l), allow_unused=True)
-        _set_grad_list(shared_l, grads)
-        _backward_others(L.sum(), others_l)
-        stats = _stats(names, M, alpha, info, batched)
-        stats["norm"] = _grad_norm(shared_l)
+        alpha, info = self._solve_min_norm(M, src.L.detach().to(_CPU, _F64))
+        _set_grad_list(src.shared, src.combined(alpha))
+        stats = _stats(src.names, M, alpha, info, batched)
+        if src.split is None:  # through a split its "norm" stays that of the combined gradient w.r.t. Z
+            stats["norm"] = _grad_norm(src.shared)
         return stats
 
 
@@ -1167,28 +1219,22 @@ class NashMTL(AggregatingMethod):
         others: Iterable[nn.Parameter] = (),
         representation: Tensor | TaskSplit | None = None,
     ) -> dict[str, float]:
-        names, L = _stack_losses(losses)
-        update = self.alpha is None or self.alpha.shape[0] != len(names) or self.step % self.update_every == 0
+        k = len(losses) if isinstance(losses, Mapping) else 0  # (not a mapping: super().backward says so)
+        update = self.alpha is None or self.alpha.shape[0] != k or self.step % self.update_every == 0
         self.step += 1
         if update:
             return {**super().backward(losses, shared, others=others, representation=representation), "updated": 1.0}
         assert self.alpha is not None
-        shared_l, others_l = _split_params(shared, others)
-        if isinstance(representation, TaskSplit):
-            J_cuts = representation.head_backward(names, L, others_l, workspace=self._workspace)
-            grads = representation.body_grads(representation.combine(J_cuts, self.alpha), shared_l)
-        else:
-            weighted = (self.alpha.to(L.device, L.dtype) * L).sum()
-            grads = torch.autograd.grad(weighted, shared_l, retain_graph=bool(others_l), allow_unused=True)
-            _backward_others(L.sum(), others_l)
-        g = _flat(grads, shared_l, ())
+        src = StepGradients(self, losses, shared, others, representation)
+        shared_l = src.shared
+        g = _flat(src.combined(self.alpha), shared_l, ())
         norm = float(g.norm())
         if self.max_norm > 0 and norm > self.max_norm:
             g = g * (self.max_norm / norm)
         _set_grads(shared_l, g)
         scale = min(1.0, self.max_norm / norm) if self.max_norm > 0 and norm > 0 else 1.0
         out = {"updated": 0.0, "norm": float(g.norm())}
-        out.update({f"weight/{n}": float(a) * scale for n, a in zip(names, self.alpha)})
+        out.update({f"weight/{n}": float(a) * scale for n, a in zip(src.names, self.alpha)})
         return out
 
     def state_dict(self) -> dict[str, Any]:
@@ -1297,27 +1343,20 @@ class GREAT(GradientMethod):
         others: Iterable[nn.Parameter] = (),
         representation: Tensor | TaskSplit | None = None,
     ) -> dict[str, float]:
-        names, L = _stack_losses(losses)
-        shared_l, others_l = _split_params(shared, others)
-        Z = self._representation(representation)
+        src = StepGradients(self, losses, shared, others, representation, requires_representation=True)
+        names, L, shared_l, others_l, split = src.names, src.L, src.shared, src.others, src.split
         k = len(names)
-        split = Z if isinstance(Z, TaskSplit) else None
         if k == 1:  # nothing to tell apart
-            if split is not None:
-                J_cuts = split.head_backward(names, L, others_l)
-                _set_grad_list(shared_l, split.body_grads([j[0] for j in J_cuts], shared_l))
-                return {}
-            grads = torch.autograd.grad(L.sum(), shared_l, retain_graph=bool(others_l), allow_unused=True)
-            _set_grad_list(shared_l, grads)
-            _backward_others(L.sum(), others_l)
+            _set_grad_list(shared_l, src.combined(None))
             return {}
         if split is not None:
-            J_cuts = split.head_backward(names, L, others_l, create_graph=True)
+            J_cuts = src.cut_rows(create_graph=True)
             rows, batched = split.rows(J_cuts), True
             J = rows.reshape(k, -1)
         else:
+            Z = src.representation
             assert isinstance(Z, Tensor)
-            J, batched = self._jacobian(L, [Z], create_graph=True)
+            J, batched = src.representation_jacobian(create_graph=True)
             rows = J.reshape(k, Z.shape[0], -1)
         B = rows.shape[1]
         R = unit_rows(rows)
