@@ -215,12 +215,12 @@ def k_task_data(n: int, k: int, *, dim: int = 100, correlation: float = 0.5, num
 
 
 def _config(group: str, name: str) -> Any:
-    from omegaconf import OmegaConf
+    from mtl.config import group_option
 
-    from mtrec.train import CONFIG_DIR
-
-    path = Path(CONFIG_DIR) / group / f"{name}.yaml"
-    return OmegaConf.load(path) if path.exists() else None
+    try:
+        return group_option(group, name)
+    except ValueError:
+        return None
 
 
 def _factory(group: str, name: str, registry: dict[str, Any]) -> Callable[..., Any]:

@@ -111,3 +111,26 @@ def build_partial(section: str, node: Any, **kwargs: Any) -> Any:
         return instantiate(node)(**kwargs)
     except TypeError as err:
         raise ValueError(f"config section {section!r}: {err}") from err
+
+
+def group_option(group: str, name: str) -> DictConfig:
+    """The composed node of option ``name`` of config group ``group`` (its own defaults list applied: e.g.
+    ``weighting/famo_next`` extends ``weighting/famo``), from the installed config tree (:data:`CONFIG_PATH`).
+
+    Raises:
+        ValueError: the group has no such option.
+    """
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import MissingConfigException
+
+    def _compose() -> DictConfig:
+        try:
+            return compose(config_name=f"{group}/{name}")[group]
+        except MissingConfigException as err:
+            raise ValueError(f"config group {group!r} has no option {name!r}") from err
+
+    if GlobalHydra.instance().is_initialized():  # inside a Hydra main: its search path has the tree
+        return _compose()
+    with initialize_config_module(CONFIG_PATH.removeprefix("pkg://"), version_base="1.3"):
+        return _compose()

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import Tensor, nn
 
+from mtl.config import group_option
 from mtl.tasks import TaskSpec
 from mtl.weighting import (
     FAMO,
@@ -615,13 +616,12 @@ def test_famo_bounds_and_protocol() -> None:
 
 # ---------------------------------------------------------------------------------------------- every method
 def test_registry_and_configs_cover_every_method() -> None:
-    from omegaconf import OmegaConf
 
     assert set(WEIGHTINGS) == set(WEIGHT_SUM)
     assert set(WEIGHTINGS) <= {p.stem for p in CONFIG_DIR.glob("*.yaml")}
     targets = {cls.__module__ + "." + cls.__name__ for cls in WEIGHTINGS.values()}
     for path in CONFIG_DIR.glob("*.yaml"):  # variants (famo_next) configure a registered class
-        assert OmegaConf.load(path)._target_ in targets, path.name
+        assert group_option("weighting", path.stem)._target_ in targets, path.name
     for name, cls in WEIGHTINGS.items():
         assert cls.name == name and cls.__doc__
         assert isinstance(build_weighting(name, TASKS, sizes=SIZES, seed=3), cls)
@@ -717,7 +717,7 @@ def test_internal_optimizer_follows_dtype_and_device_moves(name: str) -> None:
 
 @pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.yaml")), ids=lambda p: p.stem)
 def test_every_config_instantiates_and_trains(path: Path) -> None:
-    cfg = OmegaConf.load(path)
+    cfg = group_option("weighting", path.stem)  # composed: a variant's defaults list applied
     variant = path.stem not in WEIGHTINGS  # e.g. famo_next: a registered class with other settings
     cls = next(c for c in WEIGHTINGS.values() if cfg._target_ == f"mtl.weighting.{c.__name__}")
     assert variant or cls is WEIGHTINGS[path.stem]
@@ -779,3 +779,13 @@ def test_famo_next_batch_update_is_the_same_batch_update_with_the_next_losses() 
     assert float(torch.stack(list(nxt.logits)).abs().sum()) > 0  # the logits did move
     with pytest.raises(ValueError, match="update"):
         FAMO(tasks, update="later")
+
+
+def test_famo_next_config_extends_famo_instead_of_copying_it() -> None:
+    """configs/weighting/famo_next.yaml names famo.yaml in its defaults list and sets only what differs."""
+    raw = OmegaConf.load(CONFIG_DIR / "famo_next.yaml")
+    assert list(raw.defaults) == ["famo", "_self_"]
+    assert {k for k in raw if k != "defaults"} == {"update"}
+    famo, famo_next = group_option("weighting", "famo"), group_option("weighting", "famo_next")
+    assert famo.update == "same_batch" and famo_next.update == "next_batch"
+    assert OmegaConf.to_container(famo_next) == {**OmegaConf.to_container(famo), "update": "next_batch"}
