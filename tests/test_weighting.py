@@ -787,5 +787,5 @@ def test_famo_next_config_extends_famo_instead_of_copying_it() -> None:
     assert list(raw.defaults) == ["famo", "_self_"]
     assert {k for k in raw if k != "defaults"} == {"update"}
     famo, famo_next = group_option("weighting", "famo"), group_option("weighting", "famo_next")
-    assert famo.update == "same_batch" and famo_next.update == "next_batch"
+    assert famo["update"] == "same_batch" and famo_next["update"] == "next_batch"
     assert OmegaConf.to_container(famo_next) == {**OmegaConf.to_container(famo), "update": "next_batch"}
