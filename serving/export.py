@@ -1,6 +1,6 @@
 """Export view -> ONNX -> a Triton-layout model repository, with a torch vs ONNX Runtime parity check.
 
-Serving knows one thing about a model: its **export view** (ARCHITECTURE.md, "Contracts between the parts").
+Serving knows one thing about a model: its **export view** (docs/architecture.md, "Contracts between the packages").
 An export view is a plain :class:`torch.nn.Module` with
 
 * ``forward(**inputs)``: named dense tensors, each with a leading batch axis, in; named per-task tensors
@@ -17,8 +17,8 @@ nothing here knows about tasks, embeddings or observations.
 What this module does:
 
 * :func:`export_onnx`: the dynamo exporter (``torch.onnx.export(..., dynamo=True)``; the legacy TorchScript
-  exporter silently mis-exports some scatter ops, ARCHITECTURE.md) with one dynamic batch axis shared
-  by every input and output, named inputs and outputs, weights inline in one ``model.onnx`` (Triton's
+  exporter silently mis-exports some scatter ops: docs/architecture.md, "Dependency facts") with one dynamic
+  batch axis shared by every input and output, named inputs and outputs, weights inline in one ``model.onnx`` (Triton's
   ``onnxruntime_onnx`` platform loads a single file; protobuf caps it at 2 GB). ``fp16=True`` exports a
   half-precision variant whose inputs and outputs keep their declared (FP32) types: the casts are inside
   the graph, so clients do not change. ONNX Runtime's CPU provider runs such a graph, but it has no FP16
