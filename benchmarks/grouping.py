@@ -124,14 +124,12 @@ def tag_run(cfg: Any, bundle: Any, steps: int, args: argparse.Namespace, key: di
     return log.get_or_run({**key, "tag": True, "steps": steps, "every": args.tag_every, "lr": args.tag_lr}, fn)
 
 
-def name_of(tasks: Any, kind: str = "full") -> str:
-    return ("half:" if kind == "half" else "") + "+".join(tasks)
-
-
 def evaluate_choice(
     networks: list[tuple[tuple[str, ...], str]], served: dict[str, int], full: dict, halves: dict
 ) -> dict[str, Any]:
     """Actual full-budget losses of a choice: each task's loss in the network serving it."""
+    from mtl.grouping import group_name
+
     per_task: dict[str, dict[str, float]] = {"val": {}, "test": {}}
     for t, i in served.items():
         tasks, kind = networks[i]
@@ -139,9 +137,9 @@ def evaluate_choice(
         for split in ("val", "test"):
             per_task[split][t] = r[split][t]
     return {
-        "networks": [name_of(t, k) for t, k in networks],
+        "networks": [group_name(t, k) for t, k in networks],
         "cost": sum(0.5 if k == "half" else 1.0 for _, k in networks),
-        "served": {t: name_of(*networks[i]) for t, i in served.items()},
+        "served": {t: group_name(*networks[i]) for t, i in served.items()},
         "val": per_task["val"],
         "test": per_task["test"],
         "val_total": sum(per_task["val"].values()),
@@ -172,7 +170,6 @@ def main() -> None:
     scale = args.n_rows / 60_000
     args.num_users, args.num_items, args.num_categories = int(3000 * scale), int(10_000 * scale), int(200 * scale)
     args.max_steps = args.max_steps or (3000 if args.quick else 6000)
-    steps = max(1, round(args.fraction * args.max_steps))
     runs_path = (
         Path(args.runs_log) if args.runs_log else RESULTS / f"grouping_runs{'_quick' if args.quick else ''}.jsonl"
     )
@@ -182,10 +179,18 @@ def main() -> None:
     from hydra.utils import instantiate
 
     from mtl.checkpoint import seed_everything
-    from mtl.grouping import Candidate, all_groups, branch_and_bound
-    from mtrec.grouping import loss_candidates, tag_candidates
+    from mtl.grouping import (
+        Candidate,
+        all_groups,
+        branch_and_bound,
+        group_name,
+        loss_candidates,
+        scoring_steps,
+        tag_candidates,
+    )
 
     torch.set_num_threads(1)
+    steps = scoring_steps(args.max_steps, args.fraction)
     n_scoring = len(all_groups(TASKS, 2)) + len(TASKS)
     n_full = len(all_groups(TASKS)) + len(TASKS)
     print(
@@ -250,12 +255,12 @@ def main() -> None:
         seeds_out.append(
             {
                 "seed": seed,
-                "scoring": {name_of(g): r for g, r in scoring.items()}
-                | {name_of((t,), "half"): r for t, r in scoring_half.items()},
+                "scoring": {group_name(g): r for g, r in scoring.items()}
+                | {group_name((t,), "half"): r for t, r in scoring_half.items()},
                 "scoring_seconds": round(scoring_seconds, 2),
                 "tag": tag,
-                "full": {name_of(g): r for g, r in full.items()}
-                | {name_of((t,), "half"): r for t, r in halves.items()},
+                "full": {group_name(g): r for g, r in full.items()}
+                | {group_name((t,), "half"): r for t, r in halves.items()},
                 "choices": choices,
                 "seconds": round(time.perf_counter() - t_seed, 1),
             }

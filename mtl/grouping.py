@@ -33,34 +33,66 @@ Example::
     >>> [n.tasks for n in sel.networks], sel.served, round(sel.objective, 3)
     ([('a', 'b', 'c')], {'a': 0, 'b': 0, 'c': 0}, 1.65)
 
-Imports numpy and torch only (task-agnostic: it never sees a model, a dataset or a trainer).
+A grouping run (:func:`group_tasks`): check the budget against the cheapest cover of the configured candidates,
+have a :class:`GroupMeasurer` train the scoring networks (every single task and pair, or one joint TAG run),
+build the candidates (:func:`loss_candidates`, :func:`tag_candidates`), :func:`select` the networks, and return
+a JSON-ready result (:func:`write_result`, :func:`report`). The measurer is the only domain-specific part:
+``mtrec.grouping.RecMeasurer`` trains recommendation networks; another domain supplies its own.
+
+Imports numpy, torch and omegaconf only (task-agnostic: it never sees a model, a dataset or a trainer).
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import math
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 from torch import Tensor
 
+from mtl.checkpoint import atomic_write_json
+
 __all__ = [
+    "GROUPING_KEYS",
+    "KINDS",
+    "METHODS",
+    "SEARCHES",
+    "AffinityMeasurement",
     "AffinityMeter",
     "Candidate",
+    "GroupMeasurer",
+    "GroupingConfig",
+    "Measurement",
     "Selection",
+    "TagConfig",
     "all_groups",
     "branch_and_bound",
+    "candidate_groups",
     "cheapest_cover",
+    "check_budget",
     "exhaustive_search",
     "group_affinity",
     "group_key",
+    "group_name",
+    "group_tasks",
+    "grouping_config",
     "higher_order_estimate",
     "lookahead_affinity",
+    "loss_candidates",
     "pair_loss_affinity",
+    "report",
+    "scoring_steps",
+    "select",
+    "tag_candidates",
+    "write_result",
 ]
 
 Group = tuple[str, ...]
@@ -592,3 +624,393 @@ def exhaustive_search(
             if value < best_value:
                 best_value, best_set = value, combo
     return prob.selection(list(best_set), evaluated, "exhaustive")
+
+
+# --------------------------------------------------------------------------------------------------
+# A grouping run: settings, the measurer, candidates, selection and the report
+# --------------------------------------------------------------------------------------------------
+
+METHODS = ("pairs", "higher_order", "tag")
+SEARCHES = ("branch_and_bound", "exhaustive")
+KINDS = ("full", "half")
+"""Network sizes a measurer trains: ``full`` (cost 1) and ``half`` (a single-task network of scaled width, cost 0.5)."""
+
+
+@dataclass
+class TagConfig:
+    """Settings of the ``tag`` method (the ``tag`` block of a grouping config)."""
+
+    every: int = 5
+    """Measure the lookahead affinity every N training steps (before the step, on its batch)."""
+    lr: float | None = None
+    """Lookahead SGD step size; ``None`` = the optimiser's learning rate of the shared parameters. For small steps
+    ``Z`` is about proportional to it, so the grouping hardly depends on it; a larger step lifts tiny affinities
+    further above float32 rounding of the losses (about 1e-7 relative)."""
+    singleton: float = 0.0
+    """Score of a task alone in its network (it receives no inter-task affinity)."""
+
+
+@dataclass
+class GroupingConfig:
+    """Settings of a grouping run (the top-level grouping keys of ``configs/group.yaml``).
+
+    :func:`group_tasks` reads ``method``, ``budget``, ``half_size``, ``max_group_size``, ``search`` and
+    ``tag.singleton``; a :class:`GroupMeasurer` reads ``fraction``, ``half_width``, ``keep_checkpoints``,
+    ``tag.every`` and ``tag.lr``; the command writes the result to ``output``.
+    """
+
+    method: str = "higher_order"
+    """``pairs`` | ``higher_order`` | ``tag`` (see :func:`group_tasks`)."""
+    budget: float = 2.0
+    """Inference budget in full-size networks (a half-size network costs 0.5)."""
+    fraction: float = 0.2
+    """Share of the full step budget each scoring network trains for (early-stopping approximation)."""
+    half_size: bool = False
+    """Also train every task alone in a half-size network of cost 0.5 (``pairs`` / ``higher_order``)."""
+    half_width: float = 0.5
+    """Width factor of a half-size network."""
+    max_group_size: int | None = None
+    """Largest group considered as one network (``None`` = all tasks)."""
+    search: str = "branch_and_bound"
+    """``branch_and_bound`` or ``exhaustive`` (small task counts only)."""
+    keep_checkpoints: bool = False
+    """Keep each trained network's checkpoints (they are deleted otherwise)."""
+    output: str = "grouping.json"
+    """File name of the result, written in the run directory."""
+    tag: TagConfig = field(default_factory=TagConfig)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"config key method: expected one of {list(METHODS)}, got {self.method!r}")
+        if self.search not in SEARCHES:
+            raise ValueError(f"config key search: expected one of {list(SEARCHES)}, got {self.search!r}")
+        if not (math.isfinite(self.budget) and self.budget > 0):
+            raise ValueError(f"config key budget: expected a positive number of full-size networks, got {self.budget}")
+        if not 0 < self.fraction <= 1:
+            raise ValueError(f"config key fraction: expected a share of the step budget in (0, 1], got {self.fraction}")
+        if not 0 < self.half_width < 1:
+            raise ValueError(f"config key half_width: expected a width factor in (0, 1), got {self.half_width}")
+        if self.max_group_size is not None and self.max_group_size < 1:
+            raise ValueError(f"config key max_group_size: expected >= 1 or null, got {self.max_group_size}")
+        if self.tag.every < 1:
+            raise ValueError(f"config key tag.every: expected >= 1, got {self.tag.every}")
+        if self.tag.lr is not None and not self.tag.lr > 0:
+            raise ValueError(f"config key tag.lr: expected > 0 or null, got {self.tag.lr}")
+        if self.half_size and self.method == "tag":
+            raise ValueError(
+                "config key half_size: half-size networks are scored by their measured losses, which method=tag "
+                "does not train; use method=pairs or method=higher_order, or half_size=false"
+            )
+
+
+GROUPING_KEYS = tuple(f.name for f in fields(GroupingConfig))
+"""The top-level keys of a grouping config that :class:`GroupingConfig` holds (the rest configures the networks)."""
+
+
+def grouping_config(cfg: Mapping[str, Any]) -> GroupingConfig:
+    """Validate the grouping keys of a composed config (a ``DictConfig``) against :class:`GroupingConfig`."""
+    node = {k: cfg[k] for k in GROUPING_KEYS if k in cfg}
+    merged = OmegaConf.merge(OmegaConf.structured(GroupingConfig), node)
+    data = OmegaConf.to_container(merged, resolve=True)
+    data["tag"] = TagConfig(**data["tag"])  # type: ignore[index,arg-type]
+    return GroupingConfig(**data)  # type: ignore[arg-type]
+
+
+def scoring_steps(full_steps: int, fraction: float) -> int:
+    """Steps of one scoring network: ``fraction`` of the full budget, rounded, at least 1 (Standley et al.'s
+    early-stopping approximation).
+
+    >>> scoring_steps(6000, 0.2), scoring_steps(3, 0.1)
+    (1200, 1)
+    """
+    return max(1, int(round(fraction * full_steps)))
+
+
+def group_name(group: Sequence[str], kind: str = "full") -> str:
+    """``"click+dwell"``; a half-size network gets a ``half:`` prefix (the keys of a result's ``trained``)."""
+    return ("half:" if kind == "half" else "") + "+".join(group)
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """What a :class:`GroupMeasurer` reports of one trained network.
+
+    Attributes:
+        losses: ``{task: validation loss}`` for every task of the network (lower is better; the scores that
+            selection compares, so they must be comparable across networks).
+        record: what the result keeps of the training under ``trained`` (e.g. test losses, steps, seconds).
+    """
+
+    losses: Mapping[str, float]
+    record: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class AffinityMeasurement:
+    """What a :class:`GroupMeasurer` reports of the one joint TAG run.
+
+    Attributes:
+        affinity: ``{i: {j: mean Z_{i->j}}}`` over every task pair (:class:`AffinityMeter`'s mean).
+        record: what the result keeps of the run under ``trained.tag_joint``.
+    """
+
+    affinity: Affinity
+    record: Mapping[str, Any] = field(default_factory=dict)
+
+
+class GroupMeasurer(Protocol):
+    """Trains the networks that score candidate groups, for one domain (e.g. ``mtrec.grouping.RecMeasurer``).
+
+    :func:`group_tasks` calls :meth:`measure` for every single task and pair (and every task in a half-size
+    network with ``half_size``) for methods ``pairs`` / ``higher_order``, or :meth:`measure_affinity` once for
+    ``tag``; it never sees a model or a dataset.
+    """
+
+    full_steps: int
+    """The full training budget of one network, in steps (recorded in the result)."""
+    scoring_steps: int
+    """Steps each scoring network trains for (:func:`scoring_steps` of ``full_steps``)."""
+
+    def measure(self, group: Group, kind: str) -> Measurement:
+        """Train one network on ``group`` (``kind``: ``"full"``, or ``"half"`` for a single task in a half-size
+        network) for :attr:`scoring_steps`; its per-task validation losses."""
+        ...
+
+    def measure_affinity(self, tasks: Group) -> AffinityMeasurement:
+        """Train one network on all ``tasks`` for :attr:`scoring_steps`, averaging :func:`lookahead_affinity`."""
+        ...
+
+
+def loss_candidates(
+    tasks: Sequence[str],
+    measured: Mapping[Sequence[str], Mapping[str, float]],
+    *,
+    higher_order: bool,
+    max_group_size: int | None = None,
+    half: Mapping[str, float] | None = None,
+) -> list[Candidate]:
+    """Candidates scored by validation losses (Standley et al. 2020).
+
+    ``measured`` holds ``{group: {task: loss}}`` for every single task and pair; with ``higher_order``,
+    groups of three or more tasks (up to ``max_group_size``) are added with losses from
+    :func:`higher_order_estimate`. ``half`` adds half-size single-task networks of cost 0.5.
+    """
+    by_key = {group_key(g): (tuple(g), v) for g, v in measured.items()}
+    top = len(tasks) if higher_order else 2
+    if max_group_size is not None:
+        top = min(top, max_group_size)
+    pairs = {g: v for g, v in (by_key[k] for k in by_key) if len(g) == 2}
+    out: list[Candidate] = []
+    for g in all_groups(tasks, top):
+        if len(g) <= 2:
+            if group_key(g) not in by_key:
+                raise KeyError(f"no measured losses for the network {list(g)}")
+            out.append(Candidate(g, dict(by_key[group_key(g)][1]), 1.0, "full", "measured"))
+        else:
+            out.append(Candidate(g, higher_order_estimate(g, pairs), 1.0, "full", "higher_order"))
+    for t, loss in (half or {}).items():
+        out.append(Candidate((t,), {t: float(loss)}, 0.5, "half", "measured"))
+    return out
+
+
+def tag_candidates(
+    tasks: Sequence[str], affinity: Affinity, *, max_group_size: int | None = None, singleton: float = 0.0
+) -> list[Candidate]:
+    """Every group scored by TAG: ``score_t = -(mean affinity onto t from the group's other tasks)``."""
+    return [
+        Candidate(g, {t: -v for t, v in group_affinity(g, affinity, singleton).items()}, 1.0, "full", "tag")
+        for g in all_groups(tasks, max_group_size)
+    ]
+
+
+def candidate_groups(tasks: Sequence[str], config: GroupingConfig) -> list[tuple[Group, float]]:
+    """``(group, cost)`` of every candidate network the configured method will score."""
+    top = 2 if config.method == "pairs" else len(tasks)
+    if config.max_group_size is not None:
+        top = min(top, config.max_group_size)
+    out = [(g, 1.0) for g in all_groups(tasks, top)]
+    if config.half_size:
+        out += [((t,), 0.5) for t in tasks]
+    return out
+
+
+def check_budget(tasks: Sequence[str], config: GroupingConfig) -> float:
+    """The cheapest cover of ``tasks`` by the configured candidates; ``ValueError`` if ``budget`` is below it.
+
+    :func:`group_tasks` runs it before any measurement, so a bad budget fails at start-up rather than after the
+    scoring runs.
+    """
+    planned = [Candidate(g, {t: 0.0 for t in g}, cost) for g, cost in candidate_groups(tasks, config)]
+    cheapest, cover = cheapest_cover(planned, tasks)
+    assert cheapest is not None  # every task has its single-task candidate
+    if cheapest > config.budget + _EPS:
+        raise ValueError(
+            f"config key budget: budget={config.budget:g} is less than the cheapest cover of the {len(tasks)} tasks "
+            f"{list(tasks)}: with method={config.method}, max_group_size={config.max_group_size} and "
+            f"half_size={config.half_size}, serving every task costs at least {cheapest:g} "
+            f"(e.g. networks {[list(c.tasks) for c in cover]}); set budget >= {cheapest:g}"
+        )
+    return cheapest
+
+
+def select(candidates: Sequence[Candidate], tasks: Sequence[str], budget: float, search: str) -> Selection:
+    """Run the configured search (``branch_and_bound`` | ``exhaustive``); budget errors name the ``budget`` key."""
+    fn = branch_and_bound if search == "branch_and_bound" else exhaustive_search
+    try:
+        return fn(candidates, tasks, budget)
+    except ValueError as err:
+        if "cheapest cover" in str(err):
+            raise ValueError(f"config key budget: {err}") from err
+        raise
+
+
+def group_tasks(
+    tasks: Sequence[str],
+    measurer: GroupMeasurer,
+    config: GroupingConfig,
+    *,
+    settings: Mapping[str, Any] | None = None,
+    started: float | None = None,
+) -> dict[str, Any]:
+    """Which of ``tasks`` to train together under ``config.budget``: measure, score the candidates, select.
+
+    Methods (``config.method``):
+
+    * ``pairs``: :meth:`GroupMeasurer.measure` trains every single task and every pair; the candidates are those
+      networks, scored by their per-task validation losses (Standley et al. 2020).
+    * ``higher_order``: the same measurements; every larger group is a candidate too, its per-task losses
+      estimated from the pairs (Standley §3.2, :func:`higher_order_estimate`).
+    * ``tag``: :meth:`GroupMeasurer.measure_affinity` trains one joint network; every group is scored by minus
+      the mean affinity onto each member from the others (Fifty et al. 2021, :func:`tag_candidates`).
+
+    ``config.half_size`` also measures each task alone in a half-size network (cost 0.5). The budget is checked
+    against the cheapest cover (:func:`check_budget`) before anything is measured; :func:`select` then picks the
+    networks and which network serves each task.
+
+    Args:
+        tasks: the task names, in order.
+        measurer: trains the scoring networks.
+        config: the grouping settings.
+        settings: more entries of the result's ``settings`` (what configured the measurer, e.g. data and model).
+        started: ``time.perf_counter()`` at the start of the run (default: on entry), for the result's ``seconds``.
+
+    Returns:
+        ``{"settings", "affinity", "trained", "candidates", "networks", "served", "objective", "objective_kind",
+        "predicted_total_loss" (``None`` for ``tag``), "cost", "search", "seconds"}``, JSON-ready through
+        :func:`write_result`; :func:`report` renders it as a table.
+    """
+    started = time.perf_counter() if started is None else started
+    tasks = list(_check_tasks(tasks))
+    cheapest = check_budget(tasks, config)
+    result: dict[str, Any] = {
+        "settings": {
+            **asdict(config),
+            "tasks": tasks,
+            "cheapest_cover": cheapest,
+            "full_steps": measurer.full_steps,
+            "scoring_steps": measurer.scoring_steps,
+            **(settings or {}),
+        }
+    }
+    if config.method == "tag":
+        joint = measurer.measure_affinity(tuple(tasks))
+        candidates = tag_candidates(
+            tasks, joint.affinity, max_group_size=config.max_group_size, singleton=config.tag.singleton
+        )
+        result["affinity"] = {
+            "kind": "lookahead: Z[i][j] = 1 - L_j(theta_s - lr * grad L_i) / L_j(theta_s), mean over training "
+            "(Fifty et al. 2021)",
+            "values": joint.affinity,
+        }
+        result["trained"] = {"tag_joint": dict(joint.record)}
+    else:
+        measured = {g: measurer.measure(g, "full") for g in all_groups(tasks, 2)}
+        halves = {t: measurer.measure((t,), "half") for t in tasks} if config.half_size else {}
+        val = {g: m.losses for g, m in measured.items()}
+        candidates = loss_candidates(
+            tasks,
+            val,
+            higher_order=config.method == "higher_order",
+            max_group_size=config.max_group_size,
+            half={t: m.losses[t] for t, m in halves.items()},
+        )
+        singles = {g[0]: v[g[0]] for g, v in val.items() if len(g) == 1}
+        pairs = {g: v for g, v in val.items() if len(g) == 2}
+        result["affinity"] = {
+            "kind": "pair loss change: A[i][j] = 1 - L_j({i,j}) / L_j({j}) (validation losses)",
+            "values": pair_loss_affinity(singles, pairs),
+        }
+        result["trained"] = {group_name(g): dict(m.record) for g, m in measured.items()}
+        result["trained"].update({group_name((t,), "half"): dict(m.record) for t, m in halves.items()})
+
+    t0 = time.perf_counter()
+    selection = select(candidates, tasks, config.budget, config.search)
+    search_seconds = time.perf_counter() - t0
+    chosen = selection.to_dict()
+    chosen["search"]["seconds"] = round(search_seconds, 4)
+    losses = config.method != "tag"
+    result.update(
+        {
+            "candidates": [c.to_dict() for c in candidates],
+            "networks": chosen["networks"],
+            "served": chosen["served"],
+            "objective": selection.objective,
+            "objective_kind": "sum of served validation losses"
+            if losses
+            else "minus the sum over tasks of the mean affinity onto the task in its serving network",
+            "predicted_total_loss": selection.objective if losses else None,
+            "cost": selection.cost,
+            "search": chosen["search"],
+            "seconds": round(time.perf_counter() - started, 2),
+        }
+    )
+    return result
+
+
+def write_result(result: Mapping[str, Any], path: str | Path) -> None:
+    """Write a :func:`group_tasks` result as JSON, atomically (arrays and tensors as lists, other objects as text)."""
+    atomic_write_json(json.loads(json.dumps(result, default=_json_default)), path)
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return str(value)
+
+
+def report(result: Mapping[str, Any]) -> str:
+    """The chosen grouping of a :func:`group_tasks` result as a small table (what ``mtlib-group`` prints)."""
+    s = result["settings"]
+    fmt = ".4f" if s["method"] != "tag" else ".3g"
+    rows = [
+        [
+            "+".join(n["tasks"]),
+            n["kind"],
+            f"{n['cost']:g}",
+            ", ".join(n["serves"]),
+            ", ".join(f"{t}={n['scores'][t]:{fmt}}" for t in n["serves"]),
+        ]
+        for n in result["networks"]
+    ]
+    score = "predicted loss" if s["method"] != "tag" else "score (-affinity)"
+    lines = [
+        f"method={s['method']} budget={s['budget']:g} tasks={s['tasks']} scoring networks trained for "
+        f"{s['scoring_steps']} of {s['full_steps']} steps",
+        _table(["network", "size", "cost", "serves", score], rows),
+        f"cost {result['cost']:g} of budget {s['budget']:g}; "
+        + (
+            f"predicted total loss {result['predicted_total_loss']:.4f}"
+            if result["predicted_total_loss"] is not None
+            else f"objective {result['objective']:.4g} (negated total affinity)"
+        ),
+    ]
+    return "\n".join(lines)
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+
+    def line(r: Sequence[str]) -> str:
+        return "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"
+
+    return "\n".join([line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])

@@ -1,6 +1,6 @@
 """Task grouping (Standley et al. 2020; Fifty et al. 2021): the higher-order approximation, branch and bound
-against exhaustive search, TAG's lookahead affinity against hand-computed values, the Trainer hook, and
-``mtlib-group`` end to end."""
+against exhaustive search, TAG's lookahead affinity against hand-computed values, the orchestration of
+``mtl.grouping.group_tasks`` with a fake measurer, the Trainer hook, and ``mtlib-group`` end to end."""
 
 from __future__ import annotations
 
@@ -15,30 +15,40 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
+from hydra import compose, initialize_config_module
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
 
 from mtl.grouping import (
+    AffinityMeasurement,
     AffinityMeter,
     Candidate,
+    GroupingConfig,
+    Measurement,
+    TagConfig,
     all_groups,
     branch_and_bound,
     cheapest_cover,
     exhaustive_search,
     group_affinity,
+    group_tasks,
+    grouping_config,
     higher_order_estimate,
     lookahead_affinity,
     pair_loss_affinity,
+    report,
+    write_result,
 )
 from mtrec.grouping import (
     AffinityTrainer,
     add_unrelated_task,
-    grouping_config,
     network_config,
     run_grouping,
     scale_widths,
 )
-from mtrec.train import CONFIG_DIR, REPO, build_optimizer, trainer_config
+from mtrec.train import build_optimizer, trainer_config
+
+REPO = Path(__file__).resolve().parents[1]
 
 torch.set_num_threads(1)
 
@@ -54,9 +64,9 @@ TINY = [
 ]
 
 
-def group_cfg(*overrides: str) -> DictConfig:
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose(config_name="group", overrides=list(overrides))
+def group_cfg(*overrides: str, return_hydra_config: bool = False) -> DictConfig:
+    with initialize_config_module("mtlib_configs", version_base="1.3"):
+        return compose(config_name="group", overrides=list(overrides), return_hydra_config=return_hydra_config)
 
 
 # ----------------------------------------------------------------------------- higher-order approximation
@@ -225,6 +235,121 @@ def test_candidate_validation() -> None:
         Candidate(("a",), {"a": math.nan})
     with pytest.raises(ValueError, match="cost must be > 0"):
         Candidate(("a",), {"a": 1.0}, cost=0)
+
+
+# ----------------------------------------------------------------------------- orchestration (group_tasks)
+
+# Four tasks where a and b help each other, and c and d: every single task has loss 1.0; the pairs {a, b} and
+# {c, d} lower their members' losses, every other pair raises both to 1.2; alone in a half-size network c is at
+# its best (0.3), the others at 1.1.
+FAKE_TASKS = ("a", "b", "c", "d")
+FAKE_PAIRS = {
+    frozenset("ab"): {"a": 0.6, "b": 0.7},
+    frozenset("cd"): {"c": 0.5, "d": 0.8},
+}
+FAKE_HALF = {"a": 1.1, "b": 1.1, "c": 0.3, "d": 1.1}
+# TAG: a and b lift each other's loss by 0.2, c and d by 0.1; every other step raises the other's loss by 0.1
+FAKE_AFFINITY = {
+    i: {j: 0.05 if i == j else 0.2 if {i, j} == {"a", "b"} else 0.1 if {i, j} == {"c", "d"} else -0.1 for j in "abcd"}
+    for i in "abcd"
+}
+
+
+class FakeMeasurer:
+    """A :class:`mtl.grouping.GroupMeasurer` whose losses are the tables above; records what it is asked."""
+
+    full_steps = 100
+    scoring_steps = 20
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[tuple[str, ...], str]] = []
+
+    def measure(self, group: tuple[str, ...], kind: str) -> Measurement:
+        self.calls.append((group, kind))
+        if kind == "half":
+            losses = {group[0]: FAKE_HALF[group[0]]}
+        elif len(group) == 1:
+            losses = {group[0]: 1.0}
+        else:
+            losses = FAKE_PAIRS.get(frozenset(group), {t: 1.2 for t in group})
+        return Measurement(losses, {"tasks": list(group), "val": losses})
+
+    def measure_affinity(self, tasks: tuple[str, ...]) -> AffinityMeasurement:
+        self.calls.append((tasks, "tag"))
+        return AffinityMeasurement(FAKE_AFFINITY, {"steps": self.scoring_steps})
+
+
+def _networks(result: dict) -> dict[str, list[str]]:
+    """``{network name: tasks it serves}`` of a result (a half-size network as ``half:t``)."""
+    return {("half:" if n["kind"] == "half" else "") + "+".join(n["tasks"]): n["serves"] for n in result["networks"]}
+
+
+PAIR_CALLS = [((t,), "full") for t in FAKE_TASKS] + [(p, "full") for p in itertools.combinations(FAKE_TASKS, 2)]
+
+
+@pytest.mark.parametrize("method", ["pairs", "higher_order"])
+def test_group_tasks_pairs_up_the_tasks_that_help_each_other(method: str, tmp_path: Path) -> None:
+    # Each task's best loss in any candidate: a 0.6, b 0.7 (in {a, b}), c 0.5, d 0.8 (in {c, d}); a larger group's
+    # higher-order estimate averages pair losses, so it is never below them. {a, b} + {c, d} reaches every best
+    # at cost 2: the optimum, 0.6 + 0.7 + 0.5 + 0.8.
+    measurer = FakeMeasurer()
+    result = group_tasks(FAKE_TASKS, measurer, GroupingConfig(method=method, budget=2), settings={"note": "x"})
+    assert measurer.calls == PAIR_CALLS  # every single and pair once, no half-size network, no TAG run
+    assert _networks(result) == {"a+b": ["a", "b"], "c+d": ["c", "d"]}
+    assert result["objective"] == pytest.approx(2.6) and result["predicted_total_loss"] == result["objective"]
+    assert result["cost"] == 2
+    assert {len(c["tasks"]) for c in result["candidates"]} == ({1, 2} if method == "pairs" else {1, 2, 3, 4})
+    s = result["settings"]
+    assert s["tasks"] == list(FAKE_TASKS) and s["note"] == "x"
+    assert s["cheapest_cover"] == (2 if method == "pairs" else 1)  # two pairs, or the group of all four
+    assert (s["full_steps"], s["scoring_steps"]) == (100, 20)
+    assert result["trained"]["a+b"] == {"tasks": ["a", "b"], "val": {"a": 0.6, "b": 0.7}}
+    assert result["affinity"]["values"]["b"]["a"] == pytest.approx(1 - 0.6 / 1.0)  # pair loss change onto a
+    write_result(result, tmp_path / "g.json")
+    assert json.loads((tmp_path / "g.json").read_text())["networks"] == result["networks"]
+    text = report(result)
+    assert "| a+b " in text and "predicted total loss 2.6000" in text and "trained for 20 of 100 steps" in text
+
+
+def test_group_tasks_with_one_network_uses_the_higher_order_estimate() -> None:
+    # Budget 1: only {a, b, c, d} covers every task. Its losses from the pairs, e.g. a: (0.6 + 1.2 + 1.2) / 3.
+    result = group_tasks(FAKE_TASKS, FakeMeasurer(), GroupingConfig(method="higher_order", budget=1))
+    (net,) = result["networks"]
+    assert net["tasks"] == list(FAKE_TASKS) and net["source"] == "higher_order"
+    assert net["scores"] == pytest.approx({"a": 3.0 / 3, "b": 3.1 / 3, "c": 2.9 / 3, "d": 3.2 / 3})
+    assert result["objective"] == pytest.approx(12.2 / 3)
+
+
+def test_group_tasks_serves_a_task_by_a_half_size_network() -> None:
+    # Budget 2.5 with half-size networks: each task's best is a 0.6, b 0.7 (in {a, b}), c 0.3 (alone, half size),
+    # d 0.8 (in {c, d}); {a, b} + {c, d} + half:c reaches all four at cost 2.5. c is learned by {c, d} too, but
+    # served by its half-size network.
+    measurer = FakeMeasurer()
+    result = group_tasks(FAKE_TASKS, measurer, GroupingConfig(method="pairs", budget=2.5, half_size=True))
+    assert measurer.calls == PAIR_CALLS + [((t,), "half") for t in FAKE_TASKS]
+    assert _networks(result) == {"a+b": ["a", "b"], "c+d": ["d"], "half:c": ["c"]}
+    assert result["objective"] == pytest.approx(0.6 + 0.7 + 0.3 + 0.8) and result["cost"] == 2.5
+    assert result["served"]["c"] == ["c"] and "half:c" in result["trained"]
+
+
+def test_group_tasks_by_tag_affinity() -> None:
+    # A task's score is minus the mean affinity onto it from its group-mates: a's best is -0.2 (with b alone, any
+    # other mate brings -0.1), b's -0.2, c's and d's -0.1 (with each other). {a, b} + {c, d} reaches all four.
+    measurer = FakeMeasurer()
+    result = group_tasks(FAKE_TASKS, measurer, GroupingConfig(method="tag", budget=2, tag=TagConfig(singleton=0.0)))
+    assert measurer.calls == [(FAKE_TASKS, "tag")]  # one joint run, no network per group
+    assert _networks(result) == {"a+b": ["a", "b"], "c+d": ["c", "d"]}
+    assert result["objective"] == pytest.approx(-0.6) and result["predicted_total_loss"] is None
+    assert result["trained"] == {"tag_joint": {"steps": 20}} and result["affinity"]["values"] == FAKE_AFFINITY
+    assert "negated total affinity" in report(result)
+
+
+def test_group_tasks_checks_the_budget_before_measuring() -> None:
+    # pairs over four tasks: the cheapest cover is two pairs, cost 2
+    measurer = FakeMeasurer()
+    with pytest.raises(ValueError, match=r"config key budget: budget=1.5 .* at least 2"):
+        group_tasks(FAKE_TASKS, measurer, GroupingConfig(method="pairs", budget=1.5))
+    assert measurer.calls == []
 
 
 # ----------------------------------------------------------------------------- TAG lookahead affinity
@@ -472,17 +597,19 @@ def test_run_grouping_rejects_a_budget_below_the_cheapest_cover_before_training(
         run_grouping(cfg, tmp_path)
 
 
-def test_cli_prints_the_grouping_and_writes_json(tmp_path: Path) -> None:
+def _mtlib_group(*args: str) -> subprocess.CompletedProcess[str]:
+    """Run the ``mtlib-group`` console script (``python -m mtrec.cli.group`` where it is not installed)."""
     exe = Path(sys.executable).parent / "mtlib-group"
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "mtrec.grouping"]
-    run_dir = tmp_path / "run"
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "mtrec.cli.group"]
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    proc = subprocess.run(
-        [*cmd, f"hydra.run.dir={run_dir}", "method=higher_order", "budget=1.5", "task_names=[click,dwell]", *TINY],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
+    env.pop("MTLIB_DEBUG", None)
+    return subprocess.run([*cmd, *args], capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_cli_prints_the_grouping_and_writes_json(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    proc = _mtlib_group(
+        f"hydra.run.dir={run_dir}", "method=higher_order", "budget=1.5", "task_names=[click,dwell]", *TINY
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "predicted total loss" in proc.stdout and "| network" in proc.stdout
@@ -490,6 +617,33 @@ def test_cli_prints_the_grouping_and_writes_json(tmp_path: Path) -> None:
     assert result["settings"]["tasks"] == ["click", "dwell"] and result["settings"]["budget"] == 1.5
     _check_result(result, 1.5)
     assert (run_dir / ".hydra" / "config.yaml").exists()
+
+
+def test_cli_configuration_errors_exit_with_status_2(tmp_path: Path) -> None:
+    for args, needle in [
+        (["method=pairs", "budget=1.5"], "mtlib-group: error: config key budget: budget=1.5"),
+        (["methd=pairs"], "methd"),  # Hydra's own composition error
+    ]:
+        proc = _mtlib_group(f"hydra.run.dir={tmp_path / 'run'}", *args, *TINY)
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        assert needle in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "run" / "networks").exists()
+
+
+def test_the_hydra_task_function_returns_the_objective(tmp_path: Path) -> None:
+    """What a sweeper (``--multirun`` with e.g. the Optuna sweeper) minimises: the grouping's objective."""
+    from mtrec.cli.group import _hydra_main
+
+    cfg = group_cfg(*TINY, "method=pairs", "budget=1.5", "task_names=[click,dwell]", return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(tmp_path)
+    HydraConfig.instance().set_config(cfg)
+    try:
+        value = _hydra_main(cfg)  # a config passed in: Hydra calls the task function directly
+    finally:
+        HydraConfig.instance().cfg = None
+    written = json.loads((tmp_path / "grouping.json").read_text())
+    assert isinstance(value, float) and value == pytest.approx(written["objective"])
 
 
 def test_doctest_examples_run() -> None:
