@@ -1,5 +1,6 @@
 """ONNX serving: the Triton-layout model repository (:mod:`serving.repository`), export of a model's export
-view into it (:mod:`serving.export`), and the Open Inference Protocol server.
+view into it (:mod:`serving.export`), and the Open Inference Protocol server (:mod:`serving.server`, whose
+docstring maps its modules; the ``mtlib-serve`` command line is :mod:`serving.cli`).
 
 The export names are importable from here (``from serving import export_to_repository``) without making
 ``import serving`` load torch: they are resolved on first access.

@@ -41,16 +41,13 @@ pytest.importorskip("aiohttp")
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
 from serving.batching import DynamicBatcher  # noqa: E402
+from serving.cli import parse_args  # noqa: E402
 from serving.metrics import MetricsRegistry, escape_label_value  # noqa: E402
+from serving.options import ServerOptions  # noqa: E402
 from serving.protocol import InferenceError, Signature, encode_infer_response, parse_infer_request  # noqa: E402
 from serving.repository import ModelConfig, TensorConfig, write_config  # noqa: E402
-from serving.server import (  # noqa: E402
-    Server,
-    ServerOptions,
-    check_model_io,
-    choose_providers,
-    parse_args,
-)
+from serving.server import Server  # noqa: E402
+from serving.sessions import check_model_io, choose_providers  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MAX_BODY = 1 << 20
@@ -1001,7 +998,7 @@ def test_sigterm_finishes_the_in_flight_request(tmp_path: Path, models: Models) 
         [
             sys.executable,
             "-m",
-            "serving.server",
+            "serving.cli",
             "--model-repository",
             str(tmp_path),
             "--host",

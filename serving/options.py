@@ -1,0 +1,37 @@
+"""The settings of a server (:class:`ServerOptions`), one flat dataclass that every part reads: the sessions
+(:mod:`serving.sessions`: thread counts), the model manager (:mod:`serving.models`: repository, polling, inline
+batches), the endpoints (:mod:`serving.endpoints`: body limit) and the front ends (:mod:`serving.http_builtin`,
+:mod:`serving.http_aiohttp`: address, keep-alive, shutdown). :mod:`serving.cli` fills it from the command line;
+a program embedding the server builds one and hands it to :class:`serving.server.Server`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass
+class ServerOptions:
+    """Settings of :class:`~serving.server.Server` and :func:`~serving.server.serve` (see ``mtlib-serve --help``)."""
+
+    model_repository: Path
+    host: str = "0.0.0.0"
+    port: int = 8000
+    intra_op_threads: int = 1
+    """ONNX Runtime intra-op threads per session unless ``config.pbtxt`` sets ``intra_op_thread_count``."""
+    inter_op_threads: int = 1
+    """ONNX Runtime inter-op threads per session unless ``config.pbtxt`` sets ``inter_op_thread_count``."""
+    max_body_size: int = 64 * 1024 * 1024
+    """Largest request body accepted, in bytes (after decompression); larger ones get 413."""
+    poll_interval_s: float = 1.0
+    """Seconds between repository scans; 0 disables polling (the load/unload endpoints still work)."""
+    shutdown_timeout_s: float = 30.0
+    """On SIGTERM/SIGINT, how long in-flight requests may take to finish."""
+    http_server: str = "builtin"
+    """``builtin`` (:class:`~serving.http_builtin.HttpConnection`, the fast path) or ``aiohttp``."""
+    keepalive_timeout_s: float = 75.0
+    """Idle keep-alive connections are closed after this long (built-in HTTP server)."""
+    inline_max_us: float = 50.0
+    """Run a batch on the event loop instead of a worker thread when the model version is otherwise idle and the
+    batch is expected to take at most this long (see :mod:`serving.batching`); 0: always a worker thread."""
