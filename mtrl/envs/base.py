@@ -21,8 +21,10 @@ Every env made by a family:
 * is reproducible: ``reset(seed=s)`` fixes the episode; ``make_env(task, seed=s)`` fixes the first reset that
   gets no seed and the action space's sampler.
 
-Example::
+Families are built by name with :func:`mtrl.envs.make_family` (the registry lives in :mod:`mtrl.envs`, so this
+module knows no family). Example::
 
+    >>> from mtrl.envs import make_family
     >>> family = make_family("pointmass", num_goals=4)
     >>> envs = make_vector_env(family, envs_per_task=2)      # 8 envs, env j runs task j % 4
     >>> obs, info = envs.reset(seed=0)
@@ -34,7 +36,6 @@ Example::
 from __future__ import annotations
 
 import abc
-import inspect
 from collections.abc import Callable, Mapping
 from functools import partial
 from typing import Any
@@ -52,7 +53,7 @@ class TaskFamily(abc.ABC):
     Subclasses set the attributes below in ``__init__`` and implement :meth:`make_env` and :meth:`describe`.
 
     Attributes:
-        name: family name, as given to :func:`make_family`.
+        name: family name, as given to :func:`mtrl.envs.make_family`.
         task_names: ordered task names.
         metadata: float32 ``[K, M]``, one metadata vector per task (CARE's context input).
         max_episode_steps: episode length; every env truncates there.
@@ -169,41 +170,3 @@ def flatten_obs(obs: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
             f"got obs {x.shape} and task {task.shape}"
         )
     return x, task
-
-
-def _families() -> dict[str, Callable[..., TaskFamily]]:
-    from mtrl.envs.metaworld import MetaWorldFamily
-    from mtrl.envs.pointmass import PointMassFamily
-
-    return {
-        "pointmass": PointMassFamily,
-        "mt10": partial(MetaWorldFamily, "mt10"),
-        "mt50": partial(MetaWorldFamily, "mt50"),
-    }
-
-
-FAMILY_NAMES = ("pointmass", "mt10", "mt50")
-"""Names accepted by :func:`make_family`."""
-
-
-def make_family(name: str, **kwargs: Any) -> TaskFamily:
-    """Build a task family by name; ``kwargs`` are the keys of ``configs/env/<name>.yaml``.
-
-    ``"pointmass"``: :class:`~mtrl.envs.pointmass.PointMassFamily`; ``"mt10"``, ``"mt50"``:
-    :class:`~mtrl.envs.metaworld.MetaWorldFamily` (needs the ``rl`` extra).
-
-    Raises:
-        ValueError: unknown family name.
-        TypeError: a keyword the family does not take (the accepted ones are listed).
-    """
-    builders = _families()
-    if name not in builders:
-        raise ValueError(f"unknown task family {name!r}; expected one of {FAMILY_NAMES}")
-    builder = builders[name]
-    target = builder.func if isinstance(builder, partial) else builder
-    params = inspect.signature(target).parameters
-    accepted = [p for p, spec in params.items() if spec.kind is inspect.Parameter.KEYWORD_ONLY]
-    unknown = sorted(set(kwargs) - set(accepted))
-    if unknown:
-        raise TypeError(f"task family {name!r} got unknown setting(s) {unknown}; accepted: {sorted(accepted)}")
-    return builder(**kwargs)

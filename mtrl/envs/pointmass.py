@@ -35,7 +35,8 @@ import numpy as np
 from gymnasium import spaces
 
 from mtrl.envs.base import TaskFamily, _validate_settings
-from mtrl.metadata import load_task_metadata, pointmass_goal_angles, pointmass_task_name
+from mtrl.metadata import load_task_metadata
+from mtrl.tasks import pointmass_goal_angles, pointmass_task_name
 
 
 def _check_positive(name: str, value: float, *, allow_zero: bool = False) -> float:
