@@ -1,5 +1,10 @@
 """``mtlib-serve``: the command line of the server. It parses the arguments into a
-:class:`~serving.options.ServerOptions` and runs :func:`serving.server.serve` until SIGTERM or SIGINT.
+:class:`~serving.options.ServerOptions`, checks that ``--model-repository`` is a repository
+(:func:`serving.repository.check_repository`), and runs :func:`serving.server.serve` until SIGTERM or SIGINT.
+
+A user mistake (a missing or wrong repository path, a bad ``--port`` or other value, an unknown option, an
+address the server cannot listen on) ends with one or two lines ``mtlib-serve: error: ...`` and exit status 2,
+without a traceback; ``MTLIB_DEBUG=1`` shows the traceback of the errors that have one.
 """
 
 from __future__ import annotations
@@ -7,62 +12,103 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
+from mtl.cli import debugging
 from serving.options import ServerOptions
-from serving.server import serve
+from serving.repository import RepositoryError, check_repository
+from serving.server import ListenError, serve
+
+PROG = "mtlib-serve"
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[ServerOptions, str]:
-    parser = argparse.ArgumentParser(
-        prog="mtlib-serve", description="Open Inference Protocol (KServe v2) server for a Triton-layout ONNX repository"
+class _Parser(argparse.ArgumentParser):
+    """argparse's own complaints (an unknown option, a missing or malformed value) in two lines instead of the
+    usage text."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n{self.prog}: '{self.prog} --help' lists every option\n")
+
+
+def _number(
+    kind: type[int] | type[float], low: float, high: float = math.inf, note: str = ""
+) -> Callable[[str], float]:
+    """An argparse ``type`` that reads an ``int`` or ``float`` within ``[low, high]`` and says the range otherwise."""
+
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            value = math.nan  # fails the range check below, as NaN itself does
+        if not low <= value <= high:
+            what = "an integer" if kind is int else "a number"
+            bounds = f">= {low}" if high == math.inf else f"from {low} to {high}"
+            raise argparse.ArgumentTypeError(f"must be {what} {bounds}{note}, got {text!r}")
+        return value
+
+    return parse
+
+
+# The numeric settings: flag, type (the range it checks), default, help.
+_NUMBERS = (
+    ("--port", _number(int, 0, 65535, " (0 picks a free one)"), 8000, "HTTP port (default 8000; 0 picks a free one)"),
+    ("--intra-op-threads", _number(int, 0), 1, "ONNX Runtime intra-op threads per session"),
+    ("--inter-op-threads", _number(int, 0), 1, "ONNX Runtime inter-op threads per session"),
+    ("--max-body-size", _number(int, 1), 64 * 1024 * 1024, "largest request body in bytes (413 above)"),
+    ("--repository-poll-secs", _number(float, 0), 1.0, "seconds between repository scans; 0 disables"),
+    ("--shutdown-timeout", _number(float, 0), 30.0, "seconds in-flight requests may take"),
+    (
+        "--inline-max-us",
+        _number(float, 0),
+        50.0,
+        "run a batch on the event loop when the model is idle and it should take at most this many "
+        "microseconds (saves two thread hand-offs); 0: always in a worker thread",
+    ),
+    ("--keepalive-timeout", _number(float, 0.001), 75.0, "seconds before an idle keep-alive connection closes"),
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``mtlib-serve`` arguments (each value checked as it is read)."""
+    parser = _Parser(
+        prog=PROG, description="Open Inference Protocol (KServe v2) server for a Triton-layout ONNX repository"
     )
     parser.add_argument(
         "--model-repository", required=True, type=Path, help="REPO/NAME/{config.pbtxt,VERSION/model.onnx}"
     )
     parser.add_argument("--host", default="0.0.0.0", help="address to bind (default: all interfaces)")
-    parser.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000; 0 picks a free one)")
-    parser.add_argument("--intra-op-threads", type=int, default=1, help="ONNX Runtime intra-op threads per session")
-    parser.add_argument("--inter-op-threads", type=int, default=1, help="ONNX Runtime inter-op threads per session")
-    parser.add_argument(
-        "--max-body-size", type=int, default=64 * 1024 * 1024, help="largest request body in bytes (413 above)"
-    )
-    parser.add_argument(
-        "--repository-poll-secs", type=float, default=1.0, help="seconds between repository scans; 0 disables"
-    )
-    parser.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds in-flight requests may take")
-    parser.add_argument(
-        "--inline-max-us",
-        type=float,
-        default=50.0,
-        help="run a batch on the event loop when the model is idle and it should take at most this many "
-        "microseconds (saves two thread hand-offs); 0: always in a worker thread",
-    )
+    for flag, kind, default, text in _NUMBERS:
+        parser.add_argument(flag, type=kind, default=default, help=text)
     parser.add_argument(
         "--http-server",
         default="builtin",
         choices=["builtin", "aiohttp"],
         help="HTTP implementation: the built-in HTTP/1.1 protocol (lower overhead) or aiohttp",
     )
-    parser.add_argument(
-        "--keepalive-timeout", type=float, default=75.0, help="seconds before an idle keep-alive connection closes"
-    )
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    args = parser.parse_args(argv)
-    for flag, value, low in (
-        ("--intra-op-threads", args.intra_op_threads, 0),
-        ("--inter-op-threads", args.inter_op_threads, 0),
-        ("--max-body-size", args.max_body_size, 1),
-        ("--repository-poll-secs", args.repository_poll_secs, 0),
-        ("--shutdown-timeout", args.shutdown_timeout, 0),
-        ("--inline-max-us", args.inline_max_us, 0),
-        ("--keepalive-timeout", args.keepalive_timeout, 0.001),
-    ):
-        if value < low:
-            parser.error(f"{flag} must be >= {low}, got {value}")
-    if not args.model_repository.is_dir():
-        parser.error(f"--model-repository {args.model_repository} is not a directory")
+    return parser
+
+
+def _user_error(err: Exception, message: str) -> NoReturn:
+    """Exit with status 2 and ``mtlib-serve: error: message``; ``MTLIB_DEBUG=1``: raise ``err`` with its traceback.
+    Call it from the ``except`` block that caught ``err``."""
+    if debugging():
+        raise err
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    raise SystemExit(2) from None
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[ServerOptions, str]:
+    """The server's options and the log level from the command line (exit status 2 on a user mistake)."""
+    args = build_parser().parse_args(argv)
+    try:
+        check_repository(args.model_repository)
+    except RepositoryError as err:
+        _user_error(err, f"--model-repository {err}")
     options = ServerOptions(
         model_repository=args.model_repository,
         host=args.host,
@@ -83,7 +129,10 @@ def main(argv: list[str] | None = None) -> None:
     """Console script ``mtlib-serve``."""
     options, level = parse_args(argv)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    asyncio.run(serve(options))
+    try:
+        asyncio.run(serve(options))
+    except ListenError as err:
+        _user_error(err, str(err))
 
 
 if __name__ == "__main__":

@@ -6,7 +6,10 @@ and serves: platform, ``max_batch_size``, inputs and outputs with data types and
 ``instance_group``, ``version_policy`` and string ``parameters``. :func:`write_config` and
 :func:`parse_config` are inverses; the parser reads the protobuf text format in general (messages, repeated
 fields in ``[...]`` or by repetition, comments), so a ``config.pbtxt`` edited by hand or written by Triton
-tooling loads too, and a syntax error names the file, line and column.
+tooling loads too, and a syntax error names the file, line and column. :func:`check_repository` refuses a path
+that is not a repository (a file, a model's or a version's directory) with a message that says what to give
+instead; the server (:mod:`serving.models`) reads the repository with :func:`model_names`,
+:func:`available_versions`, :func:`read_config` and :func:`served_versions`.
 
 Layout::
 
@@ -60,6 +63,10 @@ V2_TO_NUMPY: dict[str, Any] = {
 
 class ConfigError(ValueError):
     """A ``config.pbtxt`` that cannot be read, with file, line and column."""
+
+
+class RepositoryError(ValueError):
+    """A path given as a model repository that is not one (:func:`check_repository`)."""
 
 
 @dataclass(frozen=True)
@@ -324,6 +331,31 @@ def model_names(repository: str | Path) -> list[str]:
     """Directories of ``repository`` that hold a ``config.pbtxt``, sorted."""
     root = Path(repository)
     return sorted(p.name for p in root.iterdir() if p.is_dir() and (p / CONFIG_FILE).is_file()) if root.is_dir() else []
+
+
+def check_repository(repository: str | Path) -> None:
+    """Refuse a path that cannot be a model repository: one that does not exist, a file, a model's own directory
+    (it holds ``config.pbtxt`` or version directories) or a version directory (it holds ``model.onnx``). An
+    empty directory is a repository: models may be written into it while the server polls."""
+    root = Path(repository)
+    layout = f"a model repository holds one directory per model: REPO/NAME/{CONFIG_FILE}, REPO/NAME/1/{MODEL_FILE}"
+    if not root.exists():
+        raise RepositoryError(f"{root} does not exist; {layout} (mtrec-export writes one)")
+    if not root.is_dir():
+        raise RepositoryError(f"{root} is a file, not a directory; {layout}")
+    try:
+        entries = list(root.iterdir())
+    except OSError as err:
+        raise RepositoryError(f"{root}: cannot list the directory ({err.strerror or err})") from err
+    if (root / MODEL_FILE).is_file():
+        raise RepositoryError(
+            f"{root} is a version directory (it holds {MODEL_FILE}); give the repository, two levels up: "
+            f"{root.resolve().parent.parent}"
+        )
+    if (root / CONFIG_FILE).is_file() or any(p.name.isdigit() and (p / MODEL_FILE).is_file() for p in entries):
+        raise RepositoryError(
+            f"{root} is a model directory, not a repository; give its parent: {root.resolve().parent}"
+        )
 
 
 def available_versions(repository: str | Path, name: str) -> list[int]:

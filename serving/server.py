@@ -24,8 +24,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
+import os
 import signal
+import socket
 
 from serving.endpoints import InferenceService
 from serving.http_aiohttp import AiohttpServer
@@ -35,6 +38,28 @@ from serving.models import ModelManager
 from serving.options import ServerOptions
 
 log = logging.getLogger("mtlib.serve")
+
+_LISTEN_HINTS = {
+    errno.EADDRINUSE: "another process listens there: stop it, or pick another --port (0 picks a free one)",
+    errno.EACCES: "ports below 1024 need privileges: pick --port 1024 or above (0 picks a free one)",
+    errno.EADDRNOTAVAIL: "that address is not one of this machine's: give --host one of its addresses, "
+    "127.0.0.1 for this machine only or 0.0.0.0 for all",
+}
+
+
+class ListenError(OSError):
+    """The front end could not open its socket (the address is in use, the port needs privileges, the host is
+    not this machine's): a problem with ``--host`` or ``--port``, said in one line with how to fix it."""
+
+    def __init__(self, host: str, port: int, err: OSError) -> None:
+        if isinstance(err, socket.gaierror):
+            reason = err.strerror or str(err)
+            hint = "unknown host: give --host an address or name of this machine (0.0.0.0 for all addresses)"
+        else:  # asyncio words the bind error itself; the errno says it shorter
+            reason = os.strerror(err.errno) if err.errno else str(err)
+            hint = _LISTEN_HINTS.get(err.errno or 0, "check --host and --port")
+        super().__init__(f"cannot listen on {host}:{port}: {reason}; {hint}")
+        self.errno = err.errno
 
 
 class Server:
@@ -57,7 +82,11 @@ class Server:
             self.frontend = AiohttpServer(self.service, self.options)
         else:
             self.frontend = BuiltinHttpServer(self.service, self.options)
-        self.port = await self.frontend.start()
+        try:
+            self.port = await self.frontend.start()
+        except OSError as err:  # the address is taken, not allowed or not this machine's
+            await self.stop()
+            raise ListenError(self.options.host, self.options.port, err) from err
         log.info("serving %s on http://%s:%d", self.options.model_repository, self.options.host, self.port)
 
     async def stop(self) -> None:

@@ -990,6 +990,100 @@ def test_cli_arguments(tmp_path: Path) -> None:
         parse_args(["--model-repository", str(tmp_path), "--max-body-size", "0"])
 
 
+def _repository_mistakes(tmp: Path) -> dict[str, tuple[Path, str]]:
+    """``{case: (path, what the error line says)}`` for paths that are not model repositories."""
+    (tmp / "file.txt").write_text("not a directory")
+    write_config(tmp / "repo", tiny_config("m"))
+    version = tmp / "repo" / "m" / "1"
+    version.mkdir()
+    (version / "model.onnx").write_bytes(b"")
+    parent = f"give its parent: {tmp / 'repo'}"
+    return {
+        "missing": (tmp / "missing", f"--model-repository {tmp / 'missing'} does not exist"),
+        "file": (tmp / "file.txt", f"--model-repository {tmp / 'file.txt'} is a file, not a directory"),
+        "model directory": (version.parent, f"is a model directory, not a repository; {parent}"),
+        "version directory": (version, f"(it holds model.onnx); give the repository, two levels up: {tmp / 'repo'}"),
+    }
+
+
+@pytest.mark.parametrize(
+    ("case", "extra", "message"),
+    [
+        ("missing", [], "does not exist; a model repository holds one directory per model"),
+        ("file", [], "is a file"),
+        ("model directory", [], "is a model directory"),
+        ("version directory", [], "is a version directory"),
+        ("ok", ["--port", "70000"], "argument --port: must be an integer from 0 to 65535 (0 picks a free one), got"),
+        ("ok", ["--port", "http"], "argument --port: must be an integer from 0 to 65535"),
+        ("ok", ["--max-body-size", "0"], "argument --max-body-size: must be an integer >= 1, got '0'"),
+        ("ok", ["--keepalive-timeout", "nan"], "argument --keepalive-timeout: must be a number >= 0.001"),
+        ("ok", ["--http-server", "nginx"], "argument --http-server: invalid choice: 'nginx'"),
+        ("ok", ["--prot", "8000"], "unrecognized arguments: --prot 8000"),
+        (None, [], "the following arguments are required: --model-repository"),
+    ],
+)
+def test_cli_user_mistakes_exit_2_with_one_line(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    case: str | None,
+    extra: list[str],
+    message: str,
+) -> None:
+    from serving.cli import main
+
+    monkeypatch.delenv("MTLIB_DEBUG", raising=False)
+    mistakes = _repository_mistakes(tmp_path)
+    path = tmp_path if case == "ok" else mistakes[case][0] if case is not None else None
+    argv = ([] if path is None else ["--model-repository", str(path)]) + extra
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2
+    lines = err.splitlines()
+    assert 1 <= len(lines) <= 2 and lines[0].startswith("mtlib-serve: error: "), err
+    assert message in lines[0] and "Traceback" not in err
+    if case in mistakes:
+        assert mistakes[case][1] in lines[0]
+
+
+def test_cli_repository_check_accepts_repositories(repo: Path, tmp_path: Path) -> None:
+    from serving.repository import check_repository
+
+    check_repository(repo)
+    check_repository(tmp_path)  # empty: models may be written into it while the server polls
+
+
+def _serve_cli(args: list[str], debug: bool = False) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "MTLIB_DEBUG"}
+    env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")
+    if debug:
+        env["MTLIB_DEBUG"] = "1"
+    cmd = [sys.executable, "-m", "serving.cli", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=120)
+
+
+def test_cli_port_in_use_and_mtlib_debug(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        args = ["--model-repository", str(tmp_path), "--host", "127.0.0.1", "--port", str(port), "--log-level", "ERROR"]
+        done = _serve_cli(args)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.splitlines() == [
+        f"mtlib-serve: error: cannot listen on 127.0.0.1:{port}: Address already in use; another process listens "
+        "there: stop it, or pick another --port (0 picks a free one)"
+    ]
+    missing = str(tmp_path / "missing")
+    quiet = _serve_cli(["--model-repository", missing])
+    assert quiet.returncode == 2 and "Traceback" not in quiet.stderr
+    assert quiet.stderr.startswith(f"mtlib-serve: error: --model-repository {missing} does not exist")
+    loud = _serve_cli(["--model-repository", missing], debug=True)
+    assert loud.returncode == 1 and "Traceback" in loud.stderr
+    assert f"serving.repository.RepositoryError: {missing} does not exist" in loud.stderr
+
+
 def test_sigterm_finishes_the_in_flight_request(tmp_path: Path, models: Models) -> None:
     write_config(tmp_path, tiny_config("tiny"))
     write_version(tmp_path, "tiny", 1, models.onnx_a)
