@@ -47,10 +47,11 @@ def _free_port() -> int:
 
 def test_readme_serving_client_runs_against_mtlib_serve(tmp_path: Path) -> None:
     """Train and export as the README's quick start does (tiny data), serve it, and run the client example."""
-    from hydra import compose, initialize_config_dir
+    from hydra import compose, initialize_config_module
 
+    from mtl.config import CONFIG_PATH
     from mtrec.export import export_run
-    from mtrec.train import CONFIG_DIR, run
+    from mtrec.train import run
 
     clients = [code for code in _blocks() if "InferenceServerClient" in code]
     assert clients, "README has no serving client example"
@@ -63,7 +64,7 @@ def test_readme_serving_client_runs_against_mtlib_serve(tmp_path: Path) -> None:
         "trainer.progress=false",
         "trainer.tensorboard=false",
     ]
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+    with initialize_config_module(CONFIG_PATH.removeprefix("pkg://"), version_base="1.3"):
         cfg = compose(config_name="mtrec", overrides=overrides)
     run(cfg, tmp_path / "run")
     repo = tmp_path / "model_repository"
@@ -81,7 +82,7 @@ def test_readme_serving_client_runs_against_mtlib_serve(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "serving.server",
+            "serving.cli",
             "--model-repository",
             str(repo),
             "--host",
