@@ -57,6 +57,7 @@ from mtl.distill import policy_distillation_loss
 from mtl.gradients import GradientMethod, Plain
 from mtrl.envs.base import TaskFamily
 from mtrl.evaluate import episode_seed
+from mtrl.runs import EVAL_FILE, LAST, load_run
 
 __all__ = [
     "FORMAT",
@@ -151,7 +152,6 @@ def train_teachers(cfg: DictConfig, out_dir: str | Path, tasks: Sequence[str] | 
     finished (``eval.json`` present) is reused."""
     from hydra.utils import instantiate
 
-    from mtrl.train import EVAL_FILE, LAST
     from mtrl.train import run as rl_run
 
     out_dir = Path(out_dir)
@@ -203,8 +203,6 @@ class FrozenTeacher(nn.Module):
 
 def load_teachers(path: str | Path, device: str = "cpu") -> dict[str, FrozenTeacher]:
     """``{task: FrozenTeacher}`` from a manifest written by :func:`train_teachers` (file or its folder)."""
-    from mtrl.train import load_run
-
     file = Path(path)
     file = file / MANIFEST if file.is_dir() else file
     if not file.is_file():

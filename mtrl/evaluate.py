@@ -1,4 +1,5 @@
-"""``mtrl-eval``: per-task success rate and mean return of a trained policy over deterministic episodes.
+"""Per-task success rate and mean return of a multi-task policy over deterministic episodes: the library behind
+``mtrl-eval`` (:mod:`mtrl.cli.eval`, which calls :func:`evaluate_run`) and ``mtrl-train``'s evaluations.
 
 Examples::
 
@@ -25,14 +26,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import hydra
 import numpy as np
 import torch
-from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from mtl.checkpoint import atomic_write_json
+from mtrl.runs import load_run
 
 __all__ = [
     "EVAL_STREAM",
@@ -42,13 +42,11 @@ __all__ = [
     "evaluate",
     "evaluate_run",
     "format_table",
-    "main",
     "record_videos",
 ]
 
 log = logging.getLogger("mtrl.evaluate")
 EVAL_STREAM = 1  # episode-seed stream of evaluation envs (training uses mtrl.train.TRAIN_STREAM = 0)
-CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
 
 Policy = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
@@ -249,14 +247,14 @@ class EvalConfig:
     """Where videos go; ``null`` = ``RUN/videos``."""
 
 
-ConfigStore.instance().store(name="mtrl_eval_schema", node=EvalConfig)
-
-
 def evaluate_run(cfg: Any) -> dict[str, Any]:
     """Evaluate a ``mtrl-train`` run as ``cfg`` (an :class:`EvalConfig` or a mapping of its fields) says,
-    print the table and write the JSON; returns the result."""
-    from mtrl.train import load_run
+    print the table and write the JSON; returns the result.
 
+    Raises:
+        ValueError: a config error (an unknown key, no ``run_dir``), or ``run_dir`` is not an ``mtrl-train`` run with
+            a checkpoint (:class:`mtrl.runs.NotARunError`, saying why and what to pass instead).
+    """
     if isinstance(cfg, EvalConfig):
         c = cfg
     else:
@@ -264,7 +262,8 @@ def evaluate_run(cfg: Any) -> dict[str, Any]:
             node = OmegaConf.merge(OmegaConf.structured(EvalConfig), cfg)
             c = EvalConfig(**OmegaConf.to_container(node, resolve=True, throw_on_missing=True))
         except OmegaConfBaseException as err:
-            raise ValueError(f"mtrl-eval config: {err} (e.g. mtrl-eval run_dir=RUN episodes=10)") from err
+            first = str(err).splitlines()[0]  # OmegaConf's first line names the key; the rest repeats it
+            raise ValueError(f"config: {first} (e.g. mtrl-eval run_dir=RUN episodes=10)") from err
     run = load_run(c.run_dir, c.device)
     seed = int(run.cfg.seed) if c.seed is None else int(c.seed)
     result = evaluate(run.agent, run.family, episodes=c.episodes, seed=seed, envs_per_task=c.envs_per_task)
@@ -280,12 +279,3 @@ def evaluate_run(cfg: Any) -> dict[str, Any]:
     print(format_table(result))
     print(f"wrote {output}")
     return result
-
-
-@hydra.main(config_path=CONFIG_DIR, config_name="mtrl_eval", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    evaluate_run(cfg)
-
-
-if __name__ == "__main__":
-    main()

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from mtrl.agents import SAC, SquashedGaussianActor
+from mtrl.runs import load_run
 from serving.export import ExportResult, ParityOptions, ServingOptions, TensorSpec, export_to_repository
 
 __all__ = ["POLICY_FILE", "PolicyExportView", "export_policy", "export_run", "policy_metadata"]
@@ -133,9 +134,11 @@ def export_run(
     parity: ParityOptions | None = None,
     serving: ServingOptions | None = None,
 ) -> ExportResult:
-    """Export the policy of a ``mtrl-train`` run (``RUN/config.yaml`` + ``RUN/last.pt``)."""
-    from mtrl.train import load_run
+    """Export the policy of a ``mtrl-train`` run (``RUN/config.yaml`` + ``RUN/last.pt``).
 
+    Raises:
+        mtrl.runs.NotARunError: ``run_dir`` is not an ``mtrl-train`` run with a checkpoint.
+    """
     run = load_run(run_dir)
     return export_policy(
         run.agent,

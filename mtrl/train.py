@@ -1,8 +1,10 @@
-"""``mtrl-train``: multi-task SAC agents on a task family, with exact resume (Hydra over ``configs/mtrl.yaml``).
+"""Training multi-task SAC agents on a task family, with exact resume: the library behind ``mtrl-train``
+(:mod:`mtrl.cli.train`, Hydra over ``configs/mtrl.yaml``, which calls :func:`run`).
 
 Examples::
 
-    mtrl-train                                                     # CARE on the 4-goal point-mass
+    mtrl-train                                                     # CARE on the 4-goal point-mass (minutes)
+    mtrl-train experiment=mtrl_pointmass_paper                     # the same at SAC-paper scale (an hour+)
     mtrl-train agent=mt_sac trainer.total_steps=20000 seed=1
     mtrl-train agent=mt_sac gradient=pcgrad                        # PCGrad on the per-task SAC losses
     mtrl-train weighting=famo schedule=bandit gradient=pcgrad      # FAMO on the critic losses, EXP3 over tasks
@@ -28,9 +30,10 @@ Multi-task strategies (groups of the recommendation trainer too, built here for 
   evaluating or not never changes training.
 * Epoch-based weightings (``dwa``) get the mean losses of every ``trainer.epoch_steps`` steps.
 
-A config key none of this reads (a typo, a group of another command such as ``+model=mmoe``) fails at
-start-up: ``mtrl-train`` prints one line naming it and exits with status 2, as it does for any configuration
-error (a ``ValueError``).
+A config key none of this reads (a typo, a group of another command such as ``+model=mmoe``, a key a group's
+schema does not have such as ``+env.num_task=3`` or ``+agent.hiden=[8]``) fails at start-up, before any env is
+built (:func:`mtrl.config.check_config`): ``mtrl-train`` prints one line naming it and the valid keys and exits
+with status 2, as it does for any configuration error (a ``ValueError``).
 
 Written into the run directory: ``config.yaml`` (resolved), ``last.pt`` (every ``checkpoint_interval``
 steps, at the end and on Ctrl-C; atomic, :mod:`mtl.checkpoint`), ``train_log.jsonl`` (training records
@@ -56,15 +59,12 @@ import math
 import signal
 import threading
 import time
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import hydra
 import numpy as np
 import torch
-from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
@@ -77,40 +77,41 @@ from mtl.checkpoint import (
     seed_everything,
     set_rng_state,
 )
-from mtl.cli import ConfigErrorExit
-from mtl.config import build_partial, check_config_keys
-from mtrl.agents import SAC, EnvSpec, SACConfig
-from mtrl.agents.sac import Strategies
+from mtrl.agents import SAC, EnvSpec
+from mtrl.config import (
+    CONFIG_DIR,
+    RLTrainerConfig,
+    build_agent_from_config,
+    build_strategies,
+    check_config,
+    resolve_device,
+    sac_config,
+    trainer_config,
+)
 from mtrl.evaluate import Evaluator, episode_seed
 from mtrl.replay import TaskReplay
+from mtrl.runs import CONFIG_FILE, EVAL_FILE, LAST, LOG_FILE, load_run
 
+# The config schema and builders live in mtrl.config, the run-directory layout and loading in mtrl.runs; the names
+# of theirs listed here stay importable from mtrl.train, where they were first.
 __all__ = [
     "CONFIG_DIR",
+    "EVAL_FILE",
     "LAST",
+    "LOG_FILE",
     "EnvPool",
     "RLTrainer",
     "RLTrainerConfig",
     "build_agent_from_config",
     "build_strategies",
-    "check_config_keys",
     "load_run",
-    "main",
+    "monitored_metric",
     "run",
     "sac_config",
     "trainer_config",
 ]
 
-REPO = Path(__file__).resolve().parents[1]
-CONFIG_DIR = str(REPO / "configs")
-LAST = "last.pt"
-LOG_FILE = "train_log.jsonl"
-EVAL_FILE = "eval.json"
 TRAIN_STREAM = 0  # episode-seed stream of training envs (evaluation uses mtrl.evaluate.EVAL_STREAM)
-PROGRAM = "mtrl-train"
-#: The top-level keys of ``configs/mtrl.yaml`` that a run reads; any other key is an error.
-CONFIG_KEYS = ("seed", "env", "agent", "gradient", "weighting", "schedule", "weighted_losses", "sac", "trainer")
-#: ``weighted_losses``: which per-task SAC losses the ``weighting`` balances.
-WEIGHTED_LOSSES = ("critic", "actor_and_critic")
 # What runs written before the weighting and schedule groups existed did (for their checkpoints' fingerprints).
 _EARLIER_DEFAULTS: dict[str, Any] = {
     "weighting": {"_target_": "mtl.weighting.Equal", "_partial_": True},
@@ -118,145 +119,6 @@ _EARLIER_DEFAULTS: dict[str, Any] = {
     "weighted_losses": "critic",
 }
 log = logging.getLogger("mtrl")
-
-
-@dataclass
-class RLTrainerConfig:
-    """Settings of :class:`RLTrainer` (the ``trainer`` section of ``configs/mtrl.yaml``)."""
-
-    total_steps: int = 50_000
-    """Pool steps to train for in total, across resumes (each step: one action in every env)."""
-    envs_per_task: int = 1
-    """Envs per task in the training pool (``K * envs_per_task`` transitions per step)."""
-    learning_starts: int = 1_000
-    """Steps of uniformly random actions before the first update."""
-    updates_per_step: float = 1.0
-    """SAC updates per pool step after ``learning_starts`` (fractions allowed: 0.5 = every other step)."""
-    batch_size: int = 128
-    """Rows sampled from *each* task's replay buffer per update."""
-    replay_capacity: int = 1_000_000
-    """Transitions kept per task."""
-    eval_interval: int = 5_000
-    """Evaluate every N steps (0 = only at the end)."""
-    eval_episodes: int = 10
-    """Deterministic episodes per task in each evaluation."""
-    eval_envs_per_task: int | None = None
-    """Evaluation envs per task run side by side (``null`` = ``eval_episodes``)."""
-    checkpoint_interval: int = 10_000
-    """Write ``last.pt`` every N steps (0 = only at the end and on interruption)."""
-    log_interval: int = 1_000
-    """Write a training record every N steps."""
-    epoch_steps: int = 1_000
-    """Steps that make one epoch for epoch-based weightings (``dwa``): every N steps each weighting gets the mean
-    per-task losses of the updates in them."""
-    resume: bool = False
-    """Continue from ``last.pt`` in the run directory (a fresh start when there is none)."""
-    progress: bool = True
-    """Show a tqdm progress bar."""
-    device: str = "cpu"
-    """``cpu``, ``cuda``, ``cuda:N`` or ``auto``."""
-    num_threads: int | None = None
-    """torch intra-op threads (``null`` = torch's default)."""
-
-    def __post_init__(self) -> None:
-        for key in (
-            "total_steps",
-            "envs_per_task",
-            "batch_size",
-            "replay_capacity",
-            "eval_episodes",
-            "log_interval",
-            "epoch_steps",
-        ):
-            if getattr(self, key) < 1:
-                raise ValueError(f"trainer.{key} must be >= 1, got {getattr(self, key)}")
-        for key in ("learning_starts", "eval_interval", "checkpoint_interval"):
-            if getattr(self, key) < 0:
-                raise ValueError(f"trainer.{key} must be >= 0, got {getattr(self, key)}")
-        if not self.updates_per_step >= 0 or not math.isfinite(self.updates_per_step):
-            raise ValueError(f"trainer.updates_per_step must be a finite number >= 0, got {self.updates_per_step}")
-        if self.eval_envs_per_task is not None and self.eval_envs_per_task < 1:
-            raise ValueError(f"trainer.eval_envs_per_task must be >= 1 or null, got {self.eval_envs_per_task}")
-
-
-def _structured(schema: type, node: Any, section: str) -> Any:
-    """Validate a config node against a dataclass schema (an unknown key or a wrong type names the key)."""
-    from omegaconf.errors import OmegaConfBaseException
-
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(schema), node if node is not None else {})
-    except OmegaConfBaseException as err:
-        # OmegaConf's first line names the key ("Key 'x' not in 'Schema'"); the rest repeats it
-        raise ValueError(f"config section {section!r}: {str(err).splitlines()[0]}") from err
-    return schema(**OmegaConf.to_container(merged, resolve=True))
-
-
-def trainer_config(node: Any) -> RLTrainerConfig:
-    """The ``trainer`` node validated against :class:`RLTrainerConfig`."""
-    return _structured(RLTrainerConfig, node, "trainer")
-
-
-def sac_config(node: Any) -> SACConfig:
-    """The ``sac`` node validated against :class:`mtrl.agents.SACConfig`."""
-    return _structured(SACConfig, node, "sac")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"trainer.device={name!r} but CUDA is not available here; use cpu or auto")
-    return device
-
-
-def total_updates(tcfg: RLTrainerConfig) -> int:
-    """SAC updates of a whole run (the schedulers' ``total_steps``; at least 1)."""
-    return max(1, math.floor(max(0, tcfg.total_steps - tcfg.learning_starts) * tcfg.updates_per_step))
-
-
-def build_strategies(cfg: DictConfig, task_names: Sequence[str], *, seed: int, tcfg: RLTrainerConfig) -> Strategies:
-    """SAC's multi-task strategies from ``cfg.gradient``, ``cfg.weighting``, ``cfg.weighted_losses`` and
-    ``cfg.schedule`` (each may be absent: then none), for the tasks ``task_names``.
-
-    Gradient methods: one for the actor (``seed``), one for the critic (``seed + 1``). Weightings: one for the
-    critic's losses (``seed``) and, with ``weighted_losses=actor_and_critic``, one for the actor's (``seed + 1``).
-    ``sizes`` are the rows every task gives an update (``trainer.batch_size``, the same for all).
-
-    Raises:
-        ValueError: an unknown ``weighted_losses``, or a strategy's config has a key its class does not take.
-    """
-    names = list(task_names)
-    sizes = {n: tcfg.batch_size for n in names}
-    out: Strategies = {}
-    if cfg.get("gradient") is not None:
-        out["actor_gradient"] = build_partial("gradient", cfg.gradient, seed=seed)
-        out["critic_gradient"] = build_partial("gradient", cfg.gradient, seed=seed + 1)
-    weighted = cfg.get("weighted_losses", "critic")
-    if weighted not in WEIGHTED_LOSSES:
-        raise ValueError(f"config key weighted_losses: expected one of {list(WEIGHTED_LOSSES)}, got {weighted!r}")
-    if cfg.get("weighting") is not None:
-        out["critic_weighting"] = build_partial("weighting", cfg.weighting, tasks=names, sizes=sizes, seed=seed)
-        if weighted == "actor_and_critic":
-            out["actor_weighting"] = build_partial("weighting", cfg.weighting, tasks=names, sizes=sizes, seed=seed + 1)
-    if cfg.get("schedule") is not None:
-        out["scheduler"] = build_partial(
-            "schedule", cfg.schedule, tasks=names, sizes=sizes, seed=seed, total_steps=total_updates(tcfg)
-        )
-    return out
-
-
-def build_agent_from_config(cfg: DictConfig, spec: EnvSpec, *, seed: int, gradients: bool = True) -> SAC:
-    """The agent of ``cfg.agent`` (a partial builder of :mod:`mtrl.agents`) with ``cfg.sac`` and, when
-    ``gradients``, the multi-task strategies of :func:`build_strategies` (``False``: only the networks, e.g. to load
-    a trained run's weights)."""
-    kwargs: Strategies = {}
-    if gradients:
-        kwargs = build_strategies(cfg, spec.task_names, seed=seed, tcfg=trainer_config(cfg.get("trainer")))
-    try:
-        return instantiate(cfg.agent)(spec, sac_config(cfg.get("sac")), **kwargs)
-    except TypeError as err:
-        raise ValueError(f"config section 'agent': {err}") from err
 
 
 # ------------------------------------------------------------------------------------------- env pool
@@ -590,6 +452,8 @@ class RLTrainer:
             log.info("resumed from %s at step %d", self.run_dir / LAST, self.step)
             self.log.rewind(self.step)
         else:
+            if cfg.resume:
+                log.info("trainer.resume=true but there is no %s: starting at step 0", self.run_dir / LAST)
             self.log.rewind(-1)  # a fresh start: drop the log of any earlier run in this directory
             self.pool.reset()
         t0 = time.perf_counter()
@@ -682,9 +546,15 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     ``run_dir``.
 
     Returns the final evaluation: ``{"tasks": {task: {"success": s, "return": r}}, "mean_success": s,
-    "mean_return": r, "episodes": n, "step": N, "family": describe(), "agent": name}``.
+    "mean_return": r, "episodes": n, "step": N, "family": describe(), "agent": name}`` (its
+    :func:`monitored_metric` is what ``mtrl-train`` returns to a Hydra sweeper).
+
+    Raises:
+        ValueError: a configuration error (:func:`mtrl.config.check_config`: a key no part of the run reads, a
+            mistyped key of a group, a value out of range), found before anything is built; or a resume whose
+            checkpoint was written with another config.
     """
-    check_config_keys(cfg, CONFIG_KEYS, PROGRAM)
+    check_config(cfg)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     tcfg = trainer_config(cfg.trainer)
@@ -696,7 +566,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     spec = EnvSpec.from_family(family)
     seed_everything(seed)  # the agent's initialisation does not depend on what building the family drew
     agent = build_agent_from_config(cfg, spec, seed=seed).to(resolve_device(tcfg.device))
-    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    OmegaConf.save(cfg, run_dir / CONFIG_FILE, resolve=True)
     trainer = RLTrainer(family, agent, tcfg, run_dir, seed=seed, fingerprint=_fingerprint(cfg))
     try:
         result = trainer.fit()
@@ -704,53 +574,11 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         trainer.close()
     result = {**result, "agent": agent.name, "family": family.describe()}
     atomic_write_json(result, run_dir / EVAL_FILE)
-    log.info("final mean success %.3f at step %d", result["mean_success"], result["step"])
+    log.info("final mean success %.3f at step %d (%s)", result["mean_success"], result["step"], run_dir / EVAL_FILE)
     return result
 
 
-@dataclass
-class LoadedRun:
-    """A trained run: its resolved config, family, agent (weights of ``last.pt``) and training step."""
-
-    cfg: DictConfig
-    family: Any
-    agent: SAC
-    step: int
-
-
-def load_run(run_dir: str | Path, device: str = "cpu") -> LoadedRun:
-    """Rebuild a ``mtrl-train`` run's family and agent from ``RUN/config.yaml`` and ``RUN/last.pt``.
-
-    Raises:
-        FileNotFoundError: no ``config.yaml`` or ``last.pt`` in ``run_dir``.
-    """
-    run_dir = Path(run_dir)
-    for name in ("config.yaml", LAST):
-        if not (run_dir / name).exists():
-            raise FileNotFoundError(f"{run_dir / name} not found: is {run_dir} a mtrl-train run directory?")
-    cfg = OmegaConf.load(run_dir / "config.yaml")
-    assert isinstance(cfg, DictConfig)
-    family = instantiate(cfg.env)
-    spec = EnvSpec.from_family(family)
-    agent = build_agent_from_config(cfg, spec, seed=int(cfg.seed), gradients=False)
-    state = load_checkpoint(run_dir / LAST)
-    agent.load_state_dict(state["agent"]["modules"])
-    agent.to(resolve_device(device)).eval()
-    return LoadedRun(cfg, family, agent, int(state["step"]))
-
-
-_EXIT = ConfigErrorExit(PROGRAM)
-
-
-@hydra.main(config_path=CONFIG_DIR, config_name="mtrl", version_base="1.3")
-def _hydra_main(cfg: DictConfig) -> None:
-    _EXIT.run(run, cfg, HydraConfig.get().runtime.output_dir)
-
-
-def main() -> None:
-    """``mtrl-train``. Configuration errors exit with status 2 (:class:`mtl.cli.ConfigErrorExit`)."""
-    _EXIT.main(_hydra_main)
-
-
-if __name__ == "__main__":
-    main()
+def monitored_metric(result: dict[str, Any]) -> float:
+    """What a run is judged by, and what ``mtrl-train`` returns to a Hydra sweeper (Optuna, Ax: maximise it): the
+    final evaluation's mean success rate over tasks (:func:`run`'s result)."""
+    return float(result["mean_success"])

@@ -16,9 +16,11 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from mtl.checkpoint import load_checkpoint
+from mtrl.config import CONFIG_DIR
 from mtrl.envs import make_family
 from mtrl.evaluate import EVAL_STREAM, episode_seed, evaluate, evaluate_run, format_table, record_videos
-from mtrl.train import CONFIG_DIR, LAST, EnvPool, _updates_due, load_run, run
+from mtrl.runs import LAST, load_run
+from mtrl.train import EnvPool, _updates_due, run
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
@@ -198,7 +200,7 @@ def test_every_weighting_and_schedule_config_trains_a_sac_agent(override: str) -
     """Each config of the shared groups, built by mtrl-train for the family's task names (sizes, total_steps),
     trains SAC updates: finite losses, the critic moves, DWA gets its epochs."""
     from mtrl.agents import EnvSpec, Transition, mt_sac
-    from mtrl.train import build_strategies, trainer_config
+    from mtrl.config import build_strategies, trainer_config
 
     cfg = cfg_for("mt_sac", override)
     names = ["goal-0deg", "goal-90deg", "goal-180deg", "goal-270deg"]
@@ -389,7 +391,7 @@ def test_cli_entry_points(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "mtrl.train",
+            "mtrl.cli.train",
             "agent=mt_sac",
             "trainer.total_steps=12",
             f"hydra.run.dir={run_dir}",
@@ -403,7 +405,7 @@ def test_cli_entry_points(tmp_path: Path) -> None:
     assert train.returncode == 0, train.stderr[-3000:]
     assert (run_dir / "eval.json").is_file() and (run_dir / "config.yaml").is_file()
     ev = subprocess.run(
-        [sys.executable, "-m", "mtrl.evaluate", f"run_dir={run_dir}", "episodes=1"],
+        [sys.executable, "-m", "mtrl.cli.eval", f"run_dir={run_dir}", "episodes=1"],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -417,7 +419,7 @@ def test_cli_strategy_groups_and_a_misplaced_group(tmp_path: Path) -> None:
     """``mtrl-train weighting=famo schedule=bandit gradient=pcgrad`` runs tiny; ``+model=mmoe`` (a group of
     mtrec-train) exits with status 2 and one line naming the key, no traceback."""
     overrides = [o for o in TINY if not o.startswith("trainer.total_steps")]
-    base = [sys.executable, "-m", "mtrl.train", "agent=mt_sac", "trainer.total_steps=15", *overrides]
+    base = [sys.executable, "-m", "mtrl.cli.train", "agent=mt_sac", "trainer.total_steps=15", *overrides]
     ok = subprocess.run(
         [*base, "weighting=famo", "schedule=bandit", "gradient=pcgrad", f"hydra.run.dir={tmp_path / 'ok'}"],
         cwd=REPO, capture_output=True, text=True, timeout=300,
@@ -447,7 +449,7 @@ def test_sigterm_checkpoints_a_complete_step_and_the_run_resumes_exactly(tmp_pat
         [
             sys.executable,
             "-m",
-            "mtrl.train",
+            "mtrl.cli.train",
             "agent=mt_sac",
             "trainer.total_steps=100000",
             f"hydra.run.dir={killed}",
