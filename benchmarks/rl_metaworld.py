@@ -7,7 +7,7 @@
 Every invocation reads the runs' state (``RUNS/state.json``; ``--runs-dir``, default
 ``outputs/rl_metaworld_runs``, which must survive between commands: each run's ``last.pt`` holds its
 replay buffers, about 0.35 GB per run at the defaults), then advances unfinished runs one chunk
-(``--chunk-steps`` pool steps) at a time; a chunk is one ``mtrl-train`` process (``python -m mtrl.train``)
+(``--chunk-steps`` pool steps) at a time; a chunk is one ``mtrl-train`` process (``python -m mtrl.cli.train``)
 with ``trainer.resume=true`` and ``trainer.total_steps`` raised by the chunk, so the run continues exactly
 where the last chunk stopped (checkpoint with replay buffers and RNG states, :mod:`mtrl.train`). A chunk is
 started only when the time already used in this invocation plus the slowest chunk seen so far stays within
@@ -15,8 +15,9 @@ started only when the time already used in this invocation plus the slowest chun
 chunk are recorded. When all runs are complete, the per-task success of each run's final evaluation goes to
 ``benchmarks/results/rl_metaworld.json`` (``--smoke``: ``rl_metaworld_smoke.json``, not a result).
 
-Settings follow CARE's MT10 set-up (Sodhani et al., ICML 2021, Appendix): 150-step episodes, fixed goals,
-three 400-unit layers, 128 rows per task per update, SAC lr 3e-4, initial temperature 1. ``--total-steps``
+Settings follow CARE's MT10 set-up (Sodhani et al., ICML 2021, Appendix; the preset
+``configs/experiment/mtrl_mt10_paper.yaml``): 150-step episodes, fixed goals, three 400-unit layers, 128 rows per
+task per update, SAC lr 3e-4, initial temperature 1. ``--total-steps``
 pool steps (each: one step in each of the 10 task envs) with one update per pool step. The paper trained
 for 2M environment steps per task; the default budget here is 100k pool steps (1M environment steps in
 all), what fits a few GPU commands.
@@ -39,14 +40,7 @@ from common import REPO, table, write_json
 AGENTS = {"care": "CARE", "mt_sac": "MT-SAC"}
 
 FULL = [
-    "env=mt10",
-    "env.max_episode_steps=150",
-    "agent.hidden=[400,400,400]",
-    "trainer.batch_size=128",
-    "trainer.learning_starts=1500",
-    "trainer.updates_per_step=1",
-    "trainer.eval_episodes=5",
-    "trainer.log_interval=1000",
+    "experiment=mtrl_mt10_paper",  # env=mt10, 150-step episodes, [400, 400, 400], batch 128, SAC lr 3e-4, alpha 1
     "trainer.progress=false",
 ]
 SMOKE = [
@@ -90,7 +84,7 @@ def overrides(agent: str, seed: int, args: argparse.Namespace, run_dir: Path, un
 
 def run_chunk(agent: str, seed: int, args: argparse.Namespace, run_dir: Path, until: int) -> float:
     """One ``mtrl-train`` process that advances a run to ``until`` steps; returns its wall seconds."""
-    cmd = [sys.executable, "-m", "mtrl.train", *overrides(agent, seed, args, run_dir, until)]
+    cmd = [sys.executable, "-m", "mtrl.cli.train", *overrides(agent, seed, args, run_dir, until)]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     seconds = time.perf_counter() - t0

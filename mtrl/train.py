@@ -8,7 +8,7 @@ Examples::
     mtrl-train agent=mt_sac trainer.total_steps=20000 seed=1
     mtrl-train agent=mt_sac gradient=pcgrad                        # PCGrad on the per-task SAC losses
     mtrl-train weighting=famo schedule=bandit gradient=pcgrad      # FAMO on the critic losses, EXP3 over tasks
-    mtrl-train env=mt10 agent=care trainer.device=cuda
+    mtrl-train experiment=mtrl_mt10_paper trainer.device=cuda      # CARE's MT10 set-up (needs the rl extra)
     mtrl-train hydra.run.dir=runs/a trainer.resume=true trainer.total_steps=200000   # continue a run
 
 What one step is: every env of the pool (``K * envs_per_task`` single-task envs, env ``j`` running task
