@@ -34,6 +34,23 @@ def row(**fields: str) -> str:
     return ", ".join(values)  # the real files put a space after every comma
 
 
+def census_lines(n: int, seed: int) -> list[str]:
+    """Census lines with varied numbers, categories (some only in val or test) and missing values."""
+    rng = np.random.default_rng(seed)
+    pick = lambda *values: str(values[rng.integers(len(values))])  # noqa: E731
+    lines = []
+    for _ in range(n):
+        lines.append(row(
+            f0=pick(*range(17, 90), "?"), f1=pick("Private", "Self-employed-incorporated", "?", "Never worked"),
+            f4=pick("Children", "High school graduate", "Bachelors degree(BA AB BS)", "10th grade"),
+            f5=pick("0", "1200", "375.5"), f7=pick("Never married", "Divorced", "Widowed"),
+            f12=pick("Female", "Male"), f16=pick("0", "15024", "2.5e3"), f30=pick(*range(7)),
+            f34=pick("Mexico", "United-States", "?", f"Country-{rng.integers(40)}"), f39=pick(*range(53)),
+            f41=pick("- 50000.", "50000+."),
+        ) + "\n")  # fmt: skip
+    return lines
+
+
 def write(path: Path, lines: list[str]) -> Path:
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -297,3 +314,20 @@ def test_real_census_file(census_path: Path) -> None:
     assert len(b.features.sparse) == 42 - 7 - 1 - 3  # numeric, instance weight, three label sources
     for f in b.features.sparse:
         assert int(b.train.sparse_ids[f.name].max()) < f.num_embeddings
+
+
+def test_values_follow_the_shared_encoding(tmp_path: Path) -> None:
+    """The reader's numbers and tokens are mtrec.data.encoding's, which export's raw-feature encoder applies too."""
+    import math
+
+    from mtrec.data.encoding import census_number, census_token
+
+    assert all(math.isnan(census_number(v)) for v in (" ?", "", " ", None))
+    assert census_number(" 2.5e3") == 2500.0 and census_number(7) == 7.0
+    for bad in ("nan", "inf", "1_000", "12 000"):
+        with pytest.raises(ValueError, match="non-numeric value"):
+            census_number(bad)
+    assert (census_token(3.0), census_token(None), census_token(" Private ")) == ("3", "", "Private")
+    # an empty numeric field is missing, as '?' is: the train mean, 0
+    b = load_census(write(tmp_path / "e.txt", [row(f0="20"), row(f0=""), row(f0="40"), row(f0="?")]), split=(1, 0, 0))
+    assert sorted(b.train.dense[:, b.features.dense_names.index("age")].tolist()) == [-1.0, 0.0, 0.0, 1.0]

@@ -3,7 +3,8 @@
 CSV with a header naming ``search_id``, ``categorical_1..16``, ``numerical_1..63``, ``click`` and
 ``conversion`` (any order); every value is numeric (categorical values are integer ids). Files can have
 tens of millions of rows, so they are parsed in blocks of lines by numpy's C reader; only when a block
-fails is it re-scanned in Python to report the exact line and field.
+fails is it re-scanned in Python to report the exact line and field. The vocabularies and the scaling
+(fitted on the train split, applied by export's raw-feature encoder too) are :mod:`mtrec.data.encoding`'s.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import numpy as np
 
 from mtl.tasks import TaskSpec
 from mtrec.data.batch import DataBundle, FeatureSpec, SparseFeature
-from mtrec.data.census import apply_vocab, fit_vocab, make_split, open_binary, split_with_test
+from mtrec.data.census import make_split, open_binary, split_with_test
+from mtrec.data.encoding import ALIEXPRESS_SOURCE, aliexpress_dense, aliexpress_standardiser, apply_vocab, fit_vocab
 from mtrec.data.errors import DataError
 
 __all__ = [
@@ -253,19 +255,14 @@ def load_aliexpress(
     # numerical: standardise with train statistics, column by column (float64 statistics)
     means, stds = {}, {}
     for j, name in enumerate(ALIEXPRESS_NUMERICAL):
-        x = num[train, j].astype(np.float64)
-        mean = float(x.mean())
-        std = float(x.std())
-        if not (std > 0 and np.isfinite(std)):
-            std = 1.0
-        num[:, j] = ((num[:, j] - mean) / std).astype(np.float32)
-        means[name], stds[name] = mean, std
+        means[name], stds[name] = aliexpress_standardiser(num[train, j])
+        num[:, j] = aliexpress_dense(num[:, j], means[name], stds[name])
 
     labels = {"ctr": click.astype(np.float32), "ctcvr": (click & conversion).astype(np.float32)}
     splits = [make_split(ix.numpy(), num, cat, ALIEXPRESS_CATEGORICAL, labels) for ix in idx]
     names = ("train", "val", "test")
     meta: dict[str, object] = {
-        "source": "aliexpress",
+        "source": ALIEXPRESS_SOURCE,
         "files": [str(p) for p in paths],
         "rows_per_file": rows_per_file,
         "seed": int(seed),

@@ -9,13 +9,13 @@ The field order below is the one the files actually have (checked on ``census-in
 (94/95); field 29 is the categorical "migration prev res in sunbelt", mostly ``?``.
 
 The readers here and in :mod:`mtrec.data.aliexpress` share the small helpers defined here:
-:func:`open_binary`, :func:`fit_vocab`, :func:`apply_vocab`, :func:`split_with_test` and :func:`make_split`.
+:func:`open_binary`, :func:`split_with_test` and :func:`make_split`. How raw values become inputs (the
+vocabularies and the scaling, which export's raw-feature encoder applies too) is :mod:`mtrec.data.encoding`.
 """
 
 from __future__ import annotations
 
 import gzip
-import re
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,6 +27,17 @@ import torch
 
 from mtl.tasks import TaskSpec
 from mtrec.data.batch import DataBundle, FeatureSpec, SparseFeature, TabularDataset, split_indices
+from mtrec.data.encoding import (
+    CENSUS_SOURCE,
+    MISSING_TOKENS,
+    census_dense,
+    census_ids,
+    census_number,
+    census_token,
+    census_vocabulary,
+    fit_standardiser,
+    token_index,
+)
 from mtrec.data.errors import DataError
 
 __all__ = [
@@ -103,8 +114,6 @@ _COLLEGE_PREFIXES = (
 )
 _INCOME_LOW = {"-50000.", "-50000"}
 _INCOME_HIGH = {"50000+.", "50000+"}
-_MISSING = {"?", ""}
-_NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -143,34 +152,6 @@ def read_text(path: str | Path) -> str:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise DataError(path, f"not UTF-8 text ({e.reason})", line=raw.count(b"\n", 0, e.start) + 1) from e
-
-
-def fit_vocab(values: np.ndarray) -> np.ndarray:
-    """The sorted distinct values: id ``k + 1`` is ``vocab[k]``, id 0 is out-of-vocabulary."""
-    return np.unique(values)
-
-
-def apply_vocab(vocab: np.ndarray, values: np.ndarray) -> np.ndarray:
-    """int64 ids: ``1 + position`` of each value in the sorted ``vocab``, 0 for values not in it."""
-    if vocab.size == 0:
-        return np.zeros(values.shape, dtype=np.int64)
-    pos = np.searchsorted(vocab, values)
-    pos_c = np.minimum(pos, vocab.size - 1)
-    return np.where(vocab[pos_c] == values, pos_c + 1, 0).astype(np.int64)
-
-
-def fit_standardiser(train_values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-column mean and population std (``ddof=0``) over non-NaN train values.
-
-    A column with no train values gets mean 0; a std of 0 (or undefined) becomes 1.
-    """
-    n_ok = np.sum(~np.isnan(train_values), axis=0)
-    safe = np.where(np.isnan(train_values), 0.0, train_values)
-    mean = safe.sum(axis=0) / np.maximum(n_ok, 1)
-    var = np.where(np.isnan(train_values), 0.0, (train_values - mean) ** 2).sum(axis=0) / np.maximum(n_ok, 1)
-    std = np.sqrt(var)
-    std = np.where((std > 0) & np.isfinite(std), std, 1.0)
-    return mean, std
 
 
 def split_with_test(n_main: int, n_test: int | None, split: Sequence[float], seed: int) -> list[torch.Tensor]:
@@ -363,19 +344,16 @@ def load_census(
     train_rows = idx[0].numpy()
     errors = _Errors(parsed)
 
-    # numeric fields -> float64 with NaN for '?'
+    # numeric fields -> float64 with NaN for '?' (census_number)
     numeric = np.empty((n, len(CENSUS_NUMERIC_FIELDS)), dtype=np.float64)
     for c, j in enumerate(CENSUS_NUMERIC_FIELDS):
         col = parsed.columns[j]
         lut = np.empty(len(col.uniques), dtype=np.float64)
         bad = []
         for k, raw in enumerate(col.uniques):
-            s = raw.strip()
-            if s == "?":
-                lut[k] = np.nan
-            elif _NUMBER.fullmatch(s):
-                lut[k] = float(s)
-            else:
+            try:
+                lut[k] = census_number(raw)
+            except ValueError:
                 bad.append(k)
         errors.check(j, bad, "non-numeric value {value!r} in a numeric field")
         numeric[:, c] = lut[col.codes]
@@ -397,7 +375,7 @@ def load_census(
                     lut[k] = 1.0
                 else:
                     bad.append(k)
-            elif s in _MISSING:
+            elif s in MISSING_TOKENS:
                 bad.append(k)
             elif j == CENSUS_TASKS["marital"]:
                 lut[k] = float(s == "Never married")
@@ -413,8 +391,8 @@ def load_census(
 
     # standardise numeric with train statistics; missing -> mean -> 0
     mean, std = fit_standardiser(numeric[train_rows])
-    dense = (numeric - mean) / std
-    dense[np.isnan(dense)] = 0.0
+    dense32 = census_dense(numeric, mean, std)
+    del numeric
 
     # categorical fields: vocabulary of stripped values seen in train (missing excluded), id 0 = OOV
     excluded = set(CENSUS_NUMERIC_FIELDS) | {INSTANCE_WEIGHT_FIELD} | sources
@@ -423,15 +401,11 @@ def load_census(
     vocabularies: dict[str, list[str]] = {}
     for c, j in enumerate(cat_fields):
         col = parsed.columns[j]
-        stripped = [u.strip() for u in col.uniques]
         in_train = np.unique(col.codes[train_rows])
-        vocab = sorted({stripped[k] for k in in_train} - _MISSING)
-        pos = {v: t + 1 for t, v in enumerate(vocab)}
-        lut = np.asarray([pos.get(s, 0) for s in stripped], dtype=np.int64)
-        ids[:, c] = lut[col.codes]
+        vocab = census_vocabulary(census_token(col.uniques[k]) for k in in_train)
+        ids[:, c] = census_ids(token_index(vocab), col.uniques)[col.codes]
         vocabularies[CENSUS_COLUMNS[j]] = vocab
 
-    dense32 = dense.astype(np.float32)
     labels = {t: label_of_field[CENSUS_TASKS[t]] for t in task_names}
     splits = [make_split(ix.numpy(), dense32, ids, list(vocabularies), labels) for ix in idx]
     dense_names = tuple(CENSUS_COLUMNS[j] for j in CENSUS_NUMERIC_FIELDS)
@@ -441,7 +415,7 @@ def load_census(
     )
     names = ("train", "val", "test")
     meta: dict[str, object] = {
-        "source": "census-income",
+        "source": CENSUS_SOURCE,
         "files": [str(p) for p in paths],
         "rows_per_file": [int(np.sum(parsed.row_file == k)) for k in range(len(paths))],
         "tasks": task_names,
