@@ -1,5 +1,8 @@
 """The multi-task training loop: per-task validation each epoch, early stopping on validation,
 atomic checkpoints, exact resume, JSONL (and TensorBoard) logs, test on the best checkpoint.
+
+A metric a split cannot define (AUC where every label is one class) is reported as NaN with an
+:class:`UndefinedMetricWarning` that names the split, the task and the label counts.
 """
 
 from __future__ import annotations
@@ -7,8 +10,10 @@ from __future__ import annotations
 import functools
 import itertools
 import json
+import logging
 import math
 import time
+import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,6 +34,11 @@ from mtrec.data.batch import Batch, TabularDataset
 
 LAST = "last.pt"
 BEST = "best.pt"
+log = logging.getLogger("mtrec.trainer")
+
+
+class UndefinedMetricWarning(RuntimeWarning):
+    """A metric without a value on a split (AUC where every label is one class), reported as NaN."""
 
 
 @dataclass
@@ -152,26 +162,49 @@ def evaluate(
     tasks: Sequence[TaskSpec],
     batch_size: int = 8192,
     device: torch.device | None = None,
+    split: str | None = None,
 ) -> dict[str, dict[str, float]]:
-    """``{task: {metric: value, "loss": value}}`` over a whole dataset."""
+    """``{task: {metric: value, "loss": value}}`` over a whole dataset (``split``: its name in warnings).
+
+    An AUC the labels leave undefined (one class only) is NaN, with an :class:`UndefinedMetricWarning`.
+    """
     outputs = predict(model, data, batch_size, device)
     result: dict[str, dict[str, float]] = {}
     for t in tasks:
         out, lab = outputs[t.name], data.labels[t.name]
         metrics = t.evaluate(out, lab)
         metrics["loss"] = float(t.loss_fn(out, lab.float()).item())
+        if math.isnan(metrics.get("auc", 0.0)):
+            positives = int((lab > 0.5).sum())
+            where = f"{split}/{t.name}" if split else t.name
+            warnings.warn(
+                f"{where}: AUC undefined: all {lab.numel()} labels are {1 if positives else 0} (reported as NaN)",
+                UndefinedMetricWarning,
+                stacklevel=2,
+            )
         result[t.name] = metrics
     return result
 
 
 def monitor_score(metrics: dict[str, dict[str, float]], tasks: Sequence[TaskSpec], monitor: str) -> float:
-    """A single number to early-stop on, oriented so that larger is better."""
+    """A single number to early-stop on, oriented so that larger is better.
+
+    Raises:
+        ValueError: ``monitor="auc"`` without a binary task with the AUC metric, or with an AUC the
+            validation labels leave undefined (no checkpoint could ever be the best).
+    """
     if monitor == "loss":
         return -sum(metrics[t.name]["loss"] for t in tasks) / len(tasks)
-    aucs = [metrics[t.name]["auc"] for t in tasks if t.kind == "binary" and "auc" in metrics[t.name]]
+    aucs = {t.name: metrics[t.name]["auc"] for t in tasks if t.kind == "binary" and "auc" in metrics[t.name]}
     if not aucs:
         raise ValueError("trainer.monitor='auc' needs at least one binary task with the auc metric")
-    return sum(aucs) / len(aucs)
+    undefined = [name for name, value in aucs.items() if math.isnan(value)]
+    if undefined:
+        raise ValueError(
+            f"trainer.monitor='auc': the validation AUC of {undefined} is undefined (one class only in the "
+            "validation split); monitor the loss (trainer.monitor=loss) or give the validation split more rows"
+        )
+    return sum(aucs.values()) / len(aucs)
 
 
 class _Logger:
@@ -456,7 +489,7 @@ class Trainer:
 
     def _validate(self, val: TabularDataset, logger: _Logger) -> bool:
         """Evaluate on validation; update best; returns True when early stopping triggers."""
-        metrics = evaluate(self.model, val, self.tasks, self.cfg.eval_batch_size, self.device)
+        metrics = evaluate(self.model, val, self.tasks, self.cfg.eval_batch_size, self.device, split="val")
         score = monitor_score(metrics, self.tasks, self.cfg.monitor)
         improved = score > self.best_score + self.cfg.min_delta
         if improved:
@@ -498,10 +531,14 @@ class Trainer:
         else:
             n_batches = train.num_batches(cfg.batch_size)
         if cfg.resume and self.load_last():
+            log.info("resumed from %s at step %d", self.run_dir / LAST, self.step)
             if self.stop_reason == "max_steps" and (cfg.max_steps is None or self.step < cfg.max_steps):
                 self.stop_reason = None  # a capped run continues under a larger cap
             if self.stop_reason is not None:
+                log.info("the run had stopped (%s); nothing left to train", self.stop_reason)
                 return self.best_val
+        elif cfg.resume:
+            log.info("trainer.resume: no %s yet, starting at step 0", self.run_dir / LAST)
         logger = _Logger(self.run_dir, cfg.tensorboard)
         t0 = time.perf_counter()
         try:
