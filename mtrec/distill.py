@@ -5,16 +5,19 @@ Two steps::
     mtrec-teachers data=census model=single_task hydra.run.dir=runs/teachers          # 1. one teacher per task
     mtrec-train data=census model=mmoe distill=soft distill.teachers=runs/teachers/teachers.json   # 2. student
 
-1. ``mtrec-teachers`` (:func:`teachers_main`, config ``configs/teachers.yaml`` = ``configs/mtrec.yaml`` with
-   ``model=single_task``; every ``mtrec-train`` override works) trains one single-task model per task of
+1. ``mtrec-teachers`` (:mod:`mtrec.cli.teachers`, config ``configs/teachers.yaml`` = ``configs/mtrec.yaml``
+   with ``model=single_task``; every ``mtrec-train`` override works) trains one single-task model per task of
    ``task_names`` (``null`` = every task of the dataset) with :func:`mtrec.train.run` and ``task_names=[t]``,
-   each in ``RUN/<task>/``, and writes the manifest ``RUN/teachers.json`` (:func:`train_teachers`)::
+   each in ``RUN/<task>/``, and writes the manifest ``RUN/teachers.json`` (:func:`mtrec.train.train_teachers`:
+   teachers are trained by the training side, which builds a student's distillation from this module)::
 
        {"format": "mtlib-teachers/1", "seed": 0, "data": {resolved data config},
         "teachers": {task: {"task", "kind", "run_dir", "checkpoint", "config", "model",
-                            "val": {metric: value}, "test": {metric: value}}}}
+                            "val": {metric: value}, "test": {metric: value},
+                            "monitor": "loss" | "auc", "score": monitored validation score}}}
 
-   Paths are relative to the manifest's folder (absolute paths are accepted too).
+   Paths are relative to the manifest's folder (absolute paths are accepted too). This module reads the
+   manifest (:func:`read_manifest`, :func:`load_teachers`); its format is :data:`FORMAT`.
 2. ``mtrec-train ... distill=soft distill.teachers=PATH`` (the ``distill/`` config group, schema
    :class:`DistillConfig`) trains the student with the usual :class:`~mtrec.trainer.Trainer`: its per-task
    losses become ``L_t = (1 - alpha) ell_t + alpha D_t + beta F_t`` (:mod:`mtl.distill` has the exact formula:
@@ -31,26 +34,22 @@ rows; a mismatch is an error.
 
 from __future__ import annotations
 
-import copy
 import json
-import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import hydra
 import torch
-from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
-from mtl.checkpoint import atomic_write_json, load_checkpoint
+from mtl.checkpoint import load_checkpoint
 from mtl.distill import Distiller
 from mtl.tasks import TaskSpec
 from mtrec.data.batch import Batch, DataBundle, FeatureSpec
-from mtrec.train import CONFIG_DIR, run
+from mtrec.data.errors import InputNotFoundError
 
 __all__ = [
     "FORMAT",
@@ -63,13 +62,10 @@ __all__ = [
     "load_teachers",
     "probe_feature_dims",
     "read_manifest",
-    "teachers_main",
-    "train_teachers",
 ]
 
 MANIFEST = "teachers.json"
 FORMAT = "mtlib-teachers/1"
-log = logging.getLogger("mtrec.distill")
 
 
 # ------------------------------------------------------------------------------------------------ config
@@ -121,75 +117,6 @@ def _container(node: Any) -> Any:
 # ------------------------------------------------------------------------------------------------ teachers
 
 
-def train_teachers(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
-    """Train one single-task model per task (``cfg.task_names``, ``null`` = all of the dataset's) and write
-    the manifest ``out_dir/teachers.json``; returns it.
-
-    Each teacher is ``mtrec.train.run(cfg with task_names=[task], out_dir/task)``: same data, model, trainer
-    and optimiser config, so any ``mtrec-train`` override applies to every teacher. Distillation is switched
-    off for teachers, and with ``trainer.monitor=auc`` a regression teacher early-stops on its validation loss.
-    A task whose teacher run already finished (``metrics.json`` present) with the same resolved config is
-    reused, so an interrupted command continues where it stopped (other settings there are an error).
-    """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    kinds = {t.name: t.kind for t in instantiate(cfg.data).tasks}
-    names = list(cfg.task_names) if cfg.get("task_names") is not None else list(kinds)
-    if not names:
-        raise ValueError("config key task_names: empty list; name the tasks to train teachers for, or null for all")
-    unknown = [n for n in names if n not in kinds]
-    if unknown:
-        raise ValueError(f"config key task_names: {unknown} not in this dataset's tasks {list(kinds)}")
-    data = _container(cfg.data)
-    manifest: dict[str, Any] = {"format": FORMAT, "seed": int(cfg.seed), "data": data, "teachers": {}}
-    for task in names:
-        sub = copy.deepcopy(cfg)
-        with _writable(sub):
-            sub.task_names = [task]
-            if "distill" in sub:
-                sub.distill = None
-            if kinds[task] != "binary" and sub.trainer.get("monitor") == "auc":
-                sub.trainer.monitor = "loss"  # a regression teacher has no AUC: early-stop on its validation loss
-        run_dir = out_dir / task
-        if (run_dir / "metrics.json").exists() and (run_dir / "best.pt").exists():
-            if OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml")) != _container(sub):
-                raise ValueError(
-                    f"{run_dir} holds a finished teacher trained with other settings; train into a new folder "
-                    "(hydra.run.dir=...) or delete it"
-                )
-            log.info("teacher %s: reusing %s", task, run_dir)
-            metrics = json.loads((run_dir / "metrics.json").read_text())
-        else:
-            log.info("teacher %s: training into %s", task, run_dir)
-            metrics = run(sub, run_dir)
-        manifest["teachers"][task] = {
-            "task": task,
-            "kind": kinds[task],
-            "run_dir": task,
-            "checkpoint": f"{task}/best.pt",
-            "config": f"{task}/config.yaml",
-            "model": str(sub.model.get("_target_", "")),
-            "val": metrics["val"][task],
-            "test": metrics["test"][task],
-        }
-        atomic_write_json(manifest, out_dir / MANIFEST)  # after every teacher: a partial manifest is usable
-    return manifest
-
-
-class _writable:
-    """Context manager lifting OmegaConf's struct flag (to set keys the schema lacks)."""
-
-    def __init__(self, cfg: DictConfig) -> None:
-        self.cfg, self.flag = cfg, OmegaConf.is_struct(cfg)
-
-    def __enter__(self) -> DictConfig:
-        OmegaConf.set_struct(self.cfg, False)
-        return self.cfg
-
-    def __exit__(self, *exc: Any) -> None:
-        OmegaConf.set_struct(self.cfg, self.flag)
-
-
 def _manifest_path(path: str | Path) -> Path:
     path = Path(path)
     return path / MANIFEST if path.is_dir() else path
@@ -199,12 +126,12 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     """Read and validate a teachers manifest (a file or the folder that holds ``teachers.json``).
 
     Raises:
-        FileNotFoundError: no manifest there.
+        InputNotFoundError: (a ``FileNotFoundError``) no manifest there.
         ValueError: not a manifest of this format.
     """
     file = _manifest_path(path)
     if not file.is_file():
-        raise FileNotFoundError(
+        raise InputNotFoundError(
             f"{file}: no teachers manifest; train teachers first with "
             "`mtrec-teachers hydra.run.dir=DIR ...` and pass distill.teachers=DIR/teachers.json"
         )
@@ -449,20 +376,3 @@ def probe_feature_dims(
         )
     _, teacher_reps = teachers(probe.dense, probe.sparse, names, representations=True)
     return {t: (rep.flatten(1).shape[1], teacher_reps[t].flatten(1).shape[1]) for t in names}
-
-
-# ------------------------------------------------------------------------------------------------ entry point
-
-
-@hydra.main(config_path=CONFIG_DIR, config_name="teachers", version_base="1.3")
-def teachers_main(cfg: DictConfig) -> None:
-    """``mtrec-teachers``: one single-task teacher per task and ``teachers.json`` in the Hydra run dir."""
-    out = HydraConfig.get().runtime.output_dir
-    manifest = train_teachers(cfg, out)
-    for task, entry in manifest["teachers"].items():
-        log.info("teacher %s: val %s test %s", task, entry["val"], entry["test"])
-    log.info("manifest: %s", Path(out) / MANIFEST)
-
-
-if __name__ == "__main__":
-    teachers_main()

@@ -1,4 +1,5 @@
-"""``mtrec-export``: a trained ``mtrec-train`` run -> ONNX -> a Triton-layout model repository.
+"""A trained ``mtrec-train`` run -> ONNX -> a Triton-layout model repository (the library of ``mtrec-export``,
+whose command line is :mod:`mtrec.cli.export`).
 
 Examples::
 
@@ -31,9 +32,10 @@ The recommendation side of serving (the generic side is :mod:`serving.export`):
   feature feeds, its dtype and padding length, and what every output means.
 * :class:`RawFeatureEncoder`: raw rows (dicts of raw values) -> the model's input arrays, as the
   training reader encoded them (vocabulary lookup with out-of-vocabulary id 0, standardisation with the
-  stored train mean/std).
-* :func:`export_run` (and the Hydra :func:`main`): load a run's checkpoint and config, build the view,
-  and write a new version with :func:`serving.export.export_to_repository`.
+  stored train mean/std), by the reader's own rules (:mod:`mtrec.data.encoding`).
+* :func:`export_run` (what ``mtrec-export`` runs): load a run's checkpoint and config (:func:`load_run`,
+  which refuses a directory that is no ``mtrec-train`` run), build the view, and write a new version with
+  :func:`serving.export.export_to_repository`.
 """
 
 from __future__ import annotations
@@ -41,13 +43,11 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import hydra
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -59,9 +59,10 @@ from torch import Tensor, nn
 
 from mtl.checkpoint import load_checkpoint
 from mtrec.data.batch import FeatureSpec, build_kjt
+from mtrec.data.encoding import ValueEncoding, value_encoding
+from mtrec.data.errors import InputNotFoundError
 from mtrec.models.base import MultiTaskModel
 from mtrec.models.inputs import InputArch, table_name
-from mtrec.train import CONFIG_DIR
 from mtrec.trainer import BEST, LAST
 from serving.export import (
     ExportResult,
@@ -79,8 +80,8 @@ __all__ = [
     "RecExportView",
     "RunArtifacts",
     "export_run",
+    "check_run_dir",
     "load_run",
-    "main",
     "serving_features",
 ]
 
@@ -389,37 +390,22 @@ def serving_features(run_features: Mapping[str, Any], view: RecExportView) -> di
 
 # ---------------------------------------------------------------------------------------- raw encoder
 
-_CENSUS_MISSING = {"?", ""}
-
-
-def _census_number(value: Any) -> float:
-    if value is None:
-        return math.nan
-    if isinstance(value, str):
-        s = value.strip()
-        return math.nan if s in _CENSUS_MISSING else float(s)
-    return float(value)
-
-
-def _census_token(value: Any) -> str:
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    return "" if value is None else str(value).strip()
-
 
 class RawFeatureEncoder:
     """Raw feature values -> model input arrays, exactly as the training reader encoded them.
 
-    Built from a repository's (or a run's, plus :func:`serving_features`) ``features.json``. The rules
-    follow the reader named by ``meta["source"]``:
+    Built from a repository's (or a run's, plus :func:`serving_features`) ``features.json``. The values are
+    encoded by the rules of the reader named by ``meta["source"]``, the very functions the reader applied to
+    build the training tensors (:func:`mtrec.data.encoding.value_encoding`), with the vocabularies and
+    mean/std it fitted on the train split:
 
     * ``census-income`` (:func:`mtrec.data.census.load_census`): strings are stripped; numeric fields are
       standardised in float64 with the train mean/std and cast to float32, a missing value (``?``, empty,
       ``None``) becoming 0 (the train mean); categorical fields map to ``1 + position`` in the sorted
       train vocabulary, 0 for ``?``, empty or unseen values (an int value is matched as its decimal string).
     * ``aliexpress`` (:func:`mtrec.data.aliexpress.load_aliexpress`): numericals are cast to float32 and
-      standardised in float32 arithmetic, as the reader does; categorical ids map through the sorted
-      train vocabulary of ids (0: unseen).
+      standardised in float32 arithmetic; categorical ids map through the sorted train vocabulary of ids
+      (0: unseen).
     * anything else (the synthetic generators): dense values are used as they are (standardised when the
       metadata has a mean/std); sparse values are ids already and must lie in ``[0, num_embeddings)``
       (through the vocabulary instead, when the metadata has one).
@@ -446,19 +432,7 @@ class RawFeatureEncoder:
         self.layout: dict[str, Any] = dict(features["inputs"])
         meta = features.get("meta", {}) or {}
         self.source = str(meta.get("source", ""))
-        vocabularies = meta.get("vocabularies", {}) or {}
-        self._string_vocab: dict[str, dict[str, int]] = {}
-        self._int_vocab: dict[str, np.ndarray] = {}
-        for f in self.spec.sparse:
-            if f.name not in vocabularies:
-                continue
-            vocab = list(vocabularies[f.name])
-            if self.source == "census-income" or any(isinstance(v, str) for v in vocab):
-                self._string_vocab[f.name] = {str(v): i + 1 for i, v in enumerate(vocab)}
-            else:
-                self._int_vocab[f.name] = np.asarray(vocab, dtype=np.int64)
-        mean, std = meta.get("numeric_mean", {}) or {}, meta.get("numeric_std", {}) or {}
-        self._scaling = {n: (float(mean[n]), float(std[n])) for n in self.spec.dense_names if n in mean and n in std}
+        self.values: ValueEncoding = value_encoding(meta)  # the reader's own rules (mtrec.data.encoding)
 
     @classmethod
     def from_file(cls, path: str | Path) -> RawFeatureEncoder:
@@ -472,51 +446,6 @@ class RawFeatureEncoder:
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no features.json (was the model exported with mtrec-export?)")
         return cls.from_file(path)
-
-    # --- dense -----------------------------------------------------------------------------------------
-    def _dense_column(self, name: str, values: list[Any]) -> np.ndarray:
-        if self.source == "census-income":
-            x = np.asarray([_census_number(v) for v in values], dtype=np.float64)
-            mean, std = self._scaling.get(name, (0.0, 1.0))
-            z = (x - mean) / std
-            z[np.isnan(z)] = 0.0
-            return z.astype(np.float32)
-        x = np.asarray([math.nan if v is None else float(v) for v in values], dtype=np.float64)
-        if self.source == "aliexpress":
-            mean, std = self._scaling.get(name, (0.0, 1.0))
-            return ((x.astype(np.float32) - mean) / std).astype(np.float32)  # float32 arithmetic, as the reader
-        if name in self._scaling:
-            mean, std = self._scaling[name]
-            return ((x - mean) / std).astype(np.float32)
-        return x.astype(np.float32)
-
-    # --- sparse ----------------------------------------------------------------------------------------
-    def _ids(self, name: str, values: Sequence[Any], num_embeddings: int, row: int) -> list[int]:
-        if name in self._string_vocab:
-            vocab = self._string_vocab[name]
-            return [vocab.get(_census_token(v), 0) for v in values]
-        ints: list[int | None] = []
-        for v in values:
-            try:
-                i = None if v is None else int(v)
-                if i is not None and float(v) != i:
-                    raise ValueError
-            except (TypeError, ValueError):
-                raise ValueError(f"row {row}, feature {name!r}: ids must be integers, got {list(values)}") from None
-            ints.append(i)
-        if name in self._int_vocab:  # None and unseen ids: the out-of-vocabulary id 0
-            vocab = self._int_vocab[name]
-            if vocab.size == 0:
-                return [0] * len(ints)
-            arr = np.asarray([0 if i is None else i for i in ints], dtype=np.int64)
-            pos = np.minimum(np.searchsorted(vocab, arr), vocab.size - 1)
-            known = (vocab[pos] == arr) & np.asarray([i is not None for i in ints], dtype=bool)
-            return np.where(known, pos + 1, 0).tolist()
-        present = [i for i in ints if i is not None]  # no vocabulary: a missing id is no id
-        bad = [i for i in present if not 0 <= i < num_embeddings]
-        if bad:
-            raise ValueError(f"row {row}, feature {name!r}: ids {bad} outside [0, {num_embeddings})")
-        return present
 
     def encode(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
         """``{input name: array}`` for ``rows``: ``dense`` ``float32 [N, D]``, ``<f>_ids`` ``int64 [N, L]``
@@ -541,7 +470,7 @@ class RawFeatureEncoder:
             for name in self.spec.dense_names:
                 column = self.layout[name]["column"]
                 try:
-                    dense[:, column] = self._dense_column(name, [r[name] for r in rows])
+                    dense[:, column] = self.values.dense(name, [r[name] for r in rows])
                 except (TypeError, ValueError) as err:
                     raise ValueError(f"dense feature {name!r}: not a number in some row ({err})") from err
             out[DENSE_INPUT] = dense
@@ -555,7 +484,10 @@ class RawFeatureEncoder:
                 values = list(value) if isinstance(value, (list, tuple, np.ndarray)) else [value]
                 if len(values) > length:
                     raise ValueError(f"row {i}, feature {f.name!r}: {len(values)} ids, at most {length} allowed")
-                encoded = self._ids(f.name, values, f.num_embeddings, i)
+                try:
+                    encoded = self.values.ids(f.name, values, f.num_embeddings)
+                except ValueError as err:
+                    raise ValueError(f"row {i}, feature {f.name!r}: {err}") from None
                 ids[i, : len(encoded)] = encoded
                 lengths[i, 0] = len(encoded)
             out[entry["input"]] = ids
@@ -582,19 +514,50 @@ class RunArtifacts:
         return {t["name"]: t["kind"] for t in self.features["tasks"]}
 
 
+_RUN_HINT = "pass the directory a mtrec-train run wrote (its hydra.run.dir, by default outputs/mtrec/DATE/TIME)"
+
+
+def check_run_dir(run_dir: Path) -> None:
+    """Refuse a ``run_dir`` that is no ``mtrec-train`` run: missing, a directory without a run's files (a Hydra
+    multirun or ``mtrec-teachers`` folder names the runs it holds), or a ``mtrl-train`` run.
+
+    Raises:
+        InputNotFoundError: missing, or not a run (a ``ValueError`` too: ``mtrec-export`` exits with status 2).
+        ValueError: a ``mtrl-train`` run (its ``config.yaml`` has ``agent`` and ``env`` nodes).
+    """
+    if not run_dir.is_dir():
+        raise InputNotFoundError(f"run_dir {run_dir}: no such directory (expected the directory of a mtrec-train run)")
+    config_path = run_dir / "config.yaml"
+    if config_path.is_file():
+        cfg = OmegaConf.load(config_path)
+        if isinstance(cfg, DictConfig) and "agent" in cfg and "env" in cfg:
+            raise ValueError(
+                f"run_dir {run_dir}: a mtrl-train run (its config.yaml has 'agent' and 'env' nodes), which "
+                "mtrec-export cannot export; export a policy with mtrl.export.export_run(run_dir, repository, name)"
+            )
+    if not any((run_dir / f).is_file() for f in ("config.yaml", FEATURES_FILE, BEST, LAST)):
+        runs = sorted(p.name for p in run_dir.iterdir() if (p / FEATURES_FILE).is_file())
+        holds = f" (it holds the runs {', '.join(runs)})" if runs else ""
+        raise InputNotFoundError(
+            f"run_dir {run_dir}: not a mtrec-train run, it has no config.yaml, {FEATURES_FILE} or checkpoint"
+            f"{holds}; {_RUN_HINT}"
+        )
+
+
 def load_run(run_dir: str | Path, checkpoint: str = "best") -> RunArtifacts:
     """Rebuild a run's model from ``config.yaml`` and ``features.json`` and load ``best.pt`` / ``last.pt``.
 
     Raises:
-        FileNotFoundError: the run directory, its ``config.yaml``, ``features.json`` or the checkpoint is
-            missing (the message says which and why it is needed).
-        ValueError: ``checkpoint`` is not ``best`` or ``last``, or the files do not fit together.
+        InputNotFoundError: (a ``FileNotFoundError``) the run directory, its ``config.yaml``, ``features.json``
+            or the checkpoint is missing (the message says which and why it is needed), or the directory is no
+            run at all (:func:`check_run_dir`).
+        ValueError: ``checkpoint`` is not ``best`` or ``last``, a ``mtrl-train`` run, or the files do not fit
+            together.
     """
     run_dir = Path(run_dir)
     if checkpoint not in ("best", "last"):
         raise ValueError(f"checkpoint must be 'best' or 'last', got {checkpoint!r}")
-    if not run_dir.is_dir():
-        raise FileNotFoundError(f"run_dir {run_dir}: no such directory (expected the directory of a mtrec-train run)")
+    check_run_dir(run_dir)
     config_path, features_path = run_dir / "config.yaml", run_dir / FEATURES_FILE
     ckpt_path = run_dir / (BEST if checkpoint == "best" else LAST)
     for path, why in (
@@ -603,7 +566,7 @@ def load_run(run_dir: str | Path, checkpoint: str = "best") -> RunArtifacts:
         (ckpt_path, f"the {checkpoint} checkpoint (a run writes best.pt at its first validation)"),
     ):
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: missing; it is {why}")
+            raise InputNotFoundError(f"{path}: missing; it is {why}")
     cfg = OmegaConf.load(config_path)
     if not isinstance(cfg, DictConfig) or "model" not in cfg:
         raise ValueError(f"{config_path}: not a mtrec-train config (no 'model' node)")
@@ -754,12 +717,3 @@ def export_run(cfg: Any) -> ExportResult:
     info = result.info
     print(f"wrote {result.model_path} (version {result.version}, {info['precision']}, opset {info['opset']})")
     return result
-
-
-@hydra.main(config_path=CONFIG_DIR, config_name="export", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    export_run(cfg)
-
-
-if __name__ == "__main__":
-    main()

@@ -1,18 +1,22 @@
-"""``mtrec-train``: train a multi-task ranking model from the Hydra config tree (``configs/mtrec.yaml``).
+"""Training a multi-task ranking model from the Hydra config tree (``configs/mtrec.yaml``): the library side of
+``mtrec-train`` and ``mtrec-teachers`` (their command lines are :mod:`mtrec.cli.train` and :mod:`mtrec.cli.teachers`).
 
-Examples::
+* :func:`run` (and :func:`train_and_evaluate`, which also gives the monitored validation score): check the config
+  (:func:`check_config`, before any data loads), load the data (:func:`load_data`), build the model, strategies,
+  optimiser and trainer (:func:`build_training`), train with early stopping on validation, test the best checkpoint;
+  writes ``config.yaml``, ``features.json``, ``metrics.json``, ``run_info.json`` and the checkpoints.
+* :func:`train_teachers`: one single-task teacher per task and the manifest ``teachers.json`` that a student's
+  ``distill.teachers`` names (:mod:`mtrec.distill` reads it and builds the student's distillation).
+* :func:`data_path`: the ``${data_path:x}`` resolver of the data configs.
 
-    mtrec-train                                            # MMoE on synthetic sparse data
-    mtrec-train data=census data.path=PATH model=mmoe      # MMoE on Census-Income
-    mtrec-train model=ple trainer.max_steps=500 tasks.income.lr=0.01
-    mtrec-train hydra.run.dir=runs/a trainer.resume=true   # continue an interrupted run
-
-A configuration error (a ``ValueError``: a typo in a key, a value out of range, a key no part of the run reads
-such as ``+agent=care``, a group of ``mtrl-train``) prints one line naming the key and exits with status 2.
+Errors a person can act on are ``ValueError`` s naming the key, the file or the option to fix (a typo in a key, a
+value out of range, a key no part of the run reads such as ``+agent=care``, a bad data file with its line and field);
+the command lines print them as one line and exit with status 2 (:class:`mtl.cli.ConfigErrorExit`).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -20,22 +24,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import hydra
 import torch
-from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from mtl.checkpoint import atomic_write_json, seed_everything
-from mtl.cli import ConfigErrorExit
-from mtl.config import build_partial, check_config_keys
+from mtl.config import build_partial, check_config_keys, check_group_keys
 from mtl.optim import build_param_groups
 from mtl.tasks import TaskSpec
 from mtrec.data.batch import DataBundle, TabularDataset, split_by_task
-from mtrec.trainer import Trainer, TrainerConfig, evaluate, parameter_groups
+from mtrec.data.errors import DataError
+from mtrec.distill import FORMAT, MANIFEST, DistillConfig, build_distillation
+from mtrec.trainer import Trainer, TrainerConfig, evaluate, monitor_score, parameter_groups
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIG_DIR = str(REPO / "configs")
 PROGRAM = "mtrec-train"
 #: The top-level keys of ``configs/mtrec.yaml`` that a run reads; any other key is an error.
 CONFIG_KEYS = (
@@ -52,17 +55,75 @@ CONFIG_KEYS = (
     "task_split",
     "tasks",
 )
+#: The config groups whose keys are checked at start-up: against the ``_target_``'s signature, or the schema here.
+CONFIG_GROUPS = ("data", "model", "trainer", "optimizer", "weighting", "gradient", "schedule", "distill")
+GROUP_SCHEMAS: dict[str, type] = {"trainer": TrainerConfig, "distill": DistillConfig}
+#: Keys of a group that this module consumes itself (not its target's).
+COMMAND_KEYS = {"optimizer": ("shared_lr", "shared_weight_decay")}
 log = logging.getLogger("mtrec")
 
 
+def _checkout() -> Path | None:
+    """The source checkout this package runs from (it holds ``pyproject.toml`` and ``configs/``); ``None`` when
+    it is installed (a wheel has neither beside the package)."""
+    return REPO if (REPO / "pyproject.toml").is_file() and (REPO / "configs").is_dir() else None
+
+
+def data_root() -> tuple[Path, str]:
+    """The folder ``${data_path:x}`` looks in, and which rule chose it (see :func:`data_path`)."""
+    env = os.environ.get("MTLIB_DATA_DIR", "")
+    if env:
+        return Path(env), "$MTLIB_DATA_DIR"
+    checkout = _checkout()
+    if checkout is not None:
+        return checkout.parent / "shared" / "data", "beside the source checkout"
+    return Path.cwd() / "data", "in the working directory"
+
+
 def data_path(relative: str) -> str:
-    """``${data_path:x}`` in configs: ``$MTLIB_DATA_DIR/x``, else ``<repo>/../shared/data/x``."""
-    root = os.environ.get("MTLIB_DATA_DIR", str(REPO.parent / "shared" / "data"))
-    return str(Path(root) / relative)
+    """``${data_path:x}`` in configs: ``$MTLIB_DATA_DIR/x`` when that variable is set; else, running from a source
+    checkout, ``<checkout>/../shared/data/x``; else (an installed package) ``./data/x`` in the working directory."""
+    return str(data_root()[0] / relative)
 
 
 if not OmegaConf.has_resolver("data_path"):
     OmegaConf.register_new_resolver("data_path", data_path)
+
+
+def check_config(cfg: DictConfig, program: str = PROGRAM) -> None:
+    """Refuse, before any data loads, a top-level key no part of a run reads and a key a group does not accept
+    (``+model.num_expert=4``, ``+trainer.max_step=3``: :func:`mtl.config.check_group_keys`).
+
+    Raises:
+        ValueError: naming the key and the keys that are valid there.
+    """
+    check_config_keys(cfg, CONFIG_KEYS, program)
+    check_group_keys(cfg, CONFIG_GROUPS, program, schemas=GROUP_SCHEMAS, extra=COMMAND_KEYS)
+
+
+def load_data(node: Any) -> DataBundle:
+    """The data bundle of the ``data`` config node.
+
+    Raises:
+        ValueError: the reader's own error (not Hydra's wrapper): a bad file names itself with its line and field
+            (:class:`~mtrec.data.errors.DataError`); a missing one in the data folder also says where
+            ``${data_path:x}`` looks and how to point it elsewhere.
+    """
+    try:
+        return instantiate(node)
+    except InstantiationException as err:
+        cause = err.__cause__
+        if not isinstance(cause, ValueError):
+            raise
+        root, rule = data_root()
+        if isinstance(cause, DataError) and not Path(cause.path).exists() and Path(cause.path).is_relative_to(root):
+            raise DataError(
+                cause.path,
+                f"file not found (the configs' data files, ${{data_path:x}}, are $MTLIB_DATA_DIR/x, else "
+                f"../shared/data/x beside a source checkout, else ./data/x; here {root}, {rule}); "
+                "set MTLIB_DATA_DIR=DIR or data.path=FILE",
+            ) from None
+        raise cause from None
 
 
 def trainer_config(node: Any) -> TrainerConfig:
@@ -183,8 +244,6 @@ def build_training(
     distill = None
     if cfg.get("distill") is not None:
         # Knowledge distillation from single-task teachers (configs/distill, mtrec-teachers); None when off.
-        from mtrec.distill import build_distillation  # mtrec.distill imports this module
-
         distill = build_distillation(
             cfg.distill, tasks=tasks, bundle=bundle, model=model, data_cfg=cfg.data, total_steps=total_steps
         )
@@ -208,17 +267,25 @@ def build_training(
     return Training(trainer, train, tasks)
 
 
-def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
-    """Train and evaluate as configured; writes ``metrics.json`` and checkpoints into ``run_dir``.
+@dataclass
+class RunResult:
+    """What :func:`train_and_evaluate` gives: the ``metrics`` :func:`run` returns and the score early stopping
+    monitored (``trainer.monitor``; :func:`mtrec.trainer.monitor_score`, larger is better: the mean validation AUC
+    of the binary tasks, or minus the mean validation loss) at the best checkpoint."""
 
-    Returns ``{"val": {task: {metric: value}}, "test": {task: {metric: value}}}``: validation
-    metrics of the best checkpoint (early stopping uses validation only) and test metrics of that checkpoint.
-    """
-    check_config_keys(cfg, CONFIG_KEYS, PROGRAM)
+    metrics: dict[str, Any]
+    monitor: str
+    score: float
+
+
+def train_and_evaluate(cfg: DictConfig, run_dir: str | Path) -> RunResult:
+    """Train and evaluate as configured (see :func:`run`); also gives the monitored validation score, which
+    ``mtrec-train`` returns to Hydra sweepers (Optuna, Ax: maximise it)."""
+    check_config(cfg)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(int(cfg.seed))
-    bundle = instantiate(cfg.data)
+    bundle = load_data(cfg.data)
     training = build_training(cfg, run_dir, bundle)
     trainer, tasks = training.trainer, training.tasks
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
@@ -234,7 +301,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     trainer.fit(training.train, bundle.val)
     trainer.load_best()
     best_val = trainer.best_val
-    test = evaluate(trainer.model, bundle.test, tasks, trainer.cfg.eval_batch_size, trainer.device)
+    test = evaluate(trainer.model, bundle.test, tasks, trainer.cfg.eval_batch_size, trainer.device, split="test")
     metrics = {"val": best_val, "test": test}
     atomic_write_json(metrics, run_dir / "metrics.json")
     atomic_write_json(
@@ -243,25 +310,100 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
             "steps": trainer.step,
             "epochs": trainer.epoch,
             "stop_reason": trainer.stop_reason,
+            "monitor": trainer.cfg.monitor,
+            "best_score": trainer.best_score,
         },
         run_dir / "run_info.json",
     )
     log.info("metrics: %s", json.dumps(metrics))
-    return metrics
+    return RunResult(metrics, trainer.cfg.monitor, float(trainer.best_score))
 
 
-_EXIT = ConfigErrorExit(PROGRAM)
+def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
+    """Train and evaluate as configured; writes ``metrics.json`` and checkpoints into ``run_dir``.
+
+    Returns ``{"val": {task: {metric: value}}, "test": {task: {metric: value}}}``: validation
+    metrics of the best checkpoint (early stopping uses validation only) and test metrics of that checkpoint.
+    """
+    return train_and_evaluate(cfg, run_dir).metrics
 
 
-@hydra.main(config_path=CONFIG_DIR, config_name="mtrec", version_base="1.3")
-def _hydra_main(cfg: DictConfig) -> None:
-    _EXIT.run(run, cfg, HydraConfig.get().runtime.output_dir)
+# ------------------------------------------------------------------------------------------------ teachers
 
 
-def main() -> None:
-    """``mtrec-train``. Configuration errors exit with status 2 (:class:`mtl.cli.ConfigErrorExit`)."""
-    _EXIT.main(_hydra_main)
+def train_teachers(cfg: DictConfig, out_dir: str | Path, program: str = "mtrec-teachers") -> dict[str, Any]:
+    """Train one single-task model per task (``cfg.task_names``, ``null`` = all of the dataset's) and write
+    the manifest ``out_dir/teachers.json`` (format: :mod:`mtrec.distill`); returns it.
+
+    Each teacher is ``run(cfg with task_names=[task], out_dir/task)``: same data, model, trainer and optimiser
+    config, so any ``mtrec-train`` override applies to every teacher. Distillation is switched off for teachers,
+    and with ``trainer.monitor=auc`` a regression teacher early-stops on its validation loss; each entry records
+    its ``monitor`` and monitored validation ``score``. A task whose teacher run already finished
+    (``metrics.json`` present) with the same resolved config is reused, so an interrupted command continues where
+    it stopped (other settings there are an error).
+    """
+    check_config(cfg, program)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = cfg.get("task_names")
+    tasks = select_tasks(load_data(cfg.data).tasks, list(names) if names is not None else None)
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    manifest: dict[str, Any] = {"format": FORMAT, "seed": int(cfg.seed), "data": data, "teachers": {}}
+    for spec in tasks:
+        task = spec.name
+        sub = copy.deepcopy(cfg)
+        with _writable(sub):
+            sub.task_names = [task]
+            if "distill" in sub:
+                sub.distill = None
+            if spec.kind != "binary" and sub.trainer.get("monitor") == "auc":
+                sub.trainer.monitor = "loss"  # a regression teacher has no AUC: early-stop on its validation loss
+        run_dir = out_dir / task
+        if (run_dir / "metrics.json").exists() and (run_dir / "best.pt").exists():
+            if OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml")) != OmegaConf.to_container(
+                sub, resolve=True
+            ):
+                raise ValueError(
+                    f"{run_dir} holds a finished teacher trained with other settings; train into a new folder "
+                    "(hydra.run.dir=...) or delete it"
+                )
+            log.info("teacher %s: reusing %s", task, run_dir)
+            metrics = json.loads((run_dir / "metrics.json").read_text())
+        else:
+            log.info("teacher %s: training into %s", task, run_dir)
+            metrics = run(sub, run_dir)
+        monitor = str(sub.trainer.monitor)
+        manifest["teachers"][task] = {
+            "task": task,
+            "kind": spec.kind,
+            "run_dir": task,
+            "checkpoint": f"{task}/best.pt",
+            "config": f"{task}/config.yaml",
+            "model": str(sub.model.get("_target_", "")),
+            "val": metrics["val"][task],
+            "test": metrics["test"][task],
+            "monitor": monitor,
+            "score": monitor_score(metrics["val"], [spec], monitor),
+        }
+        atomic_write_json(manifest, out_dir / MANIFEST)  # after every teacher: a partial manifest is usable
+    return manifest
 
 
-if __name__ == "__main__":
-    main()
+def teachers_score(manifest: dict[str, Any]) -> float:
+    """The mean monitored validation score of a manifest's teachers (what ``mtrec-teachers`` returns to Hydra)."""
+    scores = [float(entry["score"]) for entry in manifest["teachers"].values()]
+    return sum(scores) / len(scores)
+
+
+class _writable:
+    """Context manager lifting OmegaConf's struct flag (to set keys the schema lacks)."""
+
+    def __init__(self, cfg: DictConfig) -> None:
+        self.cfg, self.flag = cfg, OmegaConf.is_struct(cfg)
+
+    def __enter__(self) -> DictConfig:
+        OmegaConf.set_struct(self.cfg, False)
+        return self.cfg
+
+    def __exit__(self, *exc: Any) -> None:
+        OmegaConf.set_struct(self.cfg, self.flag)

@@ -15,10 +15,11 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from hydra import compose, initialize_config_dir
+from hydra import compose, initialize_config_module
 from omegaconf import DictConfig
 
 from mtl.checkpoint import load_checkpoint
+from mtl.config import CONFIG_PATH
 from mtl.distill import (
     Distiller,
     FeatureAdapters,
@@ -41,10 +42,9 @@ from mtrec.distill import (
     load_teachers,
     probe_feature_dims,
     read_manifest,
-    train_teachers,
 )
 from mtrec.models import MMoE, SingleTask
-from mtrec.train import CONFIG_DIR, REPO, run
+from mtrec.train import REPO, run, teachers_score, train_teachers
 from mtrec.trainer import Trainer, TrainerConfig
 
 torch.set_num_threads(1)
@@ -58,11 +58,12 @@ TINY = [
     "trainer.progress=false",
     "trainer.tensorboard=false",
 ]
-DISTILL_CONFIGS = sorted(p.stem for p in (Path(CONFIG_DIR) / "distill").glob("*.yaml"))
+CONFIG_DIR = REPO / "configs"
+DISTILL_CONFIGS = sorted(p.stem for p in (CONFIG_DIR / "distill").glob("*.yaml"))
 
 
 def _distill_in_defaults() -> bool:
-    defaults = yaml.safe_load((Path(CONFIG_DIR) / "mtrec.yaml").read_text()).get("defaults", [])
+    defaults = yaml.safe_load((CONFIG_DIR / "mtrec.yaml").read_text()).get("defaults", [])
     return any(isinstance(d, dict) and "distill" in d for d in defaults)
 
 
@@ -71,7 +72,7 @@ DISTILL = "distill=" if _distill_in_defaults() else "+distill="
 
 
 def cfg(*overrides: str, name: str = "mtrec") -> DictConfig:
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+    with initialize_config_module(CONFIG_PATH.removeprefix("pkg://"), version_base="1.3"):
         return compose(config_name=name, overrides=list(overrides))
 
 
@@ -254,6 +255,11 @@ def test_teachers_command_writes_a_manifest(teachers_dir: Path) -> None:
         assert entry["val"] == metrics["val"][task] and entry["test"] == metrics["test"][task]
         assert (teachers_dir / entry["checkpoint"]).is_file() and (teachers_dir / entry["config"]).is_file()
         assert entry["model"] == "mtrec.models.SingleTask"
+        # the monitored validation score of the teacher's best checkpoint (what mtrec-teachers returns, averaged)
+        info = json.loads((run_dir / "run_info.json").read_text())
+        assert (entry["monitor"], entry["score"]) == (info["monitor"], info["best_score"])
+    assert [e["monitor"] for e in manifest["teachers"].values()] == ["auc", "auc", "loss"]
+    assert teachers_score(manifest) == pytest.approx(sum(e["score"] for e in manifest["teachers"].values()) / 3)
     assert manifest["teachers"]["dwell"]["kind"] == "regression"
     # trainer.monitor=auc: the regression teacher early-stopped on its validation loss instead
     dwell_cfg = yaml.safe_load((teachers_dir / "dwell" / "config.yaml").read_text())
@@ -390,7 +396,7 @@ def test_distillation_config_errors(teachers_dir: Path, tmp_path: Path) -> None:
 
 def test_teachers_cli_writes_the_manifest_into_the_hydra_run_dir(tmp_path: Path) -> None:
     exe = Path(sys.executable).parent / "mtrec-teachers"
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "mtrec.distill"]
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "mtrec.cli.teachers"]
     out = tmp_path / "run"
     env = dict(os.environ, PYTHONPATH=str(REPO))
     proc = subprocess.run(
@@ -404,6 +410,26 @@ def test_teachers_cli_writes_the_manifest_into_the_hydra_run_dir(tmp_path: Path)
     manifest = read_manifest(out)
     assert list(manifest["teachers"]) == ["conversion"]
     assert (out / "conversion" / "best.pt").is_file()
+
+
+def test_teachers_and_student_user_errors_exit_2_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from test_train import run_main
+
+    from mtrec.cli.teachers import main as teachers_main
+    from mtrec.cli.train import main as train_main
+
+    out = f"hydra.run.dir={tmp_path / 'run'}"
+    code, err = run_main(teachers_main, [out, "task_names=[nope]", *TINY], monkeypatch, capsys)
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("mtrec-teachers: error: config key task_names: ['nope'] not in this dataset's tasks"), err
+    code, err = run_main(teachers_main, [out, "+model.bottom_dim=[4]", *TINY], monkeypatch, capsys)
+    assert code == 2 and err.startswith("mtrec-teachers: error: config key model.bottom_dim is not a parameter"), err
+    student = [out, f"{DISTILL}soft", f"distill.teachers={tmp_path}", *TINY]
+    code, err = run_main(train_main, student, monkeypatch, capsys)
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert err.startswith(f"mtrec-train: error: {tmp_path / MANIFEST}: no teachers manifest; train teachers first"), err
 
 
 # ------------------------------------------------------------------------------------- policy distillation
@@ -511,7 +537,6 @@ def test_rl_teachers_are_trained_per_task_and_distilled(tmp_path: Path) -> None:
     from mtrl.agents import EnvSpec, mt_sac
     from mtrl.distill import PolicyDistillConfig, PolicyDistiller, load_teachers, teachers_in_family_order
     from mtrl.distill import train_teachers as train_rl_teachers
-    from mtrl.train import CONFIG_DIR as RL_CONFIG_DIR
 
     overrides = [
         "agent=mt_sac",
@@ -529,8 +554,7 @@ def test_rl_teachers_are_trained_per_task_and_distilled(tmp_path: Path) -> None:
         "trainer.checkpoint_interval=0",
         "trainer.progress=false",
     ]
-    with initialize_config_dir(config_dir=RL_CONFIG_DIR, version_base="1.3"):
-        c = compose(config_name="mtrl", overrides=overrides)
+    c = cfg(*overrides, name="mtrl")
     manifest = train_rl_teachers(c, tmp_path)
     family = instantiate(c.env)
     assert list(manifest["teachers"]) == list(family.task_names)

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -16,15 +18,21 @@ import onnx
 import onnx.numpy_helper
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from hydra import compose, initialize_config_module
 from omegaconf import DictConfig
+from test_data_aliexpress import make_row, write_csv
+from test_data_census import census_lines
+from test_train import run_main
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 import serving.export as sx
+from mtl.config import CONFIG_PATH
+from mtrec.cli.export import main as export_main
 from mtrec.data import load_aliexpress, load_census
 from mtrec.data.batch import DataBundle, FeatureSpec, SparseFeature, build_kjt, split_indices
+from mtrec.data.census import CENSUS_COLUMNS
 from mtrec.export import (
     FEATURES_FILE,
     PaddedInputArch,
@@ -36,7 +44,7 @@ from mtrec.export import (
     serving_features,
 )
 from mtrec.models import MODELS, InputArch, MMoE, SharedBottom
-from mtrec.train import CONFIG_DIR, REPO, run
+from mtrec.train import REPO, run
 from serving.repository import V2_TO_NUMPY, available_versions, read_config
 
 torch.set_num_threads(1)
@@ -255,16 +263,19 @@ def test_view_errors() -> None:
 # ------------------------------------------------------------------------------------ mtrec-export end to end
 
 
+def compose_config(name: str, *overrides: str) -> DictConfig:
+    with initialize_config_module(CONFIG_PATH.removeprefix("pkg://"), version_base="1.3"):
+        return compose(config_name=name, overrides=list(overrides))
+
+
 def export_cfg(*overrides: str) -> DictConfig:
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose(config_name="export", overrides=list(overrides))
+    return compose_config("export", *overrides)
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("run")
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(config_name="mtrec", overrides=TRAIN_TINY)
+    cfg = compose_config("mtrec", *TRAIN_TINY)
     run(cfg, path)
     return path
 
@@ -419,7 +430,7 @@ def test_cli_fails_with_nonzero_exit_and_the_reason(run_dir: Path, tmp_path: Pat
         [
             sys.executable,
             "-m",
-            "mtrec.export",
+            "mtrec.cli.export",
             f"run_dir={run_dir}",
             f"repository={repo}",
             "model_name=rec",
@@ -433,6 +444,41 @@ def test_cli_fails_with_nonzero_exit_and_the_reason(run_dir: Path, tmp_path: Pat
     assert proc.returncode != 0
     assert "version 1 of model 'rec' already exists" in proc.stderr + proc.stdout
     assert sorted(p.name for p in (repo / "rec").iterdir()) == ["1"]
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing", r"run_dir \S+/target: no such directory \(expected the directory of a mtrec-train run\)$"),
+        ("empty", r"run_dir \S+/target: not a mtrec-train run, it has no config.yaml, .*; pass the directory a "
+                  r"mtrec-train run wrote \(its hydra.run.dir"),
+        ("multirun", r"run_dir \S+/target: not a mtrec-train run, .* \(it holds the runs 0, 1\); pass the "
+                     r"directory"),
+        ("rl", r"run_dir \S+/target: a mtrl-train run \(its config.yaml has 'agent' and 'env' nodes\).*"
+               r"mtrl.export.export_run"),
+    ],
+)  # fmt: skip
+def test_cli_refuses_a_run_dir_that_is_no_mtrec_run_in_one_line(
+    case: str, message: str, run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    target = tmp_path / "target"
+    if case != "missing":
+        target.mkdir()
+    if case == "multirun":  # a Hydra multirun folder: one run per job number
+        for job in ("0", "1"):
+            shutil.copytree(run_dir, target / job)
+    if case == "rl":  # what mtrl-train writes: a config with agent and env, last.pt, no features.json
+        (target / "config.yaml").write_text("seed: 0\nenv: {_target_: mtrl.envs.make_family}\nagent: {hidden: [8]}\n")
+        (target / "last.pt").write_bytes(b"")
+    args = [f"run_dir={target}", f"repository={tmp_path / 'repo'}", "model_name=m"]
+    code, err = run_main(export_main, args, monkeypatch, capsys)
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert re.match(rf"mtrec-export: error: {message}", err.strip()), err
+    assert not (tmp_path / "repo").exists()
+    if case == "empty":  # MTLIB_DEBUG=1 shows the traceback
+        code, err = run_main(export_main, args, monkeypatch, capsys, debug=True)
+        assert code == 1 and "Traceback" in err and "InputNotFoundError" in err, err
 
 
 # ------------------------------------------------------------------------------------------------ fp16
@@ -476,33 +522,56 @@ def _run_features(bundle: DataBundle) -> dict:
     )
 
 
-def test_census_encoder_matches_the_reader_and_serves_its_rows(census_path: Path, tmp_path: Path) -> None:
-    from mtrec.data.census import CENSUS_COLUMNS
+def encoder_matching_the_reader(bundle: DataBundle, raw: Sequence[Sequence[dict]]) -> RawFeatureEncoder:
+    """The export-side encoder of ``bundle``'s run, after checking that it encodes the raw rows of each split
+    (``raw``: train, val, test) to the very tensors the reader produced for training, bit for bit."""
+    kinds = {t.name: t.kind for t in bundle.tasks}
+    model = SharedBottom(bundle.features, list(kinds), embedding_dim=2, bottom_dims=[4])
+    encoder = RawFeatureEncoder(serving_features(_run_features(bundle), RecExportView(model, kinds)))
+    for part, rows in zip((bundle.train, bundle.val, bundle.test), raw):
+        inputs = encoder.encode(rows)
+        assert inputs["dense"].dtype == np.float32
+        np.testing.assert_array_equal(inputs["dense"].view(np.uint32), part.dense.numpy().view(np.uint32))
+        for name in bundle.features.sparse_names:
+            np.testing.assert_array_equal(inputs[f"{name}_ids"], part.sparse_ids[name].numpy(), err_msg=name)
+            assert np.all(inputs[f"{name}_lengths"] == 1)
+    return encoder
 
+
+def census_raw(lines: Sequence[str], n_main: int, seed: int) -> list[list[dict]]:
+    """The raw rows of each split of ``load_census(..., seed=seed)`` on ``lines`` (no test file)."""
+    order = split_indices(n_main, (0.7, 0.15, 0.15), seed=seed)
+    return [[dict(zip(CENSUS_COLUMNS, lines[i].rstrip("\n").split(","))) for i in idx.tolist()] for idx in order]
+
+
+def test_census_encoder_matches_the_reader_on_synthetic_rows(tmp_path: Path) -> None:
+    lines = census_lines(400, seed=1)
+    path = tmp_path / "census.csv"
+    path.write_text("".join(lines))
+    bundle = load_census(path, tasks=["income", "marital"], seed=5)
+    encoder = encoder_matching_the_reader(bundle, census_raw(lines, len(lines), seed=5))
+    ids = encoder.encode(census_raw(lines, len(lines), seed=5)[2])["country_self_ids"]
+    assert (ids == 0).any() and (ids > 0).any(), "'?' and unseen countries: the out-of-vocabulary id"
+
+
+def test_census_encoder_matches_the_reader_and_serves_its_rows(census_path: Path, tmp_path: Path) -> None:
     with gzip.open(census_path, "rt") as f:
         lines = [next(f) for _ in range(3000)]
     subset = tmp_path / "census.csv"
     subset.write_text("".join(lines))
     bundle = load_census(subset, tasks=["income", "marital"], seed=3)
-    test_rows = split_indices(len(lines), (0.7, 0.15, 0.15), seed=3)[2]
-    raw = [dict(zip(CENSUS_COLUMNS, lines[i].rstrip("\n").split(","))) for i in test_rows.tolist()]
-    torch.manual_seed(0)
-    model = MMoE(bundle.features, ["income", "marital"], embedding_dim=4, num_experts=2, expert_dims=[4]).eval()
-    view = RecExportView(model, {"income": "binary", "marital": "binary"})
-    encoder = RawFeatureEncoder(serving_features(_run_features(bundle), view))
+    encoder = encoder_matching_the_reader(bundle, census_raw(lines, len(lines), seed=3))
+    raw = census_raw(lines, len(lines), seed=3)[2]
     inputs = encoder.encode(raw)
-    assert inputs["dense"].dtype == np.float32
-    np.testing.assert_array_equal(inputs["dense"], bundle.test.dense.numpy())  # bitwise
-    for name in bundle.features.sparse_names:
-        np.testing.assert_array_equal(inputs[f"{name}_ids"], bundle.test.sparse_ids[name].numpy(), err_msg=name)
-        assert np.all(inputs[f"{name}_lengths"] == 1)
     assert any((inputs[f"{n}_ids"] == 0).any() for n in bundle.features.sparse_names), "some OOV / '?' values"
     # Hand-made raw values: a missing number is the train mean (0), an unseen category the OOV id 0.
     odd = encoder.encode([{**raw[0], "age": " ?", "education": " Unheard of", "sex": "Female"}])
     assert odd["dense"][0, 0] == 0.0 and odd["education_ids"][0, 0] == 0
     assert odd["sex_ids"][0, 0] == bundle.meta["vocabularies"]["sex"].index("Female") + 1
     # Raw rows -> encoder -> ONNX Runtime gives what the model gives on the reader's batch.
-    path = sx.export_onnx(view, tmp_path / "census.onnx")
+    torch.manual_seed(0)
+    model = MMoE(bundle.features, ["income", "marital"], embedding_dim=4, num_experts=2, expert_dims=[4]).eval()
+    path = sx.export_onnx(RecExportView(model, {"income": "binary", "marital": "binary"}), tmp_path / "census.onnx")
     got = ort_run(path, inputs)
     with torch.no_grad():
         logits = model(*bundle.test.batch(torch.arange(len(bundle.test)))[:2])
@@ -510,21 +579,32 @@ def test_census_encoder_matches_the_reader_and_serves_its_rows(census_path: Path
         np.testing.assert_allclose(got[t][:, 0], torch.sigmoid(logits[t]).numpy(), rtol=0, atol=1e-5)
 
 
-def test_aliexpress_encoder_matches_the_reader(aliexpress_path: Path) -> None:
-    bundle = load_aliexpress(aliexpress_path, seed=0)
-    lines = aliexpress_path.read_text().splitlines()
+def aliexpress_raw(path: Path, seed: int) -> list[list[dict]]:
+    """The raw rows (numbers as floats) of each split of ``load_aliexpress(path, seed=seed)``."""
+    lines = path.read_text().splitlines()
     header = lines[0].split(",")
     rows = [dict(zip(header, line.split(","))) for line in lines[1:]]
-    order = split_indices(len(rows), (0.7, 0.15, 0.15), seed=0)
-    model = SharedBottom(bundle.features, ["ctr", "ctcvr"], embedding_dim=2, bottom_dims=[4])
-    encoder = RawFeatureEncoder(serving_features(_run_features(bundle), RecExportView(model, KINDS)))
-    for part, idx in zip((bundle.train, bundle.val, bundle.test), order):
-        raw = [{k: float(v) for k, v in rows[i].items()} for i in idx.tolist()]
-        inputs = encoder.encode(raw)
-        np.testing.assert_array_equal(inputs["dense"], part.dense.numpy())
-        for name in bundle.features.sparse_names:
-            np.testing.assert_array_equal(inputs[f"{name}_ids"], part.sparse_ids[name].numpy())
-    unseen = encoder.encode([{**raw[0], "categorical_1": None, "categorical_2": 10**12}])
+    order = split_indices(len(rows), (0.7, 0.15, 0.15), seed=seed)
+    return [[{k: float(v) for k, v in rows[i].items()} for i in idx.tolist()] for idx in order]
+
+
+def test_aliexpress_encoder_matches_the_reader_on_synthetic_rows(tmp_path: Path) -> None:
+    rng = np.random.default_rng(2)
+    rows = [
+        make_row(i, click=int(rng.integers(2)), conversion=int(rng.integers(2)),
+                 **{f"categorical_{j}": int(rng.integers(30)) * 7919 for j in range(1, 17)},
+                 **{f"numerical_{j}": round(float(rng.normal(3, 2)), int(rng.integers(1, 7))) for j in range(1, 64)})
+        for i in range(200)
+    ]  # fmt: skip
+    path = write_csv(tmp_path / "ali.csv", rows)
+    encoder_matching_the_reader(load_aliexpress(path, seed=4), aliexpress_raw(path, seed=4))
+
+
+def test_aliexpress_encoder_matches_the_reader(aliexpress_path: Path) -> None:
+    bundle = load_aliexpress(aliexpress_path, seed=0)
+    raw = aliexpress_raw(aliexpress_path, seed=0)
+    encoder = encoder_matching_the_reader(bundle, raw)
+    unseen = encoder.encode([{**raw[2][0], "categorical_1": None, "categorical_2": 10**12}])
     assert unseen["categorical_1_ids"][0, 0] == 0 and unseen["categorical_2_ids"][0, 0] == 0
     assert unseen["categorical_1_lengths"][0, 0] == 1  # an unknown value is the OOV id, not an empty bag
 

@@ -1,4 +1,4 @@
-"""Errors for bad input files: each names the file, the line and the field."""
+"""Errors for bad input files (each names the file, the line and the field) and for missing inputs."""
 
 from __future__ import annotations
 
@@ -20,3 +20,9 @@ class DataError(ValueError):
         self.path = str(path)
         self.line = line
         self.field = field
+
+
+class InputNotFoundError(FileNotFoundError, ValueError):
+    """An input a command was pointed at is missing or is not what it should be (a run directory, a teachers
+    manifest). A ``FileNotFoundError``, and a ``ValueError`` too: the commands report it as a user error (one line,
+    exit status 2; see :class:`mtl.cli.ConfigErrorExit`)."""
