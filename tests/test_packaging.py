@@ -86,7 +86,17 @@ with initialize_config_module(CONFIG_PATH.removeprefix("pkg://"), version_base="
         out["primary"][name] = sorted(compose(config_name=name))
 for group, names in json.loads(sys.argv[2]).items():
     for name in names:
-        assert group_option(group, name) is not None
+        if group == "experiment":  # a global preset composes into a primary config: some command's must take it
+            ok = []
+            for primary in ("mtrec", "mtrl"):
+                with initialize_config_module(CONFIG_PATH.removeprefix("pkg://"), version_base="1.3"):
+                    try:
+                        ok.append(bool(compose(config_name=primary, overrides=[f"experiment={name}"])))
+                    except Exception:
+                        pass
+            assert any(ok), f"experiment={name} composes into neither mtrec nor mtrl"
+        else:
+            assert group_option(group, name) is not None
         out["options"] += 1
 print(json.dumps(out))
 """
