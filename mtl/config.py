@@ -63,9 +63,25 @@ def check_group_keys(
 
 
 def _accepted(target: Any) -> tuple[set[str] | None, str]:
-    """The keyword names ``target`` accepts (``None``: any) and a name for it."""
+    """The keyword names ``target`` accepts (``None``: any) and a name for it. A class whose ``__init__`` passes
+    ``**kwargs`` on to its base (a model's ``**common``) accepts its bases' keywords too, up to the first
+    ``__init__`` without ``**kwargs``."""
     if dataclasses.is_dataclass(target):
         return {f.name for f in dataclasses.fields(target)}, target.__name__
+    if inspect.isclass(target):
+        names: set[str] = set()
+        for cls in target.__mro__:
+            init = cls.__dict__.get("__init__")
+            if init is None or cls is object:
+                continue
+            try:
+                params = list(inspect.signature(init).parameters.values())[1:]  # less self
+            except (TypeError, ValueError):
+                return None, target.__qualname__
+            names |= {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+            if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+                return names, target.__qualname__
+        return None, target.__qualname__
     try:
         sig = inspect.signature(target)
     except (TypeError, ValueError):

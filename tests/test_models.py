@@ -17,6 +17,7 @@ from torchrec.modules.embedding_configs import PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 import mtrec.models as zoo
+from mtl.config import group_option
 from mtrec.data.batch import Batch, FeatureSpec, SparseFeature, TabularDataset, build_kjt
 from mtrec.models import (
     ESMM,
@@ -28,6 +29,7 @@ from mtrec.models import (
     MMoE,
     MultiTaskModel,
     SharedBottom,
+    build_model,
     count_parameters,
     product_logit,
     random_inputs,
@@ -79,10 +81,13 @@ def tasks_for(name: str) -> list[str]:
 
 
 def make(name: str, features: FeatureSpec = FEATURES, seed: int = 0, **overrides) -> MultiTaskModel:
-    """Build like Hydra does: a partial with the hyperparameters, then features and tasks."""
+    """Build like Hydra does (mtrec.models.build_model): the input arch on the features, then a partial with the
+    hyperparameters called with it and the tasks."""
     torch.manual_seed(seed)
-    kwargs = {"embedding_dim": 4, "dense_dims": [5], "tower_dims": [8], **KWARGS[name], **overrides}
-    return functools.partial(MODELS[name], **kwargs)(features=features, tasks=tasks_for(name))
+    kwargs = {"tower_dims": [8], **KWARGS[name], **overrides}
+    shared = {k: kwargs[k] for k in ("activation", "dropout") if k in kwargs}
+    inputs = InputArch(features, embedding_dim=4, dense_dims=[5], **shared)
+    return functools.partial(MODELS[name], **kwargs)(inputs=inputs, tasks=tasks_for(name))
 
 
 def make_data(features: FeatureSpec, n: int, tasks: list[str], seed: int = 0) -> TabularDataset:
@@ -148,18 +153,27 @@ def test_registry_names() -> None:
 
 @pytest.mark.parametrize("name", NAMES)
 def test_constructor_is_hydra_friendly(name: str) -> None:
+    """``Model(inputs, tasks, *, own hyperparameters, **common)``: a built input arch, the tasks, every
+    hyperparameter a keyword with a plain default; the settings every model shares are MultiTaskModel's, passed
+    on through ``**common`` (and mtl.config's start-up check accepts them as the model's)."""
+    from mtl.config import _accepted
+
     params = list(inspect.signature(MODELS[name]).parameters.values())
-    assert [p.name for p in params[:2]] == ["features", "tasks"]
-    common = {"embedding_dim": 16, "dense_dims": (), "tower_dims": (8,), "dropout": 0.0, "activation": "relu"}
-    rest = {p.name: p for p in params[2:]}
-    for key, default in common.items():
-        assert rest[key].default == default, key
-    for p in rest.values():
+    assert [p.name for p in params[:2]] == ["inputs", "tasks"]
+    assert params[-1].kind is inspect.Parameter.VAR_KEYWORD
+    base = {p.name: p for p in list(inspect.signature(MultiTaskModel).parameters.values())[2:]}
+    common = {"tower_dims": (8,), "dropout": 0.0, "activation": "relu", "task_feeds": None, "feed_stop_gradient": True}
+    assert {k: p.default for k, p in base.items()} == common
+    own = {p.name: p for p in params[2:-1]}
+    assert not set(own) & set(common), "a model repeats a setting every model shares"
+    for p in [*own.values(), *base.values()]:
         assert p.kind is inspect.Parameter.KEYWORD_ONLY, p.name
         assert p.default is not inspect.Parameter.empty, p.name
         d = p.default
         int_tuple = isinstance(d, tuple) and all(isinstance(x, int) for x in d)
         assert d is None or isinstance(d, (int, float, str)) or int_tuple, (p.name, d)
+    accepted, _ = _accepted(MODELS[name])
+    assert accepted is not None and {"inputs", "tasks", *own, *common} <= accepted  # (CGC: also its base PLE's)
     assert MODELS[name].__doc__ and "Example::" in MODELS[name].__doc__
 
 
@@ -170,10 +184,21 @@ def test_instantiate_with_hydra_partial(name: str) -> None:
 
     cls = MODELS[name]
     target = f"{cls.__module__}.{cls.__name__}"
-    cfg = OmegaConf.create({"_target_": target, "_partial_": True, **KWARGS[name]})
-    model = instantiate(cfg)(features=FEATURES, tasks=OmegaConf.create(tasks_for(name)))
+    inputs = {"_target_": "mtrec.models.InputArch", "_partial_": True, "embedding_dim": 4}
+    cfg = OmegaConf.create({"_target_": target, "_partial_": True, "inputs": inputs, **KWARGS[name]})
+    model = build_model(cfg, FEATURES, OmegaConf.create(tasks_for(name)))
     batch = make_batch(FEATURES, tasks_for(name))
     assert set(model(batch.dense, batch.sparse)) == set(tasks_for(name))
+    assert isinstance(model, cls) and model.features is FEATURES
+    # a run config of mtlib 0.1 (the input arch's settings on the model node) builds the same model
+    flat = OmegaConf.create({"_target_": target, "_partial_": True, "embedding_dim": 4, **KWARGS[name]})
+    torch.manual_seed(0)
+    a = build_model(cfg, FEATURES, tasks_for(name))
+    torch.manual_seed(0)
+    b = build_model(flat, FEATURES, tasks_for(name))
+    assert a.state_dict().keys() == b.state_dict().keys()
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert instantiate  # (Hydra builds the partial inside build_model)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -409,7 +434,7 @@ def test_grouped_towers_and_gates_equal_each_module_run_alone(per_task_input: bo
 
 def test_towers_run_one_by_one_where_grouping_would_skip_a_hook() -> None:
     """A hook on a tower (feature distillation captures tower inputs that way) must fire: no grouped run then."""
-    model = zoo.MMoE(FEATURES, TASKS)
+    model = zoo.MMoE(InputArch(FEATURES), TASKS)
     dense, sparse = random_inputs(FEATURES, B)
     grouped = model(dense, sparse)
     assert model._grouped_heads()
@@ -420,23 +445,23 @@ def test_towers_run_one_by_one_where_grouping_would_skip_a_hook() -> None:
     handle.remove()
     assert seen == [(B, model.experts.out_dim)]
     torch.testing.assert_close(one_by_one, grouped)
-    fed = zoo.MMoE(FEATURES, TASKS, task_feeds={"like": "click"})
+    fed = zoo.MMoE(InputArch(FEATURES), TASKS, task_feeds={"like": "click"})
     assert not fed._grouped_heads()  # a fed tower waits for its source's output
 
 
 def test_common_validation_errors() -> None:
     with pytest.raises(ValueError, match="unknown activation"):
-        MMoE(FEATURES, TASKS, activation="swishy")
+        MMoE(InputArch(FEATURES), TASKS, activation="swishy")
     with pytest.raises(ValueError, match="at least one task"):
-        MMoE(FEATURES, [])
+        MMoE(InputArch(FEATURES), [])
     with pytest.raises(ValueError, match="unique"):
-        MMoE(FEATURES, ["a", "a"])
+        MMoE(InputArch(FEATURES), ["a", "a"])
     with pytest.raises(TypeError, match="list of task names"):
-        MMoE(FEATURES, "click")
+        MMoE(InputArch(FEATURES), "click")
     with pytest.raises(ValueError, match="num_experts"):
-        MMoE(FEATURES, TASKS, num_experts=0)
+        MMoE(InputArch(FEATURES), TASKS, num_experts=0)
     with pytest.raises(ValueError, match="tower_dims"):
-        SharedBottom(FEATURES, TASKS, tower_dims=[0])
+        SharedBottom(InputArch(FEATURES), TASKS, tower_dims=[0])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -447,19 +472,19 @@ def test_common_validation_errors() -> None:
 def test_parameter_counts_at_mmoe_paper_sizes() -> None:
     d = 100
     features = FeatureSpec(tuple(f"x{i}" for i in range(d)), ())
-    mmoe = MMoE(features, ["y1", "y2"])
+    mmoe = MMoE(InputArch(features), ["y1", "y2"])
     experts = 8 * (d * 16 + 16)
     gates = 2 * (d * 8 + 8)
     towers = 2 * ((16 * 8 + 8) + (8 + 1))
     assert count_parameters(mmoe) == experts + gates + towers == 14834
-    sb = SharedBottom(features, ["y1", "y2"])
+    sb = SharedBottom(InputArch(features), ["y1", "y2"])
     assert count_parameters(sb) == (d * 113 + 113) + 2 * ((113 * 8 + 8) + (8 + 1)) == 13255
 
 
 def test_mmoe_with_one_expert_is_a_shared_bottom() -> None:
     torch.manual_seed(0)
-    mmoe = MMoE(FEATURES, TASKS, embedding_dim=4, num_experts=1, expert_dims=[10])
-    sb = SharedBottom(FEATURES, TASKS, embedding_dim=4, bottom_dims=[10])
+    mmoe = MMoE(InputArch(FEATURES, embedding_dim=4), TASKS, num_experts=1, expert_dims=[10])
+    sb = SharedBottom(InputArch(FEATURES, embedding_dim=4), TASKS, bottom_dims=[10])
     sb.inputs.load_state_dict(mmoe.inputs.state_dict())
     sb.towers.load_state_dict(mmoe.towers.state_dict())
     with torch.no_grad():
@@ -520,8 +545,8 @@ def test_esmm_outputs_and_cvr() -> None:
 def test_esmm_task_names() -> None:
     for bad in (["ctr", "cvr"], ["ctr"], ["ctr", "ctcvr", "extra"]):
         with pytest.raises(ValueError, match="ctcvr_task"):
-            ESMM(FEATURES, bad)
-    model = ESMM(FEATURES, ["conversion", "click"], ctr_task="click", ctcvr_task="conversion")
+            ESMM(InputArch(FEATURES), bad)
+    model = ESMM(InputArch(FEATURES), ["conversion", "click"], ctr_task="click", ctcvr_task="conversion")
     assert list(model(*make_batch(FEATURES, [])[:2])) == ["conversion", "click"]
 
 
@@ -545,7 +570,7 @@ def test_l2_regularization_matches_a_naive_loop() -> None:
     for t in model.tasks[1:]:
         model.bottoms[t].load_state_dict(model.bottoms[model.tasks[0]].state_dict())
     assert model.regularization().item() == 0.0
-    single = L2Sharing(FEATURES, ["only"], bottom_dims=[4])
+    single = L2Sharing(InputArch(FEATURES), ["only"], bottom_dims=[4])
     assert single.regularization().item() == 0.0
     for name in NAMES:
         if name != "l2_sharing":
@@ -558,7 +583,7 @@ def test_cross_stitch_initial_matrix() -> None:
     expected.fill_diagonal_(0.8)
     for alpha in model.stitch:
         torch.testing.assert_close(alpha.detach(), expected)
-    one = CrossStitch(FEATURES, ["only"], bottom_dims=[4])
+    one = CrossStitch(InputArch(FEATURES), ["only"], bottom_dims=[4])
     torch.testing.assert_close(one.stitch.detach(), torch.ones(1, 1, 1))
 
 
@@ -643,10 +668,11 @@ def test_model_configs_instantiate(path: Path) -> None:
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    cfg = OmegaConf.load(path)
+    cfg = group_option("model", path.stem)  # composed: the inputs node from configs/model/inputs/
     tasks = [cfg.ctr_task, cfg.ctcvr_task] if "ctr_task" in cfg else TASKS
-    model = instantiate(cfg)(features=FEATURES, tasks=tasks)
-    assert isinstance(model, MODELS[path.stem])
+    model = build_model(cfg, FEATURES, tasks)
+    assert isinstance(model, MODELS[path.stem]) and isinstance(model.inputs or model.task_inputs, nn.Module)
+    assert instantiate and OmegaConf
     out = model(*make_batch(FEATURES, [])[:2])
     assert set(out) == set(tasks)
 
@@ -656,7 +682,7 @@ def test_shared_representation_carries_every_shared_gradient_path(name: str) -> 
     """The representation is a tensor every task's output depends on; outputs equal plain forward."""
     features = FeatureSpec(("d0", "d1", "d2"), (SparseFeature("item", 50, max_len=1),))
     tasks = ["ctr", "ctcvr"] if name == "esmm" else ["a", "b"]
-    model = MODELS[name](features, tasks)
+    model = MODELS[name](InputArch(features), tasks)
     model.eval()
     dense, sparse = random_inputs(features, batch_size=6)
     outputs, rep = model.forward_with_representation(dense, sparse)
@@ -679,7 +705,7 @@ def test_shared_representation_carries_every_shared_gradient_path(name: str) -> 
 def test_last_shared_parameters_are_shared_and_read_by_every_task(name: str) -> None:
     features = FeatureSpec(("d0", "d1", "d2"), (SparseFeature("item", 50, max_len=1),))
     tasks = ["ctr", "ctcvr"] if name == "esmm" else ["a", "b"]
-    model = MODELS[name](features, tasks)
+    model = MODELS[name](InputArch(features), tasks)
     last = model.last_shared_parameters()
     shared_ids = {id(p) for p in model.parameter_groups()["shared"]}
     assert all(id(p) in shared_ids for p in last)
@@ -701,7 +727,8 @@ FEED_MODELS = sorted(n for n in MODELS if n != "esmm")
 @pytest.mark.parametrize("name", FEED_MODELS)
 def test_task_feeds_estimate_as_feature(name: str, stop_gradient: bool) -> None:
     features = FeatureSpec(("d0", "d1", "d2"), (SparseFeature("item", 50, max_len=1),))
-    model = MODELS[name](features, ["cvr", "ctr"], task_feeds={"cvr": "ctr"}, feed_stop_gradient=stop_gradient)
+    feeds = {"task_feeds": {"cvr": "ctr"}, "feed_stop_gradient": stop_gradient}
+    model = MODELS[name](InputArch(features), ["cvr", "ctr"], **feeds)
     dense, sparse = random_inputs(features, batch_size=8)
     out = model(dense, sparse)
     source_tower = list(model.towers["ctr"].parameters())
@@ -723,8 +750,8 @@ def test_task_feeds_estimate_as_feature(name: str, stop_gradient: bool) -> None:
 def test_task_feeds_validation() -> None:
     features = FeatureSpec(("d0",), ())
     with pytest.raises(ValueError, match="cycle"):
-        MMoE(features, ["a", "b"], task_feeds={"a": "b", "b": "a"})
+        MMoE(InputArch(features), ["a", "b"], task_feeds={"a": "b", "b": "a"})
     with pytest.raises(ValueError, match="'c' is not one of"):
-        MMoE(features, ["a", "b"], task_feeds={"a": "c"})
+        MMoE(InputArch(features), ["a", "b"], task_feeds={"a": "c"})
     with pytest.raises(ValueError, match="itself"):
-        MMoE(features, ["a", "b"], task_feeds={"a": "a"})
+        MMoE(InputArch(features), ["a", "b"], task_feeds={"a": "a"})

@@ -20,7 +20,7 @@ from mtl.gradients import GRADIENT_METHODS, build_gradient_method
 from mtl.split import TaskSplit
 from mtl.tasks import TaskSpec
 from mtrec.data.batch import FeatureSpec, SparseFeature, TabularDataset
-from mtrec.models import MODELS, MultiTaskModel
+from mtrec.models import MODELS, InputArch, MultiTaskModel
 from mtrec.trainer import Trainer, TrainerConfig
 
 D64 = torch.float64
@@ -47,8 +47,10 @@ def _one_thread():
 
 def make(name: str, seed: int = 0, tasks: list[str] = TASKS, **overrides) -> MultiTaskModel:
     torch.manual_seed(seed)
-    kwargs = {"embedding_dim": 4, "dense_dims": [5], "tower_dims": [8], **SPLITTABLE.get(name, {}), **overrides}
-    return functools.partial(MODELS[name], **kwargs)(features=FEATURES, tasks=tasks)
+    kwargs = {"tower_dims": [8], **SPLITTABLE.get(name, {}), **overrides}
+    shared = {k: kwargs[k] for k in ("activation", "dropout") if k in kwargs}
+    inputs = InputArch(FEATURES, embedding_dim=4, dense_dims=[5], **shared)
+    return functools.partial(MODELS[name], **kwargs)(inputs=inputs, tasks=tasks)
 
 
 def make_data(n: int, tasks: list[str], seed: int = 0, regression: bool = False) -> TabularDataset:

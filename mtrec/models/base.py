@@ -32,7 +32,6 @@ from torch import Tensor, nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from mtl.split import TaskSplit
-from mtrec.data.batch import FeatureSpec
 from mtrec.models.inputs import InputArch
 from mtrec.models.layers import Tower, check_dims, grouped_towers
 
@@ -83,44 +82,56 @@ def _layout(tower: nn.Module) -> list[tuple[type, int, int]]:
 class MultiTaskModel(nn.Module):
     """Base class: owns the input arch and the task list; subclasses build the body and the heads.
 
-    Subclasses implement :meth:`_forward` (returning outputs and gates) and :meth:`_task_owned`
-    (the modules or parameters only one task uses). ``self.inputs`` is the shared
-    :class:`~mtrec.models.inputs.InputArch` unless a subclass sets ``build_inputs=False``.
+    A model takes its input arch built (an :class:`~mtrec.models.inputs.InputArch` on the data's features, as
+    TorchRec's DLRM takes a built ``EmbeddingBagCollection``): :func:`mtrec.models.build_model` builds both from a
+    config. Subclasses take their own hyperparameters and pass the settings every model shares (``**common``:
+    ``tower_dims``, ``dropout``, ``activation``, ``task_feeds``, ``feed_stop_gradient``) to this constructor;
+    they implement :meth:`_forward` (returning outputs and gates) and :meth:`_task_owned` (the modules or
+    parameters only one task uses).
+
+    Args:
+        inputs: the input arch every task reads (``self.inputs``; its ``features`` are the model's).
+        tasks: the task names, one output each.
+        tower_dims: hidden widths of each task's tower.
+        dropout: dropout of the body's and the towers' hidden layers, in ``[0, 1)``.
+        activation: their activation (:func:`~mtrec.models.layers.make_activation`).
+        task_feeds: estimate-as-feature, ``{target: source}``: the source task's output is one more input of
+            the target's tower.
+        feed_stop_gradient: the fed estimate enters behind a stop-gradient (the target's loss does not train
+            the source).
     """
 
     def __init__(
         self,
-        features: FeatureSpec,
+        inputs: InputArch,
         tasks: Sequence[str],
         *,
-        embedding_dim: int = 16,
-        dense_dims: Sequence[int] = (),
         tower_dims: Sequence[int] = (8,),
         dropout: float = 0.0,
         activation: str = "relu",
         task_feeds: Mapping[str, str] | None = None,
         feed_stop_gradient: bool = True,
-        build_inputs: bool = True,
     ) -> None:
         super().__init__()
+        if not isinstance(inputs, InputArch):
+            raise TypeError(
+                f"inputs must be a built mtrec.models.InputArch (e.g. InputArch(features, embedding_dim=16)), got "
+                f"{type(inputs).__name__}; mtrec.models.build_model builds both from a config"
+            )
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-        self.features = features
+        self.features = inputs.features
         self.tasks = check_tasks(tasks)
-        self.embedding_dim = embedding_dim
-        self.dense_dims = check_dims("dense_dims", dense_dims)
         self.tower_dims = check_dims("tower_dims", tower_dims)
         self.dropout = dropout
         self.activation = activation
         self.task_feeds = self._check_feeds(task_feeds or {})
         self.feed_stop_gradient = bool(feed_stop_gradient)
-        self.inputs: InputArch | None = None
+        self.inputs: InputArch | None = inputs
         self._capture_representation = False
         self._representation: Tensor | None = None
         self._split: TaskSplit | None = None
         self._towers_alike: tuple[tuple[int, ...], bool] | None = None  # (tower ids, same layout), see _grouped_heads
-        if build_inputs:
-            self.inputs = self.make_inputs()
 
     def _check_feeds(self, feeds: Mapping[str, str]) -> dict[str, str]:
         """Validate ``task_feeds`` (``{target: source}``) and order the towers so sources run first."""
@@ -202,10 +213,6 @@ class MultiTaskModel(nn.Module):
                 h = torch.cat([h, estimate.unsqueeze(-1).to(h.dtype)], dim=-1)
             out[t] = self.towers[t](h)
         return {t: out[t] for t in self.tasks}
-
-    def make_inputs(self) -> InputArch:
-        """A fresh input arch with this model's embedding, dense and activation settings."""
-        return InputArch(self.features, self.embedding_dim, self.dense_dims, self.activation, self.dropout)
 
     # --- the contract ----------------------------------------------------------------------------
     def forward(self, dense: Tensor, sparse: KeyedJaggedTensor) -> Outputs:

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from mtrec.data.batch import FeatureSpec
 from mtrec.models.base import Gates, MultiTaskModel, Outputs
+from mtrec.models.inputs import InputArch
 from mtrec.models.layers import Tower, check_dims
 
 
@@ -61,9 +62,9 @@ class ESMM(MultiTaskModel):
     Example::
 
         >>> from mtrec.data.batch import FeatureSpec, SparseFeature
-        >>> from mtrec.models import random_inputs
+        >>> from mtrec.models import InputArch, random_inputs
         >>> features = FeatureSpec(("price",), (SparseFeature("user", 100), SparseFeature("item", 100)))
-        >>> model = ESMM(features, ["ctr", "ctcvr"], tower_dims=[32, 16])
+        >>> model = ESMM(InputArch(features), ["ctr", "ctcvr"], tower_dims=[32, 16])
         >>> dense, sparse = random_inputs(features, batch_size=4)
         >>> {k: tuple(v.shape) for k, v in model(dense, sparse).items()}
         {'ctr': (4,), 'ctcvr': (4,)}
@@ -73,28 +74,18 @@ class ESMM(MultiTaskModel):
 
     def __init__(
         self,
-        features: FeatureSpec,
+        inputs: InputArch,
         tasks: Sequence[str],
         *,
-        embedding_dim: int = 16,
-        dense_dims: Sequence[int] = (),
-        tower_dims: Sequence[int] = (8,),
-        dropout: float = 0.0,
-        activation: str = "relu",
         ctr_task: str = "ctr",
         ctcvr_task: str = "ctcvr",
         ctr_dims: Sequence[int] | None = None,
         cvr_dims: Sequence[int] | None = None,
+        **common: Any,
     ) -> None:
-        super().__init__(
-            features,
-            tasks,
-            embedding_dim=embedding_dim,
-            dense_dims=dense_dims,
-            tower_dims=tower_dims,
-            dropout=dropout,
-            activation=activation,
-        )
+        if common.get("task_feeds"):
+            raise ValueError("ESMM does not take task_feeds: its CVR tower already reads the CTR estimate's input")
+        super().__init__(inputs, tasks, **common)
         if ctr_task == ctcvr_task or set(self.tasks) != {ctr_task, ctcvr_task} or len(self.tasks) != 2:
             raise ValueError(
                 f"ESMM needs exactly the tasks ctr_task={ctr_task!r} and ctcvr_task={ctcvr_task!r}, got "
@@ -104,8 +95,8 @@ class ESMM(MultiTaskModel):
         ctr_dims = check_dims("ctr_dims", self.tower_dims if ctr_dims is None else ctr_dims)
         cvr_dims = check_dims("cvr_dims", self.tower_dims if cvr_dims is None else cvr_dims)
         assert self.inputs is not None
-        self.ctr_tower = Tower(self.inputs.out_dim, ctr_dims, activation, dropout)
-        self.cvr_tower = Tower(self.inputs.out_dim, cvr_dims, activation, dropout)
+        self.ctr_tower = Tower(self.inputs.out_dim, ctr_dims, self.activation, self.dropout)
+        self.cvr_tower = Tower(self.inputs.out_dim, cvr_dims, self.activation, self.dropout)
 
     def _forward(self, dense: Tensor, sparse: KeyedJaggedTensor) -> tuple[Outputs, Gates]:
         x = self._input_vector(dense, sparse)

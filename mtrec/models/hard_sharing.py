@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from torch import Tensor, nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from mtrec.data.batch import FeatureSpec
 from mtrec.models.base import Gates, MultiTaskModel, Outputs
+from mtrec.models.inputs import InputArch
 from mtrec.models.layers import MLP
 
 
 class SingleTask(MultiTaskModel):
     """``k`` independent single-task models trained jointly: nothing is shared.
 
-    Each task has its own input arch (its own ``EmbeddingBagCollection`` and dense arch), its own bottom
+    Each task has its own input arch (the one given for the first task, a newly initialised copy of it for each
+    other: its own ``EmbeddingBagCollection`` and dense arch), its own bottom
     MLP (``bottom_dims``) and its own tower, so the ``"shared"`` parameter group is empty. The baseline
     that every multi-task model should beat.
 
@@ -25,9 +27,9 @@ class SingleTask(MultiTaskModel):
     Example::
 
         >>> from mtrec.data.batch import FeatureSpec, SparseFeature
-        >>> from mtrec.models import random_inputs
+        >>> from mtrec.models import InputArch, random_inputs
         >>> features = FeatureSpec(("age", "income"), (SparseFeature("city", 100),))
-        >>> model = SingleTask(features, ["ctr", "cvr"], bottom_dims=[32])
+        >>> model = SingleTask(InputArch(features), ["ctr", "cvr"], bottom_dims=[32])
         >>> dense, sparse = random_inputs(features, batch_size=4)
         >>> {k: tuple(v.shape) for k, v in model(dense, sparse).items()}
         {'ctr': (4,), 'cvr': (4,)}
@@ -37,33 +39,19 @@ class SingleTask(MultiTaskModel):
 
     def __init__(
         self,
-        features: FeatureSpec,
+        inputs: InputArch,
         tasks: Sequence[str],
         *,
-        embedding_dim: int = 16,
-        dense_dims: Sequence[int] = (),
-        tower_dims: Sequence[int] = (8,),
-        dropout: float = 0.0,
-        activation: str = "relu",
-        task_feeds: Mapping[str, str] | None = None,
-        feed_stop_gradient: bool = True,
         bottom_dims: Sequence[int] = (113,),
+        **common: Any,
     ) -> None:
-        super().__init__(
-            features,
-            tasks,
-            embedding_dim=embedding_dim,
-            dense_dims=dense_dims,
-            tower_dims=tower_dims,
-            dropout=dropout,
-            activation=activation,
-            task_feeds=task_feeds,
-            feed_stop_gradient=feed_stop_gradient,
-            build_inputs=False,
-        )
-        self.task_inputs = nn.ModuleDict({t: self.make_inputs() for t in self.tasks})
+        super().__init__(inputs, tasks, **common)
+        # The first task reads the input arch given; every other task gets its own, built like it and newly
+        # initialised (in task order, as if each had been built for its task).
+        first, self.inputs = inputs, None
+        self.task_inputs = nn.ModuleDict({t: first if i == 0 else first.fresh_copy() for i, t in enumerate(self.tasks)})
         in_dim = self.task_inputs[self.tasks[0]].out_dim
-        self.bottoms = nn.ModuleDict({t: MLP(in_dim, bottom_dims, activation, dropout) for t in self.tasks})
+        self.bottoms = nn.ModuleDict({t: MLP(in_dim, bottom_dims, self.activation, self.dropout) for t in self.tasks})
         out_dim = self.bottoms[self.tasks[0]].out_dim
         self.towers = self._build_towers(out_dim)
 
@@ -87,9 +75,9 @@ class SharedBottom(MultiTaskModel):
     Example::
 
         >>> from mtrec.data.batch import FeatureSpec
-        >>> from mtrec.models import random_inputs
+        >>> from mtrec.models import InputArch, random_inputs
         >>> features = FeatureSpec(tuple(f"x{i}" for i in range(100)), ())
-        >>> model = SharedBottom(features, ["y1", "y2"])
+        >>> model = SharedBottom(InputArch(features), ["y1", "y2"])
         >>> dense, sparse = random_inputs(features, batch_size=4)
         >>> {k: tuple(v.shape) for k, v in model(dense, sparse).items()}
         {'y1': (4,), 'y2': (4,)}
@@ -97,31 +85,15 @@ class SharedBottom(MultiTaskModel):
 
     def __init__(
         self,
-        features: FeatureSpec,
+        inputs: InputArch,
         tasks: Sequence[str],
         *,
-        embedding_dim: int = 16,
-        dense_dims: Sequence[int] = (),
-        tower_dims: Sequence[int] = (8,),
-        dropout: float = 0.0,
-        activation: str = "relu",
-        task_feeds: Mapping[str, str] | None = None,
-        feed_stop_gradient: bool = True,
         bottom_dims: Sequence[int] = (113,),
+        **common: Any,
     ) -> None:
-        super().__init__(
-            features,
-            tasks,
-            embedding_dim=embedding_dim,
-            dense_dims=dense_dims,
-            tower_dims=tower_dims,
-            dropout=dropout,
-            activation=activation,
-            task_feeds=task_feeds,
-            feed_stop_gradient=feed_stop_gradient,
-        )
+        super().__init__(inputs, tasks, **common)
         assert self.inputs is not None
-        self.bottom = MLP(self.inputs.out_dim, bottom_dims, activation, dropout)
+        self.bottom = MLP(self.inputs.out_dim, bottom_dims, self.activation, self.dropout)
         self.towers = self._build_towers(self.bottom.out_dim)
 
     def _forward(self, dense: Tensor, sparse: KeyedJaggedTensor) -> tuple[Outputs, Gates]:

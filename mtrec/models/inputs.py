@@ -60,6 +60,8 @@ class InputArch(nn.Module):
         if embedding_dim <= 0:
             raise ValueError(f"embedding_dim must be > 0, got {embedding_dim}")
         self.features = features
+        self.settings = {"embedding_dim": embedding_dim, "dense_dims": tuple(dense_dims), "activation": activation,
+                         "dropout": dropout}  # fmt: skip
         self.sparse_names = features.sparse_names
         self.ebc: EmbeddingBagCollection | None = None
         if features.sparse:
@@ -85,6 +87,11 @@ class InputArch(nn.Module):
         self.out_dim = len(features.sparse) * embedding_dim + dense_out
         if self.out_dim == 0:
             raise ValueError("the FeatureSpec has no dense and no sparse features; a model needs some")
+
+    def fresh_copy(self) -> InputArch:
+        """A new input arch on the same features with the same settings and its own weights, initialised as
+        construction initialises them (the same random draws, in the same order)."""
+        return InputArch(self.features, **self.settings)
 
     def forward(self, dense: Tensor, sparse: KeyedJaggedTensor) -> Tensor:
         if dense.dim() != 2 or dense.shape[1] != self.features.dense_dim:

@@ -9,14 +9,15 @@ product for all of them) rather than a loop over small modules; gates are softma
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from mtrec.data.batch import FeatureSpec
 from mtrec.models.base import SHARED, Gates, MultiTaskModel, Outputs
+from mtrec.models.inputs import InputArch
 from mtrec.models.layers import Gate, GroupedMLP, grouped_gates, grouped_mix, mix
 
 
@@ -33,34 +34,18 @@ class _MixtureOfExperts(MultiTaskModel):
 
     def __init__(
         self,
-        features: FeatureSpec,
+        inputs: InputArch,
         tasks: Sequence[str],
         *,
-        embedding_dim: int = 16,
-        dense_dims: Sequence[int] = (),
-        tower_dims: Sequence[int] = (8,),
-        dropout: float = 0.0,
-        activation: str = "relu",
-        task_feeds: Mapping[str, str] | None = None,
-        feed_stop_gradient: bool = True,
         num_experts: int = 8,
         expert_dims: Sequence[int] = (16,),
+        **common: Any,
     ) -> None:
-        super().__init__(
-            features,
-            tasks,
-            embedding_dim=embedding_dim,
-            dense_dims=dense_dims,
-            tower_dims=tower_dims,
-            dropout=dropout,
-            activation=activation,
-            task_feeds=task_feeds,
-            feed_stop_gradient=feed_stop_gradient,
-        )
+        super().__init__(inputs, tasks, **common)
         assert self.inputs is not None
         in_dim = self.inputs.out_dim
         self.num_experts = _check_count("num_experts", num_experts, 1)
-        self.experts = GroupedMLP(num_experts, in_dim, expert_dims, activation, dropout)
+        self.experts = GroupedMLP(num_experts, in_dim, expert_dims, self.activation, self.dropout)
         gate_names = self.tasks if self.per_task_gates else (SHARED,)
         self.gates = nn.ModuleDict({g: Gate(in_dim, num_experts) for g in gate_names})
         self.towers = self._build_towers(self.experts.out_dim)
@@ -112,9 +97,9 @@ class MMoE(_MixtureOfExperts):
     Example::
 
         >>> from mtrec.data.batch import FeatureSpec
-        >>> from mtrec.models import random_inputs
+        >>> from mtrec.models import InputArch, random_inputs
         >>> features = FeatureSpec(tuple(f"x{i}" for i in range(100)), ())
-        >>> model = MMoE(features, ["y1", "y2"])
+        >>> model = MMoE(InputArch(features), ["y1", "y2"])
         >>> dense, sparse = random_inputs(features, batch_size=4)
         >>> out, gates = model.forward_with_gates(dense, sparse)
         >>> tuple(out["y1"].shape), tuple(gates["y1"].shape)
@@ -141,9 +126,9 @@ class OMoE(_MixtureOfExperts):
     Example::
 
         >>> from mtrec.data.batch import FeatureSpec
-        >>> from mtrec.models import random_inputs
+        >>> from mtrec.models import InputArch, random_inputs
         >>> features = FeatureSpec(tuple(f"x{i}" for i in range(100)), ())
-        >>> out, gates = OMoE(features, ["y1", "y2"]).forward_with_gates(*random_inputs(features, 4))
+        >>> out, gates = OMoE(InputArch(features), ["y1", "y2"]).forward_with_gates(*random_inputs(features, 4))
         >>> tuple(out["y2"].shape), list(gates), tuple(gates["shared"].shape)
         ((4,), ['shared'], (4, 8))
     """
@@ -237,9 +222,9 @@ class PLE(MultiTaskModel):
     Example::
 
         >>> from mtrec.data.batch import FeatureSpec, SparseFeature
-        >>> from mtrec.models import random_inputs
+        >>> from mtrec.models import InputArch, random_inputs
         >>> features = FeatureSpec(("age",), (SparseFeature("city", 100),))
-        >>> model = PLE(features, ["ctr", "cvr"], num_levels=2, num_shared_experts=2, num_task_experts=1)
+        >>> model = PLE(InputArch(features), ["ctr", "cvr"], num_levels=2, num_shared_experts=2, num_task_experts=1)
         >>> out, gates = model.forward_with_gates(*random_inputs(features, 4))
         >>> for name, g in gates.items():
         ...     print(name, tuple(g.shape))
@@ -252,32 +237,16 @@ class PLE(MultiTaskModel):
 
     def __init__(
         self,
-        features: FeatureSpec,
+        inputs: InputArch,
         tasks: Sequence[str],
         *,
-        embedding_dim: int = 16,
-        dense_dims: Sequence[int] = (),
-        tower_dims: Sequence[int] = (8,),
-        dropout: float = 0.0,
-        activation: str = "relu",
-        task_feeds: Mapping[str, str] | None = None,
-        feed_stop_gradient: bool = True,
         num_levels: int = 2,
         num_shared_experts: int = 4,
         num_task_experts: int = 2,
         expert_dims: Sequence[int] = (16,),
+        **common: Any,
     ) -> None:
-        super().__init__(
-            features,
-            tasks,
-            embedding_dim=embedding_dim,
-            dense_dims=dense_dims,
-            tower_dims=tower_dims,
-            dropout=dropout,
-            activation=activation,
-            task_feeds=task_feeds,
-            feed_stop_gradient=feed_stop_gradient,
-        )
+        super().__init__(inputs, tasks, **common)
         assert self.inputs is not None
         self.num_levels = _check_count("num_levels", num_levels, 1)
         self.num_shared_experts = _check_count("num_shared_experts", num_shared_experts, 1)
@@ -292,8 +261,8 @@ class PLE(MultiTaskModel):
                 num_task_experts,
                 num_shared_experts,
                 with_shared_gate=level < num_levels - 1,
-                activation=activation,
-                dropout=dropout,
+                activation=self.activation,
+                dropout=self.dropout,
             )
             self.levels.append(extraction)
             in_dim = extraction.out_dim
@@ -350,43 +319,31 @@ class CGC(PLE):
     Example::
 
         >>> from mtrec.data.batch import FeatureSpec, SparseFeature
-        >>> from mtrec.models import random_inputs
+        >>> from mtrec.models import InputArch, random_inputs
         >>> features = FeatureSpec(("age",), (SparseFeature("city", 100),))
-        >>> out, gates = CGC(features, ["ctr", "cvr"]).forward_with_gates(*random_inputs(features, 4))
+        >>> out, gates = CGC(InputArch(features), ["ctr", "cvr"]).forward_with_gates(*random_inputs(features, 4))
         >>> {k: tuple(v.shape) for k, v in gates.items()}
         {'ctr': (4, 6), 'cvr': (4, 6)}
     """
 
     def __init__(
         self,
-        features: FeatureSpec,
+        inputs: InputArch,
         tasks: Sequence[str],
         *,
-        embedding_dim: int = 16,
-        dense_dims: Sequence[int] = (),
-        tower_dims: Sequence[int] = (8,),
-        dropout: float = 0.0,
-        activation: str = "relu",
-        task_feeds: Mapping[str, str] | None = None,
-        feed_stop_gradient: bool = True,
         num_shared_experts: int = 4,
         num_task_experts: int = 2,
         expert_dims: Sequence[int] = (16,),
+        **common: Any,
     ) -> None:
         super().__init__(
-            features,
+            inputs,
             tasks,
-            embedding_dim=embedding_dim,
-            dense_dims=dense_dims,
-            tower_dims=tower_dims,
-            dropout=dropout,
-            activation=activation,
-            task_feeds=task_feeds,
-            feed_stop_gradient=feed_stop_gradient,
             num_levels=1,
             num_shared_experts=num_shared_experts,
             num_task_experts=num_task_experts,
             expert_dims=expert_dims,
+            **common,
         )
 
     def _gate_name(self, name: str, level: int) -> str:

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from mtrec.data.batch import FeatureSpec
 from mtrec.models.base import Gates, MultiTaskModel, Outputs
+from mtrec.models.inputs import InputArch
 from mtrec.models.layers import MLP, GroupedLinear, check_dims, make_activation
 
 
@@ -36,9 +37,9 @@ class L2Sharing(MultiTaskModel):
     Example::
 
         >>> from mtrec.data.batch import FeatureSpec
-        >>> from mtrec.models import random_inputs
+        >>> from mtrec.models import InputArch, random_inputs
         >>> features = FeatureSpec(tuple(f"x{i}" for i in range(10)), ())
-        >>> model = L2Sharing(features, ["y1", "y2"], bottom_dims=[16], l2_weight=0.01)
+        >>> model = L2Sharing(InputArch(features), ["y1", "y2"], bottom_dims=[16], l2_weight=0.01)
         >>> out = model(*random_inputs(features, 4))
         >>> tuple(out["y1"].shape), tuple(model.regularization().shape)
         ((4,), ())
@@ -46,37 +47,21 @@ class L2Sharing(MultiTaskModel):
 
     def __init__(
         self,
-        features: FeatureSpec,
+        inputs: InputArch,
         tasks: Sequence[str],
         *,
-        embedding_dim: int = 16,
-        dense_dims: Sequence[int] = (),
-        tower_dims: Sequence[int] = (8,),
-        dropout: float = 0.0,
-        activation: str = "relu",
-        task_feeds: Mapping[str, str] | None = None,
-        feed_stop_gradient: bool = True,
         bottom_dims: Sequence[int] = (113,),
         l2_weight: float = 1e-3,
+        **common: Any,
     ) -> None:
-        super().__init__(
-            features,
-            tasks,
-            embedding_dim=embedding_dim,
-            dense_dims=dense_dims,
-            tower_dims=tower_dims,
-            dropout=dropout,
-            activation=activation,
-            task_feeds=task_feeds,
-            feed_stop_gradient=feed_stop_gradient,
-        )
+        super().__init__(inputs, tasks, **common)
         if l2_weight < 0:
             raise ValueError(f"l2_weight must be >= 0, got {l2_weight}")
         self.l2_weight = float(l2_weight)
         assert self.inputs is not None
         dims = check_dims("bottom_dims", bottom_dims, allow_empty=False)
         in_dim = self.inputs.out_dim
-        self.bottoms = nn.ModuleDict({t: MLP(in_dim, dims, activation, dropout) for t in self.tasks})
+        self.bottoms = nn.ModuleDict({t: MLP(in_dim, dims, self.activation, self.dropout) for t in self.tasks})
         out_dim = dims[-1]
         self.towers = self._build_towers(out_dim)
 
@@ -118,9 +103,9 @@ class CrossStitch(MultiTaskModel):
     Example::
 
         >>> from mtrec.data.batch import FeatureSpec, SparseFeature
-        >>> from mtrec.models import random_inputs
+        >>> from mtrec.models import InputArch, random_inputs
         >>> features = FeatureSpec(("age",), (SparseFeature("city", 100),))
-        >>> model = CrossStitch(features, ["ctr", "cvr", "like"], bottom_dims=[32, 16])
+        >>> model = CrossStitch(InputArch(features), ["ctr", "cvr", "like"], bottom_dims=[32, 16])
         >>> out = model(*random_inputs(features, 4))
         >>> {k: tuple(v.shape) for k, v in out.items()}, tuple(model.stitch.shape)
         ({'ctr': (4,), 'cvr': (4,), 'like': (4,)}, (2, 3, 3))
@@ -128,30 +113,14 @@ class CrossStitch(MultiTaskModel):
 
     def __init__(
         self,
-        features: FeatureSpec,
+        inputs: InputArch,
         tasks: Sequence[str],
         *,
-        embedding_dim: int = 16,
-        dense_dims: Sequence[int] = (),
-        tower_dims: Sequence[int] = (8,),
-        dropout: float = 0.0,
-        activation: str = "relu",
-        task_feeds: Mapping[str, str] | None = None,
-        feed_stop_gradient: bool = True,
         bottom_dims: Sequence[int] = (64, 32),
         alpha_self: float = 0.9,
+        **common: Any,
     ) -> None:
-        super().__init__(
-            features,
-            tasks,
-            embedding_dim=embedding_dim,
-            dense_dims=dense_dims,
-            tower_dims=tower_dims,
-            dropout=dropout,
-            activation=activation,
-            task_feeds=task_feeds,
-            feed_stop_gradient=feed_stop_gradient,
-        )
+        super().__init__(inputs, tasks, **common)
         if not 0.0 <= alpha_self <= 1.0:
             raise ValueError(f"alpha_self must be in [0, 1], got {alpha_self}")
         dims = check_dims("bottom_dims", bottom_dims, allow_empty=False)
@@ -162,8 +131,8 @@ class CrossStitch(MultiTaskModel):
         for h in dims:
             self.columns.append(GroupedLinear(k, d, h))
             d = h
-        self.act = make_activation(activation)
-        self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.act = make_activation(self.activation)
+        self.drop = nn.Dropout(self.dropout) if self.dropout > 0 else nn.Identity()
         if k == 1:
             init = torch.ones(1, 1)
         else:
