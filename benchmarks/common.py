@@ -20,11 +20,11 @@ if str(REPO) not in sys.path:
 def compose(*overrides: str):
     """The ``mtrec`` config with overrides, as ``mtrec-train`` would see it."""
     from hydra import compose as _compose
-    from hydra import initialize_config_dir
+    from hydra import initialize_config_module
 
-    from mtrec.train import CONFIG_DIR
+    from mtl.config import CONFIG_PATH
 
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+    with initialize_config_module(CONFIG_PATH.removeprefix("pkg://"), version_base="1.3"):
         return _compose(config_name="mtrec", overrides=list(overrides))
 
 

@@ -2,7 +2,7 @@
 
     python benchmarks/distill.py [--quick] [--seeds 3] [--datasets census synthetic] [--path FILE] [--workdir DIR]
 
-For each dataset and seed: ``mtrec-teachers`` (one single-task model per task, :func:`mtrec.distill.train_teachers`),
+For each dataset and seed: ``mtrec-teachers`` (one single-task model per task, :func:`mtrec.train.train_teachers`),
 a plain MMoE (``baseline``) and the distilled MMoE (``student``: ``mtrec-train distill=... distill.teachers=...``),
 all with the same trainer settings, early stopping on validation AUC, and test metrics of the best-validation
 checkpoint. The distillation settings (alpha, T, annealing, feature term) are chosen on **validation** only: every
@@ -73,10 +73,8 @@ def dataset_settings(name: str, quick: bool, path: str | None) -> dict[str, Any]
 
 
 def student_overrides(candidate: tuple[str, float, float, bool, float], teachers: Path) -> list[str]:
-    from mtrec.train import CONFIG_DIR
-
     _, alpha, temperature, anneal, feature = candidate
-    defaults = yaml.safe_load((Path(CONFIG_DIR) / "mtrec.yaml").read_text()).get("defaults", [])
+    defaults = yaml.safe_load((REPO / "configs" / "mtrec.yaml").read_text()).get("defaults", [])
     listed = any(isinstance(d, dict) and "distill" in d for d in defaults)
     group = "distill=soft" if listed else "+distill=soft"  # whether configs/mtrec.yaml lists the group yet
     return [
@@ -118,14 +116,14 @@ def inference_cost(data_overrides: list[str], teachers_dir: Path, rounds: int = 
     from hydra.utils import instantiate
 
     from mtrec.distill import load_teachers
-    from mtrec.models import count_parameters
+    from mtrec.models import build_model, count_parameters
 
     torch.set_num_threads(1)
     cfg = compose(*data_overrides)
     bundle = instantiate(cfg.data)
     tasks = bundle.tasks
     torch.manual_seed(0)
-    student = instantiate(cfg.model)(features=bundle.features, tasks=[t.name for t in tasks]).eval()
+    student = build_model(cfg.model, bundle.features, [t.name for t in tasks]).eval()
     teachers = list(load_teachers(teachers_dir, tasks, features=bundle.features).values())
     out: dict[str, Any] = {
         "student": {"networks": 1, "parameters": count_parameters(student)},
@@ -163,8 +161,7 @@ def inference_cost(data_overrides: list[str], teachers_dir: Path, rounds: int = 
 def run_dataset(name: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any] | None:
     from tqdm import tqdm
 
-    from mtrec.distill import train_teachers
-    from mtrec.train import run
+    from mtrec.train import run, train_teachers
 
     path = args.path
     if name == "census":

@@ -234,22 +234,22 @@ def _factory(group: str, name: str, registry: dict[str, Any]) -> Callable[..., A
 def weighting_names() -> list[str]:
     """Every registered weighting, then every ``configs/weighting`` variant of one (e.g. ``famo_next``)."""
     from mtl.weighting import WEIGHTINGS
-    from mtrec.train import CONFIG_DIR
 
-    extra = sorted(p.stem for p in (Path(CONFIG_DIR) / "weighting").glob("*.yaml") if p.stem not in WEIGHTINGS)
+    extra = sorted(p.stem for p in (REPO / "configs" / "weighting").glob("*.yaml") if p.stem not in WEIGHTINGS)
     return [*WEIGHTINGS, *extra]
 
 
 def build_model(features: Any, tasks: list[Any], seed: int) -> Any:
     import torch
-    from hydra.utils import instantiate
+
+    from mtrec.models import build_model as build_from_config
 
     node = _config("model", "mmoe")
     assert node is not None, "configs/model/mmoe.yaml is missing"
     sizes = (node.num_experts, list(node.expert_dims), list(node.tower_dims))
     assert sizes == (8, [16], [8]), f"configs/model/mmoe.yaml no longer has the paper's sizes: {sizes}"
     torch.manual_seed(seed)
-    return instantiate(node)(features=features, tasks=[t.name for t in tasks])
+    return build_from_config(node, features, [t.name for t in tasks])
 
 
 def build_optimizer(model: Any, tasks: list[Any], extra: list[Any], lr: float) -> Any:

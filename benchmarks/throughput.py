@@ -155,15 +155,13 @@ def build_mtlib(bundle: Any, args: argparse.Namespace) -> tuple[Any, StepFn]:
     import torch
 
     from mtl.tasks import compute_losses, total_loss
-    from mtrec.models import MMoE
+    from mtrec.models import InputArch, MMoE
 
     torch.manual_seed(args.seed)
     tasks = bundle.tasks
     model = MMoE(
-        bundle.features,
+        InputArch(bundle.features, embedding_dim=16, dense_dims=()),
         [t.name for t in tasks],
-        embedding_dim=16,
-        dense_dims=(),
         num_experts=8,
         expert_dims=(16,),
         tower_dims=(8,),

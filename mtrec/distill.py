@@ -41,7 +41,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
@@ -50,6 +49,7 @@ from mtl.distill import Distiller
 from mtl.tasks import TaskSpec
 from mtrec.data.batch import Batch, DataBundle, FeatureSpec
 from mtrec.data.errors import InputNotFoundError
+from mtrec.models import build_model
 
 __all__ = [
     "FORMAT",
@@ -205,7 +205,7 @@ def load_teachers(
         if features is not None and spec != features:
             raise ValueError(f"{run_dir}: the teacher of {t.name!r} reads other features than the student")
         teacher_tasks = [x["name"] for x in saved["tasks"]]
-        model = instantiate(teacher_cfg.model)(features=spec, tasks=teacher_tasks)
+        model = build_model(teacher_cfg.model, spec, teacher_tasks)
         model.load_state_dict(load_checkpoint(_resolve(base, entry["checkpoint"]))["model"])
         model.eval().requires_grad_(False)
         teachers[t.name] = model

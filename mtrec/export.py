@@ -52,7 +52,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from hydra.core.config_store import ConfigStore
-from hydra.utils import instantiate
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from torch import Tensor, nn
@@ -61,6 +60,7 @@ from mtl.checkpoint import load_checkpoint
 from mtrec.data.batch import FeatureSpec, build_kjt
 from mtrec.data.encoding import ValueEncoding, value_encoding
 from mtrec.data.errors import InputNotFoundError
+from mtrec.models import build_model
 from mtrec.models.base import MultiTaskModel
 from mtrec.models.inputs import InputArch, table_name
 from mtrec.trainer import BEST, LAST
@@ -573,7 +573,7 @@ def load_run(run_dir: str | Path, checkpoint: str = "best") -> RunArtifacts:
     features = json.loads(features_path.read_text())
     spec = FeatureSpec.from_dict(features["features"])
     tasks = [t["name"] for t in features["tasks"]]
-    model = instantiate(cfg.model)(features=spec, tasks=tasks)
+    model = build_model(cfg.model, spec, tasks)
     state = load_checkpoint(ckpt_path)
     try:
         model.load_state_dict(state["model"])
@@ -670,7 +670,8 @@ def export_run(cfg: Any) -> ExportResult:
     Raises:
         ValueError / FileNotFoundError: a bad config or run directory (:func:`load_run`).
         serving.export.ParityError: ONNX Runtime disagrees with torch beyond the tolerance (nothing written).
-        serving.export.ExportError: the version exists, the model's config declares other tensors, ...
+        serving.export.ExportRequestError: the version exists, a bad name (a ``ValueError``: ``mtrec-export`` exits 2).
+        serving.export.ExportError: the model's config declares other tensors, ...
     """
     c = export_config(cfg)
     run = load_run(c.run_dir, c.checkpoint)

@@ -99,21 +99,27 @@ def network_config(cfg: DictConfig, tasks: Sequence[str], max_steps: int, width:
 
 
 def scale_widths(model: Any, factor: float) -> DictConfig:
-    """A copy of a ``model`` config node with every ``*_dim`` int and ``*_dims`` list scaled (at least 1).
+    """A copy of a ``model`` config node with every ``*_dim`` int and ``*_dims`` list scaled (at least 1), in
+    nested nodes too (the input arch's ``inputs``).
 
-    >>> dict(scale_widths({"embedding_dim": 16, "bottom_dims": [113], "num_experts": 8}, 0.5))
-    {'embedding_dim': 8, 'bottom_dims': [57], 'num_experts': 8}
+    >>> dict(scale_widths({"bottom_dims": [113], "num_experts": 8, "inputs": {"embedding_dim": 16}}, 0.5))
+    {'bottom_dims': [57], 'num_experts': 8, 'inputs': {'embedding_dim': 8}}
     """
     node = OmegaConf.to_container(model, resolve=False) if isinstance(model, DictConfig) else dict(model)
 
     def scale(v: Any) -> int:
         return max(1, math.ceil(int(v) * factor - 1e-9))
 
-    for key, value in list(node.items()):  # type: ignore[union-attr]
-        if key.endswith("_dim") and isinstance(value, int) and not isinstance(value, bool):
-            node[key] = scale(value)  # type: ignore[index]
-        elif key.endswith("_dims") and isinstance(value, list):
-            node[key] = [scale(v) for v in value]  # type: ignore[index]
+    def walk(d: dict[str, Any]) -> None:
+        for key, value in list(d.items()):
+            if key.endswith("_dim") and isinstance(value, int) and not isinstance(value, bool):
+                d[key] = scale(value)
+            elif key.endswith("_dims") and isinstance(value, list):
+                d[key] = [scale(v) for v in value]
+            elif isinstance(value, dict):
+                walk(value)
+
+    walk(node)  # type: ignore[arg-type]
     return OmegaConf.create(node)
 
 

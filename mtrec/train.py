@@ -36,6 +36,7 @@ from mtl.tasks import TaskSpec
 from mtrec.data.batch import DataBundle, TabularDataset, split_by_task
 from mtrec.data.errors import DataError
 from mtrec.distill import FORMAT, MANIFEST, DistillConfig, build_distillation
+from mtrec.models import build_model
 from mtrec.trainer import Trainer, TrainerConfig, evaluate, monitor_score, parameter_groups
 
 REPO = Path(__file__).resolve().parents[1]
@@ -223,7 +224,7 @@ def build_training(
     tasks = apply_task_overrides(tasks, cfg.get("tasks"))
     seed_everything(seed)  # model initialisation does not depend on how much randomness data loading used
     names = [t.name for t in tasks]
-    model = instantiate(cfg.model)(features=bundle.features, tasks=names)
+    model = build_model(cfg.model, bundle.features, names)
     train: TabularDataset | dict[str, TabularDataset] = bundle.train
     if cfg.get("task_split"):
         # Tasks from separate datasets: each task trains on its own disjoint share of the training rows.

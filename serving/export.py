@@ -122,6 +122,12 @@ class ExportError(RuntimeError):
     conflict); the message says what and where."""
 
 
+class ExportRequestError(ExportError, ValueError):
+    """What the caller asked for cannot be done: a bad model name, version or metadata file name, a repository
+    path that is a file, a version that exists already. A user mistake (a ``ValueError`` too), which the command
+    lines report in one line with exit status 2."""
+
+
 class ParityError(ExportError):
     """ONNX Runtime's outputs differ from torch's beyond the tolerance; ``report`` holds the numbers."""
 
@@ -691,21 +697,24 @@ def export_to_repository(
 
     Raises:
         ParityError: ONNX Runtime and torch disagree beyond the tolerance (nothing is written).
-        ExportError: the version exists, the model's config declares other inputs/outputs, a bad name,
-            or the export itself failed (nothing is written).
+        ExportRequestError: the version exists, a bad name or version, a repository path that is a file.
+        ExportError: the model's config declares other inputs/outputs, or the export itself failed (nothing is
+            written).
     """
     check_view(view)
     repository = Path(repository)
     if not isinstance(name, str) or not _MODEL_NAME.fullmatch(name) or name.isdigit():
-        raise ExportError(f"model name {name!r}: use letters, digits and _ . - (not only digits, no '/')")
+        raise ExportRequestError(f"model name {name!r}: use letters, digits and _ . - (not only digits, no '/')")
     if version is not None and (isinstance(version, bool) or not isinstance(version, int) or version < 1):
-        raise ExportError(f"version must be a positive int or None (next free), got {version!r}")
+        raise ExportRequestError(f"version must be a positive int or None (next free), got {version!r}")
     metadata = dict(metadata or {})
     for file in metadata:
         if not file or "/" in file or file.startswith(".") or file in (CONFIG_FILE, MODEL_FILE, EXPORT_INFO_FILE):
-            raise ExportError(f"metadata file name {file!r} is not allowed (a plain name other than the model files)")
+            raise ExportRequestError(
+                f"metadata file name {file!r} is not allowed (a plain name other than the model files)"
+            )
     if repository.exists() and not repository.is_dir():
-        raise ExportError(f"repository {repository} exists and is not a directory")
+        raise ExportRequestError(f"repository {repository} exists and is not a directory")
     model_dir = repository / name
     existing = read_config(repository, name) if (model_dir / CONFIG_FILE).is_file() else None
     config = model_config(view, name, serving, existing)  # fails early on an input/output mismatch
@@ -713,7 +722,7 @@ def export_to_repository(
     if version is None:
         version = (taken[-1] + 1) if taken else 1
     elif version in taken:
-        raise ExportError(
+        raise ExportRequestError(
             f"version {version} of model {name!r} already exists ({model_dir / str(version)}); "
             f"choose another or leave version unset for the next free one ({taken[-1] + 1})"
         )

@@ -43,7 +43,7 @@ from mtrec.distill import (
     probe_feature_dims,
     read_manifest,
 )
-from mtrec.models import MMoE, SingleTask
+from mtrec.models import InputArch, MMoE, SingleTask
 from mtrec.train import REPO, run, teachers_score, train_teachers
 from mtrec.trainer import Trainer, TrainerConfig
 
@@ -190,9 +190,9 @@ def test_gradient_reaches_only_the_student_and_the_adapters(tmp_path: Path) -> N
     tasks = bundle.tasks
     names = [t.name for t in tasks]
     torch.manual_seed(0)
-    teachers = {t: SingleTask(bundle.features, [t], bottom_dims=[12]) for t in names}
+    teachers = {t: SingleTask(InputArch(bundle.features), [t], bottom_dims=[12]) for t in names}
     before = {t: {k: v.clone() for k, v in m.state_dict().items()} for t, m in teachers.items()}
-    student = MMoE(bundle.features, names, num_experts=2, expert_dims=[8], dropout=0.0)
+    student = MMoE(InputArch(bundle.features), names, num_experts=2, expert_dims=[8], dropout=0.0)
     teacher_set = TeacherSet(teachers)
     dims = probe_feature_dims(student, teacher_set, bundle, names)
     assert dims == {t: (2 * 8, 12) for t in names}
@@ -219,7 +219,7 @@ def test_gradient_reaches_only_the_student_and_the_adapters(tmp_path: Path) -> N
     # the student's gradient depends on the teachers: other teachers, another gradient
     def grads(teacher_seed: int) -> list[torch.Tensor]:
         torch.manual_seed(teacher_seed)
-        other = TeacherSet({t: SingleTask(bundle.features, [t], bottom_dims=[12]) for t in names})
+        other = TeacherSet({t: SingleTask(InputArch(bundle.features), [t], bottom_dims=[12]) for t in names})
         h = StudentDistillation(other, Distiller(tasks, alpha=1.0, temperature=1.0))
         student.zero_grad()
         out = student(batch.dense, batch.sparse)
@@ -382,7 +382,7 @@ def test_distillation_config_errors(teachers_dir: Path, tmp_path: Path) -> None:
     )
     assert set(metrics["test"]) == {"click", "conversion"}
     bundle = load_sparse_synthetic(n_rows=3000, num_users=200, num_items=500, num_categories=20, seed=0)
-    model = SingleTask(bundle.features, ["click"])
+    model = SingleTask(InputArch(bundle.features), ["click"])
     with pytest.raises(ValueError, match="shared representation"):
         build_distillation(
             cfg(f"{DISTILL}feature", f"distill.teachers={teachers_dir}").distill,

@@ -82,7 +82,7 @@ TRAIN_TINY = [
     "trainer.max_steps=4",
     "trainer.progress=false",
     "trainer.tensorboard=false",
-    "model.embedding_dim=4",
+    "model.inputs.embedding_dim=4",
     "model.num_experts=2",
     "model.expert_dims=[4]",
 ]
@@ -94,7 +94,7 @@ def tasks_of(name: str) -> list[str]:
 
 def build(name: str, seed: int = 0, features: FeatureSpec = FEATURES) -> torch.nn.Module:
     torch.manual_seed(seed)
-    return MODELS[name](features, tasks_of(name), embedding_dim=4, tower_dims=[4], **KWARGS[name]).eval()
+    return MODELS[name](InputArch(features, embedding_dim=4), tasks_of(name), tower_dims=[4], **KWARGS[name]).eval()
 
 
 def padded_rows(features: FeatureSpec, batch: int, seed: int) -> dict[str, torch.Tensor]:
@@ -237,7 +237,8 @@ def test_pooling_matches_torchrec_including_empty_bags() -> None:
 def test_models_without_dense_or_without_sparse_features(tmp_path: Path) -> None:
     for features in (FeatureSpec((), FEATURES.sparse), FeatureSpec(tuple(f"x{i}" for i in range(6)), ())):
         torch.manual_seed(0)
-        model = SharedBottom(features, ["ctr", "dwell"], embedding_dim=4, bottom_dims=[6], tower_dims=[4]).eval()
+        inputs = InputArch(features, embedding_dim=4)
+        model = SharedBottom(inputs, ["ctr", "dwell"], bottom_dims=[6], tower_dims=[4]).eval()
         view = RecExportView(model, KINDS)
         path = sx.export_onnx(view, tmp_path / f"m{features.dense_dim}.onnx")
         rows = padded_rows(features, 33, seed=1)
@@ -253,7 +254,7 @@ def test_view_errors() -> None:
         RecExportView(model, {"ctr": "binary", "cvr": "binary"})
     with pytest.raises(ValueError, match="'binary' or 'regression'"):
         RecExportView(model, {**KINDS, "dwell": "multiclass"})
-    clash = SharedBottom(FEATURES, ["user_ids", "cvr"], embedding_dim=4)
+    clash = SharedBottom(InputArch(FEATURES, embedding_dim=4), ["user_ids", "cvr"])
     with pytest.raises(ValueError, match=r"clash.*user_ids"):
         RecExportView(clash, {"user_ids": "binary", "cvr": "binary"})
     with pytest.raises(TypeError, match="MultiTaskModel"):
@@ -481,6 +482,21 @@ def test_cli_refuses_a_run_dir_that_is_no_mtrec_run_in_one_line(
         assert code == 1 and "Traceback" in err and "InputNotFoundError" in err, err
 
 
+def test_cli_refuses_an_existing_version_in_one_line(
+    run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Exporting into a version that exists is a user mistake: one line, exit 2, the version left as it was."""
+    repo = tmp_path / "repo"
+    args = [f"run_dir={run_dir}", f"repository={repo}", "model_name=m", "version=1", "parity.batch_sizes=[1]"]
+    code, err = run_main(export_main, args, monkeypatch, capsys)
+    assert code == 0, err
+    before = (repo / "m" / "1" / "model.onnx").read_bytes()
+    code, err = run_main(export_main, args, monkeypatch, capsys)
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert re.match(r"mtrec-export: error: version 1 of model 'm' already exists .*next free one \(2\)", err.strip())
+    assert (repo / "m" / "1" / "model.onnx").read_bytes() == before
+
+
 # ------------------------------------------------------------------------------------------------ fp16
 
 
@@ -526,7 +542,7 @@ def encoder_matching_the_reader(bundle: DataBundle, raw: Sequence[Sequence[dict]
     """The export-side encoder of ``bundle``'s run, after checking that it encodes the raw rows of each split
     (``raw``: train, val, test) to the very tensors the reader produced for training, bit for bit."""
     kinds = {t.name: t.kind for t in bundle.tasks}
-    model = SharedBottom(bundle.features, list(kinds), embedding_dim=2, bottom_dims=[4])
+    model = SharedBottom(InputArch(bundle.features, embedding_dim=2), list(kinds), bottom_dims=[4])
     encoder = RawFeatureEncoder(serving_features(_run_features(bundle), RecExportView(model, kinds)))
     for part, rows in zip((bundle.train, bundle.val, bundle.test), raw):
         inputs = encoder.encode(rows)
@@ -570,7 +586,8 @@ def test_census_encoder_matches_the_reader_and_serves_its_rows(census_path: Path
     assert odd["sex_ids"][0, 0] == bundle.meta["vocabularies"]["sex"].index("Female") + 1
     # Raw rows -> encoder -> ONNX Runtime gives what the model gives on the reader's batch.
     torch.manual_seed(0)
-    model = MMoE(bundle.features, ["income", "marital"], embedding_dim=4, num_experts=2, expert_dims=[4]).eval()
+    inputs = InputArch(bundle.features, embedding_dim=4)
+    model = MMoE(inputs, ["income", "marital"], num_experts=2, expert_dims=[4]).eval()
     path = sx.export_onnx(RecExportView(model, {"income": "binary", "marital": "binary"}), tmp_path / "census.onnx")
     got = ort_run(path, inputs)
     with torch.no_grad():

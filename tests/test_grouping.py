@@ -433,14 +433,14 @@ def _tiny_bundle():
 
 
 def _trainer(cls, bundle, tmp_path: Path, **kwargs):
-    from hydra.utils import instantiate
 
     from mtl.checkpoint import seed_everything
+    from mtrec.models import build_model
 
     cfg = group_cfg(*TINY)
     tasks = bundle.tasks
     seed_everything(0)
-    model = instantiate(cfg.model)(features=bundle.features, tasks=[t.name for t in tasks])
+    model = build_model(cfg.model, bundle.features, [t.name for t in tasks])
     opt = build_optimizer(cfg.optimizer, model, tasks)
     return cls(model, opt, tasks, trainer_config(cfg.trainer), tmp_path, seed=0, **kwargs)
 
@@ -477,11 +477,12 @@ def test_affinity_trainer_checkpoints_its_meter(tmp_path: Path) -> None:
 
 
 def test_affinity_trainer_needs_shared_parameters(tmp_path: Path) -> None:
-    from hydra.utils import instantiate
+
+    from mtrec.models import build_model
 
     bundle = _tiny_bundle()
     cfg = group_cfg("model=single_task", *TINY)
-    model = instantiate(cfg.model)(features=bundle.features, tasks=[t.name for t in bundle.tasks])
+    model = build_model(cfg.model, bundle.features, [t.name for t in bundle.tasks])
     opt = build_optimizer(cfg.optimizer, model, bundle.tasks)
     with pytest.raises(ValueError, match="shares none"):
         AffinityTrainer(model, opt, bundle.tasks, trainer_config(cfg.trainer), tmp_path)
@@ -494,7 +495,8 @@ def test_scale_widths_and_network_config() -> None:
     cfg = group_cfg(*TINY, "budget=3", "model.bottom_dims=[10,7]")
     sub = network_config(cfg, ["click", "dwell"], 42, width=0.5)
     assert list(sub.task_names) == ["click", "dwell"] and sub.trainer.max_steps == 42
-    assert sub.model.embedding_dim == 8 and list(sub.model.bottom_dims) == [5, 4] and list(sub.model.tower_dims) == [4]
+    assert sub.model.inputs.embedding_dim == 8
+    assert list(sub.model.bottom_dims) == [5, 4] and list(sub.model.tower_dims) == [4]
     assert "budget" not in sub and "method" not in sub
     assert dict(scale_widths({"expert_dims": [1], "num_experts": 8}, 0.5)) == {"expert_dims": [1], "num_experts": 8}
 

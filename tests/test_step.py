@@ -170,7 +170,7 @@ def test_mtrec_trainer_step_equals_the_trainer_code_before_the_step_moved(schedu
     below from the code it replaced), on a seeded MMoE with FAMO, PCGrad, gradient clipping and a scheduler (the
     bandit learns from the losses; two random tasks per step let FAMO's logits move)."""
     from mtrec.data import load_sparse_synthetic
-    from mtrec.models import MMoE
+    from mtrec.models import InputArch, MMoE
     from mtrec.trainer import Trainer, TrainerConfig
 
     bundle = load_sparse_synthetic(n_rows=400, num_users=30, num_items=40, num_categories=5)
@@ -178,7 +178,8 @@ def test_mtrec_trainer_step_equals_the_trainer_code_before_the_step_moved(schedu
 
     def trainer(run_dir: Path) -> Trainer:
         torch.manual_seed(0)
-        model = MMoE(bundle.features, [t.name for t in tasks], num_experts=3, expert_dims=[8], tower_dims=[4])
+        names = [t.name for t in tasks]
+        model = MMoE(InputArch(bundle.features), names, num_experts=3, expert_dims=[8], tower_dims=[4])
         w = WEIGHTINGS["famo"](tasks)
         opt = torch.optim.Adam([*model.parameters(), *w.trainable_parameters()], lr=0.01)
         cfg = TrainerConfig(batch_size=64, progress=False, tensorboard=False, grad_clip=0.5)

@@ -163,11 +163,12 @@ def test_per_task_learning_rates_reach_the_optimizer(tmp_path: Path) -> None:
     c = cfg("optimizer.shared_lr=0.5", "+tasks.click.lr=0.25", *TINY)
     from hydra.utils import instantiate
 
+    from mtrec.models import build_model
     from mtrec.train import apply_task_overrides
 
     bundle = instantiate(c.data)
     tasks = apply_task_overrides(bundle.tasks, c.tasks)
-    model = instantiate(c.model)(features=bundle.features, tasks=[t.name for t in tasks])
+    model = build_model(c.model, bundle.features, [t.name for t in tasks])
     opt = build_optimizer(c.optimizer, model, tasks)
     lrs = {g["name"]: g["lr"] for g in opt.param_groups}
     assert lrs == {"shared": 0.5, "click": 0.25, "conversion": 0.001, "dwell": 0.001}
@@ -446,14 +447,14 @@ def test_a_resumed_run_says_where_it_resumed(tmp_path: Path, caplog: pytest.LogC
 
 def test_an_undefined_auc_warns_with_split_task_and_counts(tmp_path: Path) -> None:
     from mtrec.data import load_sparse_synthetic
-    from mtrec.models import SharedBottom
+    from mtrec.models import InputArch, SharedBottom
     from mtrec.trainer import UndefinedMetricWarning, evaluate, monitor_score
 
     bundle = load_sparse_synthetic(n_rows=600, num_users=50, num_items=80, num_categories=6)
     val = bundle.val
     val.labels["click"] = torch.zeros(len(val))
     val.labels["conversion"] = torch.ones(len(val))
-    model = SharedBottom(bundle.features, ["click", "conversion", "dwell"])
+    model = SharedBottom(InputArch(bundle.features), ["click", "conversion", "dwell"])
     with pytest.warns(UndefinedMetricWarning) as record:
         metrics = evaluate(model, val, bundle.tasks, split="val")
     assert [str(w.message) for w in record] == [
