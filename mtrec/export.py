@@ -263,9 +263,10 @@ class RecExportView(nn.Module):
     Example::
 
         >>> from mtrec.data.batch import FeatureSpec, SparseFeature
-        >>> from mtrec.models import MMoE
+        >>> from mtrec.models import InputArch, MMoE
         >>> features = FeatureSpec(("age",), (SparseFeature("city", 100),))
-        >>> view = RecExportView(MMoE(features, ["ctr", "dwell"]), {"ctr": "binary", "dwell": "regression"})
+        >>> model = MMoE(InputArch(features), ["ctr", "dwell"])
+        >>> view = RecExportView(model, {"ctr": "binary", "dwell": "regression"})
         >>> [s.name for s in view.input_specs], [s.name for s in view.output_specs]
         (['dense', 'city_ids', 'city_lengths'], ['ctr', 'dwell'])
     """

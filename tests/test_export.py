@@ -586,8 +586,8 @@ def test_census_encoder_matches_the_reader_and_serves_its_rows(census_path: Path
     assert odd["sex_ids"][0, 0] == bundle.meta["vocabularies"]["sex"].index("Female") + 1
     # Raw rows -> encoder -> ONNX Runtime gives what the model gives on the reader's batch.
     torch.manual_seed(0)
-    inputs = InputArch(bundle.features, embedding_dim=4)
-    model = MMoE(inputs, ["income", "marital"], num_experts=2, expert_dims=[4]).eval()
+    arch = InputArch(bundle.features, embedding_dim=4)
+    model = MMoE(arch, ["income", "marital"], num_experts=2, expert_dims=[4]).eval()
     path = sx.export_onnx(RecExportView(model, {"income": "binary", "marital": "binary"}), tmp_path / "census.onnx")
     got = ort_run(path, inputs)
     with torch.no_grad():
