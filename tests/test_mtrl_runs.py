@@ -15,6 +15,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
+from test_mtrl_config import TINY as CONFIG_TINY
 
 from mtrl.config import CONFIG_DIR
 from mtrl.export import export_run
@@ -23,19 +24,9 @@ from mtrl.train import run
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
-TINY = [
-    "agent=mt_sac",
-    "env.max_episode_steps=20",
-    "agent.hidden=[16,16]",
-    "trainer.learning_starts=4",
-    "trainer.batch_size=8",
-    "trainer.replay_capacity=100",
-    "trainer.eval_episodes=1",
-    "trainer.eval_interval=0",
-    "trainer.log_interval=5",
-    "trainer.checkpoint_interval=0",
-    "trainer.progress=false",
-]
+# test_mtrl_config's tiny run, without its step count (each test here sets its own) and logging every 5 steps
+TINY = [o for o in CONFIG_TINY if not o.startswith(("trainer.total_steps=", "trainer.log_interval="))]
+TINY.append("trainer.log_interval=5")
 
 
 def cfg_for(*overrides: str) -> DictConfig:
