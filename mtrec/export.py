@@ -11,9 +11,9 @@ The recommendation side of serving (the generic side is :mod:`serving.export`):
 
 * :class:`RecExportView` turns a :class:`~mtrec.models.base.MultiTaskModel` into an export view. A
   KeyedJaggedTensor cannot be an ONNX input and ``nn.EmbeddingBag`` exports as a slow ONNX ``Loop``
-  (ARCHITECTURE.md), so every :class:`~mtrec.models.inputs.InputArch` of a copy of the model is replaced
-  by a :class:`PaddedInputArch`: the same maths on padded ids (a gather from the copied TorchRec table
-  weights, then a masked sum or mean), the same dense arch.
+  (docs/architecture.md, "Dependency facts"), so every :class:`~mtrec.models.inputs.InputArch` of a copy of
+  the model is replaced by a :class:`PaddedInputArch`: the same maths on padded ids (a gather from the copied
+  TorchRec table weights, then a masked sum or mean), the same dense arch.
 
   Inputs: ``dense`` ``FP32 [B, D]`` (absent when ``D == 0``) and, for each sparse feature ``f``,
   ``f_ids`` ``INT64 [B, max_len]`` (row ``b``'s ids first, the rest any padding) plus ``f_lengths``

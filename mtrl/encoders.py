@@ -1,8 +1,8 @@
 """Task encoders: how an agent's networks see the observation and the task.
 
-Task conditioning is an injected module (STYLE.md): every actor and critic reads its input through a
-:class:`TaskEncoder`, ``forward(obs [B, obs_dim] float32, task [B] int64) -> features [B, out_dim]``, so
-the SAC core never knows whether the agent is task-blind, one-hot conditioned or CARE.
+Task conditioning is an injected module: every actor and critic reads its input through a :class:`TaskEncoder`,
+``forward(obs [B, obs_dim] float32, task [B] int64) -> features [B, out_dim]``, so the SAC core never knows
+whether the agent is task-blind, one-hot conditioned or CARE.
 
 * :class:`IdentityEncoder`: the observation alone (the task-blind baseline).
 * :class:`OneHotEncoder`: the observation with the task's one-hot appended (MT-SAC: Yu et al., "Meta-World:

@@ -18,9 +18,10 @@ temperature, or one temperature for every task):
   exp(log_alpha_t)``.
 
 **Multi-task objective.** The critic and actor losses are averaged over each task's rows, giving the
-per-task losses ``{task: L_t}`` of :mod:`mtl` (ARCHITECTURE.md: "a multi-task objective is a dict of
-scalar losses"); each is divided by the number of tasks present, so their plain sum is the usual SAC loss
-(the batch mean when every task has the same number of rows, which the per-task replay guarantees).
+per-task losses ``{task: L_t}`` of :mod:`mtl` (a multi-task objective is a dict of scalar losses:
+docs/architecture.md, "Contracts between the packages"); each is divided by the number of tasks present, so
+their plain sum is the usual SAC loss (the batch mean when every task has the same number of rows, which the
+per-task replay guarantees).
 Each of the two objectives runs through its own :class:`mtl.step.MultiTaskStep` (the one step the
 recommendation trainer runs too): scheduler -> weighting -> gradient method -> optimiser step -> feedback.
 
