@@ -483,7 +483,7 @@ class RawFeatureEncoder:
             for i, r in enumerate(rows):
                 value = r[f.name]
                 values = list(value) if isinstance(value, (list, tuple, np.ndarray)) else [value]
-                if len(values) > length:
+                if len(values) > length and not self.values.truncates:
                     raise ValueError(f"row {i}, feature {f.name!r}: {len(values)} ids, at most {length} allowed")
                 try:
                     encoded = self.values.ids(f.name, values, f.num_embeddings)

@@ -228,6 +228,8 @@ def build_training(
     train: TabularDataset | dict[str, TabularDataset] = bundle.train
     if cfg.get("task_split"):
         # Tasks from separate datasets: each task trains on its own disjoint share of the training rows.
+        if not isinstance(bundle.train, TabularDataset):
+            raise ValueError("config key task_split: needs a dataset held in memory, not one streamed from files")
         split = OmegaConf.to_container(cfg.task_split, resolve=True)
         if set(split) != set(names):
             raise ValueError(f"config key task_split: give a fraction for each of the tasks {names}, got {split}")

@@ -139,26 +139,49 @@ def batch_to(batch: Batch, device: torch.device) -> Batch:
     )
 
 
+class BatchSource(Protocol):
+    """What the trainer draws batches from: a :class:`TabularDataset`, or a dataset streamed from files
+    (:class:`mtrec.data.files.FileDataset`) with the same three members."""
+
+    def __len__(self) -> int: ...
+
+    def num_batches(self, batch_size: int, drop_last: bool = False) -> int: ...
+
+    def batches(
+        self, batch_size: int, *, shuffle: bool = False, seed: int = 0, epoch: int = 0, start: int = 0
+    ) -> Iterator[Batch]: ...
+
+
 @torch.no_grad()
-def predict(
-    model: nn.Module, data: TabularDataset, batch_size: int = 8192, device: torch.device | None = None
-) -> dict[str, Tensor]:
-    """Model outputs over a whole dataset, in row order, on CPU."""
+def _outputs_and_labels(
+    model: nn.Module, data: BatchSource, batch_size: int, device: torch.device | None
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Model outputs over a whole dataset, in row order, on CPU, and the labels of the same batches."""
     device = device or torch.device("cpu")
     was_training = model.training
     model.eval()
     chunks: dict[str, list[Tensor]] = {}
+    labels: dict[str, list[Tensor]] = {}
     for batch in data.batches(batch_size):
         out = model(*batch_to(batch, device)[:2])
         for k, v in out.items():
             chunks.setdefault(k, []).append(v.float().cpu())
+        for k, v in batch.labels.items():
+            labels.setdefault(k, []).append(v)
     model.train(was_training)
-    return {k: torch.cat(v) for k, v in chunks.items()}
+    return {k: torch.cat(v) for k, v in chunks.items()}, {k: torch.cat(v) for k, v in labels.items()}
+
+
+def predict(
+    model: nn.Module, data: BatchSource, batch_size: int = 8192, device: torch.device | None = None
+) -> dict[str, Tensor]:
+    """Model outputs over a whole dataset, in row order, on CPU."""
+    return _outputs_and_labels(model, data, batch_size, device)[0]
 
 
 def evaluate(
     model: nn.Module,
-    data: TabularDataset,
+    data: BatchSource,
     tasks: Sequence[TaskSpec],
     batch_size: int = 8192,
     device: torch.device | None = None,
@@ -168,10 +191,10 @@ def evaluate(
 
     An AUC the labels leave undefined (one class only) is NaN, with an :class:`UndefinedMetricWarning`.
     """
-    outputs = predict(model, data, batch_size, device)
+    outputs, labels = _outputs_and_labels(model, data, batch_size, device)  # labels as read (a file stream too)
     result: dict[str, dict[str, float]] = {}
     for t in tasks:
-        out, lab = outputs[t.name], data.labels[t.name]
+        out, lab = outputs[t.name], labels[t.name]
         metrics = t.evaluate(out, lab)
         metrics["loss"] = float(t.loss_fn(out, lab.float()).item())
         if math.isnan(metrics.get("auc", 0.0)):
@@ -487,7 +510,7 @@ class Trainer:
         self.epoch += 1
         self.batch_in_epoch = 0
 
-    def _validate(self, val: TabularDataset, logger: _Logger) -> bool:
+    def _validate(self, val: BatchSource, logger: _Logger) -> bool:
         """Evaluate on validation; update best; returns True when early stopping triggers."""
         metrics = evaluate(self.model, val, self.tasks, self.cfg.eval_batch_size, self.device, split="val")
         score = monitor_score(metrics, self.tasks, self.cfg.monitor)
@@ -505,14 +528,14 @@ class Trainer:
         return self.bad_evals >= self.cfg.patience
 
     def fit(
-        self, train: TabularDataset | Mapping[str, TabularDataset], val: TabularDataset
+        self, train: BatchSource | Mapping[str, TabularDataset], val: BatchSource
     ) -> dict[str, dict[str, float]]:
         """Train until early stopping, ``max_epochs`` or ``max_steps``; returns the best validation metrics.
 
-        ``train`` is one dataset whose batches carry every task's label, or ``{task: dataset}`` when
-        tasks come from separate datasets (of any sizes): then each step draws the next batch of every
-        scheduled task from its own never-ending stream (a new shuffled pass starts when one ends), and an
-        epoch is ``sum of sizes / batch_size`` steps.
+        ``train`` is one dataset whose batches carry every task's label (in memory, or streamed from files), or
+        ``{task: dataset}`` when tasks come from separate datasets (of any sizes): then each step draws the next
+        batch of every scheduled task from its own never-ending stream (a new shuffled pass starts when one ends),
+        and an epoch is ``sum of sizes / batch_size`` steps.
         """
         cfg = self.cfg
         if cfg.num_threads:

@@ -15,7 +15,10 @@ The functions come in pairs, one fitting on train values and one applying:
 * Census numerics: :func:`census_number`, :func:`fit_standardiser` / :func:`census_dense`, standardised in
   float64 and cast to float32, a missing value becoming 0 (the train mean);
 * AliExpress numericals: :func:`aliexpress_standardiser` / :func:`aliexpress_dense`, standardised in float32
-  arithmetic.
+  arithmetic;
+* the user's files (:func:`mtrec.data.files.load_files`): :class:`FilesEncoding`, by the run's schema through the
+  functions of :mod:`mtrec.data.schema` that built the training tensors (hashed ids, vocabularies, fill and
+  transforms).
 """
 
 from __future__ import annotations
@@ -30,9 +33,11 @@ import numpy as np
 __all__ = [
     "ALIEXPRESS_SOURCE",
     "CENSUS_SOURCE",
+    "FILES_SOURCE",
     "MISSING_TOKENS",
     "AliExpressEncoding",
     "CensusEncoding",
+    "FilesEncoding",
     "ValueEncoding",
     "aliexpress_dense",
     "aliexpress_standardiser",
@@ -51,6 +56,7 @@ __all__ = [
 #: ``meta["source"]`` of the readers whose encodings are defined here.
 CENSUS_SOURCE = "census-income"
 ALIEXPRESS_SOURCE = "aliexpress"
+FILES_SOURCE = "files"
 #: Census values that mean "missing" (after stripping): no category (id 0), no number (the train mean).
 MISSING_TOKENS = frozenset({"?", ""})
 _NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
@@ -170,6 +176,8 @@ class ValueEncoding:
 
     #: Whether every vocabulary holds string tokens (else: integer ids unless it holds a string).
     string_vocabularies = False
+    #: Whether :meth:`ids` keeps the first ``max_len`` ids of a longer list (else a longer list is an error).
+    truncates = False
 
     def __init__(self, meta: Mapping[str, Any] | None = None) -> None:
         meta = meta or {}
@@ -255,7 +263,60 @@ class AliExpressEncoding(ValueEncoding):
         return aliexpress_dense(values, *self.scaling.get(name, (0.0, 1.0)))
 
 
-_ENCODINGS: dict[str, type[ValueEncoding]] = {CENSUS_SOURCE: CensusEncoding, ALIEXPRESS_SOURCE: AliExpressEncoding}
+class FilesEncoding(ValueEncoding):
+    """:func:`mtrec.data.files.load_files`: the run's schema (``meta["schema"]``), train statistics and
+    vocabularies, applied by the functions that built the training tensors (:func:`mtrec.data.schema.dense_inputs`,
+    :func:`mtrec.data.schema.sparse_ids` on a one-row pyarrow array), so a raw row gives bitwise the training
+    tensors. A list feature keeps its first ``max_len`` ids; a lone string value of a list feature is split on the
+    feature's separator (as a CSV cell is)."""
+
+    truncates = True
+
+    def __init__(self, meta: Mapping[str, Any] | None = None) -> None:
+        from mtrec.data.schema import Schema, Vocabulary
+
+        meta = meta or {}
+        super().__init__({})
+        schema = Schema.from_dict(meta.get("schema") or {})
+        self.dense_columns = {d.name: d for d in schema.dense}
+        self.sparse_columns = {s.name: s for s in schema.sparse}
+        self.statistics: dict[str, Any] = dict(meta.get("statistics") or {})
+        self.vocabularies = {k: Vocabulary(v) for k, v in (meta.get("vocabularies") or {}).items()}
+
+    def has_vocabulary(self, name: str) -> bool:
+        return name in self.vocabularies
+
+    def dense(self, name: str, values: Sequence[Any]) -> np.ndarray:
+        from mtrec.data.schema import dense_inputs
+
+        raw = np.asarray([math.nan if v is None else float(v) for v in values], dtype=np.float64)
+        return dense_inputs(self.dense_columns[name], raw, self.statistics.get(name))
+
+    def ids(self, name: str, values: Sequence[Any], num_embeddings: int) -> list[int]:
+        import pyarrow as pa
+
+        from mtrec.data.schema import sparse_ids
+
+        column = self.sparse_columns[name]
+        values = list(values)
+        if not column.is_list and len(values) != 1:
+            raise ValueError(f"one id expected, got {values}")
+        try:
+            if column.is_list and not (len(values) == 1 and isinstance(values[0], str)):
+                array = pa.array([values])
+            else:
+                array = pa.array(values)
+            ids, lengths = sparse_ids(array, column, self.vocabularies.get(name))
+        except (TypeError, pa.ArrowInvalid, pa.ArrowTypeError) as err:
+            raise ValueError(f"ids must be integers or strings, got {values} ({err})") from None
+        return ids[0, : lengths[0]].tolist()
+
+
+_ENCODINGS: dict[str, type[ValueEncoding]] = {
+    CENSUS_SOURCE: CensusEncoding,
+    ALIEXPRESS_SOURCE: AliExpressEncoding,
+    FILES_SOURCE: FilesEncoding,
+}
 
 
 def value_encoding(meta: Mapping[str, Any] | None) -> ValueEncoding:

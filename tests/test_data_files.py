@@ -1,0 +1,391 @@
+"""The files reader (mtrec/data/files.py) and its schema (mtrec/data/schema.py): pinned hashed ids, the schema's
+checks, the streamed order (every row once per epoch across workers and ranks, seeded shuffles, exact restarts),
+train statistics, serving-side encoding bit for bit, bad input named by file, and mtrec-train on Parquet and CSV."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import xxhash
+
+from mtrec.data.encoding import FilesEncoding, value_encoding
+from mtrec.data.errors import DataError
+from mtrec.data.files import FileDataset, load_files
+from mtrec.data.schema import (
+    HASH_SEED,
+    Schema,
+    SparseColumn,
+    Vocabulary,
+    canonical_keys,
+    hash_keys,
+    load_schema,
+    sparse_ids,
+)
+from mtrec.export import RawFeatureEncoder, RecExportView, serving_features
+from mtrec.models import InputArch, SharedBottom
+
+SCHEMA = {
+    "dense": [
+        {"name": "row"},
+        {"name": "price", "transform": "log1p", "fill": 1.5},
+        {"name": "age", "transform": "standardize"},
+    ],
+    "sparse": [
+        {"name": "user_id", "num_embeddings": 1000},
+        {"name": "item", "num_embeddings": 50, "vocabulary": {"min_count": 2}},
+        {"name": "history", "num_embeddings": 200, "max_len": 3, "pooling": "mean"},
+    ],
+    "labels": [{"name": "click", "kind": "binary"}, {"name": "dwell", "kind": "regression"}],
+}
+
+
+def clicks(n: int, start: int = 0, seed: int = 0) -> pa.Table:
+    """A click log with string user ids, int item ids, a list column with nulls, nulls in a dense column."""
+    rng = np.random.default_rng(seed)
+    price = rng.exponential(10.0, n)
+    history = [
+        None if r % 7 == 0 else [f"i{(r * 3 + k) % 40}" if k != 1 or r % 5 else None for k in range(r % 6)]
+        for r in range(start, start + n)
+    ]
+    click = rng.random(n) < 0.4
+    return pa.table(
+        {
+            "row": pa.array(np.arange(start, start + n)),
+            "price": pa.array(price, mask=np.arange(n) % 9 == 0),
+            "age": pa.array(rng.integers(18, 80, n)),
+            "user_id": pa.array([f"u{int(u)}" for u in rng.integers(0, 60, n)]),
+            "item": pa.array(rng.integers(0, 30, n)),
+            "history": pa.array(history, pa.list_(pa.string())),
+            "click": pa.array(click.astype(np.int64)),
+            "dwell": pa.array(np.where(click, rng.exponential(3.0, n), 0.0)),
+            "unused": pa.array(["x"] * n),
+        }
+    )
+
+
+def write_schema(path: Path, schema: dict | None = None) -> Path:
+    path.write_text(json.dumps(schema or SCHEMA))  # JSON is YAML
+    return path
+
+
+def write_splits(root: Path, rows: int = 400, files: int = 3, row_group_size: int = 50) -> dict[str, str]:
+    """Parquet train files (several row groups each) and val/test files; the globs and the schema file."""
+    out: dict[str, str] = {}
+    start = 0
+    for split, n_files in (("train", files), ("val", 1), ("test", 1)):
+        (root / split).mkdir(parents=True)
+        for f in range(n_files):
+            pq.write_table(
+                clicks(rows, start, seed=start), root / split / f"part-{f}.parquet", row_group_size=row_group_size
+            )
+            start += rows
+        out[split] = str(root / split / "*.parquet")
+    out["schema"] = str(write_schema(root / "schema.yaml"))
+    return out
+
+
+def rows_of(batches) -> list[int]:
+    return [int(r) for b in batches for r in b.dense[:, 0].tolist()]
+
+
+# ---------------------------------------------------------------------------------------------- hashing
+
+
+def test_hashed_ids_are_pinned() -> None:
+    # Computed once with xxhash.xxh64_intdigest(utf8(key), HASH_SEED); changing the hash changes every model.
+    assert HASH_SEED == 0x6D746C6962
+    assert xxhash.xxh64_intdigest(b"alice", HASH_SEED) == 17176159633237960845
+    assert hash_keys(["alice", "bob", "123", "-7", "日本"], 1000).tolist() == [31, 617, 370, 741, 148]
+    assert hash_keys(["alice", "bob", "123"], 1 << 40).tolist() == [201485698696, 509559676916, 25720741342]
+
+
+def test_int_and_string_ids_share_keys_and_missing_is_zero() -> None:
+    column = SparseColumn("u", 1000)
+    ints, _ = sparse_ids(pa.array([123, None, -7, 123]), column)
+    strings, _ = sparse_ids(pa.array(["123", "", None, "-7"]), column)
+    floats, lengths = sparse_ids(pa.array([123.0, None, -7.0, 123.0]), column)
+    assert ints[:, 0].tolist() == [370, 0, 741, 370]
+    assert strings[:, 0].tolist() == [370, 0, 0, 741]
+    assert floats[:, 0].tolist() == ints[:, 0].tolist() and lengths.tolist() == [1, 1, 1, 1]
+    with pytest.raises(TypeError, match="non-integral"):
+        canonical_keys(pa.array([1.5]))
+    with pytest.raises(TypeError, match="integers or strings"):
+        canonical_keys(pa.array([True]))
+
+
+def test_list_ids_drop_missing_truncate_and_split_csv_strings() -> None:
+    column = SparseColumn("h", 1000, max_len=2)
+    a, b, c = hash_keys(["a", "b", "c"], 1000).tolist()
+    ids, lengths = sparse_ids(pa.array([["a", "b", "c"], None, [], [None, "b"], ["", "c"]]), column)
+    assert ids.tolist() == [[a, b], [0, 0], [0, 0], [b, 0], [c, 0]] and lengths.tolist() == [2, 0, 0, 1, 1]
+    split, split_lengths = sparse_ids(pa.array(["a|b|c", None, "", "|b", "|c"]), column)
+    assert split.tolist() == ids.tolist() and split_lengths.tolist() == lengths.tolist()
+    with pytest.raises(TypeError, match="scalar is expected"):
+        sparse_ids(pa.array([["a"]]), SparseColumn("u", 10))
+
+
+def test_vocabulary_keeps_frequent_keys_most_frequent_first() -> None:
+    vocab = Vocabulary.fit({"a": 3, "b": 5, "c": 1, "d": 3}, min_count=2, size=2)
+    assert vocab.tokens == ["b", "a"]
+    column = SparseColumn("v", 3, min_count=2)
+    assert sparse_ids(pa.array(["a", "b", "d", None]), column, vocab)[0][:, 0].tolist() == [2, 1, 0, 0]
+
+
+# ----------------------------------------------------------------------------------------------- schema
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            {"dense": [{"name": "x", "transfrom": "log1p"}]},
+            r"dense\[0\] \('x'\): unknown key 'transfrom'; valid keys: name, transform, fill",
+        ),
+        (
+            {"dense": [{"name": "x", "transform": "log"}]},
+            r"dense\[0\] \('x'\): transform 'log' is not one of none, log1p, standardize",
+        ),
+        ({"sparse": [{"name": "u"}]}, r"sparse\[0\] \('u'\): num_embeddings is required"),
+        ({"sparse": [{"name": "u", "num_embeddings": 1}]}, r"num_embeddings must be an integer >= 2"),
+        ({"sparse": [{"name": "u", "num_embeddings": 9, "vocabulary": {"min": 2}}]}, "vocabulary must be"),
+        ({"labels": [{"name": "y", "kind": "ranking"}]}, r"labels\[0\] \('y'\): kind 'ranking' is not one of binary"),
+        ({"labels": []}, "'labels' is empty"),
+        ({"extra": []}, "unknown key 'extra'; valid keys: dense, sparse, labels"),
+        ({"dense": [{"name": "click"}]}, "column 'click' appears in dense and in labels"),
+    ],
+)
+def test_schema_errors_name_the_entry_and_the_valid_values(tmp_path: Path, change: dict, message: str) -> None:
+    path = write_schema(tmp_path / "s.yaml", {"labels": [{"name": "click"}], **change})
+    with pytest.raises(ValueError, match=message):
+        load_schema(path)
+
+
+def test_schema_round_trips_through_its_dict(tmp_path: Path) -> None:
+    schema = load_schema(write_schema(tmp_path / "s.yaml"))
+    assert Schema.from_dict(schema.to_dict()) == schema
+    spec = schema.feature_spec()
+    assert spec.dense_names == ("row", "price", "age")
+    assert [(f.name, f.max_len, f.pooling) for f in spec.sparse] == [
+        ("user_id", 1, "sum"),
+        ("item", 1, "sum"),
+        ("history", 3, "mean"),
+    ]
+    assert [(t.name, t.kind) for t in schema.tasks()] == [("click", "binary"), ("dwell", "regression")]
+
+
+# ------------------------------------------------------------------------------------------------ stream
+
+
+def test_workers_and_ranks_read_every_row_once(tmp_path: Path) -> None:
+    paths = write_splits(tmp_path, rows=300, files=3, row_group_size=40)  # 3 x 8 row groups
+    bundle = load_files(**paths, shuffle_buffer=64, progress=False)
+    train = bundle.train
+    expected = list(range(900))
+    for workers in (0, 2):
+        seen: list[int] = []
+        for rank in range(2):
+            part = FileDataset(train.units, train.schema, train.stats, num_workers=workers, shuffle_buffer=64,
+                               rank=rank, world_size=2)  # fmt: skip
+            got = rows_of(part.batches(32, shuffle=True, seed=3, epoch=1))
+            assert len(got) > 300
+            seen += got
+        assert sorted(seen) == expected, workers
+    single = rows_of(train.batches(32, shuffle=True, seed=3, epoch=1))
+    assert sorted(single) == expected and single != expected
+    assert len(list(train.batches(32, shuffle=True, seed=3, epoch=1))) == train.num_batches(32, epoch=1, seed=3)
+
+
+def test_shuffle_is_seeded_and_a_restart_sees_the_same_batches(tmp_path: Path) -> None:
+    bundle = load_files(**write_splits(tmp_path), shuffle_buffer=100, num_workers=2, progress=False)
+    train = bundle.train
+    first = rows_of(train.batches(16, shuffle=True, seed=1, epoch=0))
+    assert rows_of(train.batches(16, shuffle=True, seed=1, epoch=0)) == first
+    assert rows_of(train.batches(16, shuffle=True, seed=1, epoch=1)) != first
+    assert rows_of(train.batches(16, shuffle=True, seed=1, epoch=0, start=5)) == first[5 * 16 :]
+    # val and test are read unshuffled: in file order by one reader, every row once by several
+    val = bundle.val
+    assert sorted(rows_of(val.batches(64))) == list(range(1200, 1600))
+    in_order = FileDataset(val.units, val.schema, val.stats, num_workers=0)
+    assert rows_of(in_order.batches(64)) == list(range(1200, 1600))
+
+
+def test_batches_follow_the_batch_contract_and_statistics_come_from_train(tmp_path: Path) -> None:
+    bundle = load_files(**write_splits(tmp_path), progress=False)
+    train = [clicks(400, s, seed=s) for s in (0, 400, 800)]
+    age = np.concatenate([t.column("age").to_numpy() for t in train]).astype(np.float64)
+    stats = bundle.meta["statistics"]["age"]
+    assert stats["mean"] == pytest.approx(age.mean(), rel=1e-12) and stats["std"] == pytest.approx(age.std(), rel=1e-12)
+    assert bundle.meta["hashing"]["seed"] == HASH_SEED and bundle.meta["rows"] == {
+        "train": 1200,
+        "val": 400,
+        "test": 400,
+    }
+    items = np.concatenate([t.column("item").to_numpy() for t in train])
+    kept = {str(v) for v, c in zip(*np.unique(items, return_counts=True), strict=True) if c >= 2}
+    assert set(bundle.meta["vocabularies"]["item"]) == kept
+    batch = next(iter(bundle.train.batches(64, shuffle=True, seed=0)))
+    assert batch.dense.dtype == torch.float32 and batch.dense.shape == (64, 3)
+    assert batch.sparse.keys() == ["user_id", "item", "history"]
+    assert batch.sparse["user_id"].lengths().tolist() == [1] * 64
+    assert int(batch.sparse["history"].lengths().max()) <= 3
+    assert set(batch.labels) == {"click", "dwell"} and set(batch.labels["click"].unique().tolist()) <= {0.0, 1.0}
+
+
+def test_serving_encoder_gives_the_training_tensors_bit_for_bit(tmp_path: Path) -> None:
+    bundle = load_files(**write_splits(tmp_path), progress=False)
+    meta = json.loads(json.dumps(bundle.meta))  # as features.json holds it
+    encoding = value_encoding(meta)
+    assert isinstance(encoding, FilesEncoding) and encoding.truncates
+    (batch,) = bundle.val.batches(400)
+    raw = clicks(400, 1200, seed=1200).to_pylist()
+    for j, name in enumerate(("row", "price", "age")):
+        served = encoding.dense(name, [r[name] for r in raw])
+        np.testing.assert_array_equal(served.view(np.uint32), batch.dense[:, j].numpy().view(np.uint32), err_msg=name)
+    for name in ("user_id", "item", "history"):
+        served = [encoding.ids(name, r[name] if isinstance(r[name], list) else [r[name]], 0) for r in raw]
+        jt = batch.sparse[name]
+        assert [len(s) for s in served] == jt.lengths().tolist(), name
+        assert [i for s in served for i in s] == jt.values().tolist(), name
+    # the export's encoder (mtrec.export.RawFeatureEncoder) of such a run: padded ids, lists cut to max_len
+    kinds = {t.name: t.kind for t in bundle.tasks}
+    model = SharedBottom(InputArch(bundle.features, embedding_dim=2), list(kinds), bottom_dims=[4])
+    run_features = {"features": bundle.features.to_dict(), "tasks": [{"name": k} for k in kinds], "meta": meta}
+    inputs = RawFeatureEncoder(serving_features(run_features, RecExportView(model, kinds))).encode(raw)
+    np.testing.assert_array_equal(inputs["dense"].view(np.uint32), batch.dense.numpy().view(np.uint32))
+    assert max(len(r["history"] or []) for r in raw) > 3
+    for name in ("user_id", "item", "history"):
+        lengths = inputs[f"{name}_lengths"][:, 0]
+        assert lengths.tolist() == batch.sparse[name].lengths().tolist(), name
+        mask = np.arange(inputs[f"{name}_ids"].shape[1])[None, :] < lengths[:, None]
+        assert inputs[f"{name}_ids"][mask].tolist() == batch.sparse[name].values().tolist(), name
+
+
+# -------------------------------------------------------------------------------------------- bad input
+
+
+def _bundle(tmp_path: Path, table: pa.Table | None = None, schema: dict | None = None, **kw):
+    paths = write_splits(tmp_path, rows=100, files=1)
+    if table is not None:
+        pq.write_table(table, tmp_path / "train" / "part-0.parquet", row_group_size=30)
+    if schema is not None:
+        write_schema(Path(paths["schema"]), schema)
+    paths.update(kw)
+    return load_files(**paths, progress=False)
+
+
+def test_a_glob_that_matches_nothing_names_the_glob_and_the_key(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"config key data.val: the glob '.*/nowhere/\*.parquet' matches no file"):
+        _bundle(tmp_path, val=str(tmp_path / "nowhere" / "*.parquet"))
+
+
+def test_a_missing_column_names_file_column_and_schema_entry(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"train/part-0.parquet: no column 'age' \(schema dense\[2\]\)"):
+        _bundle(tmp_path, clicks(100).drop_columns(["age"]))
+
+
+@pytest.mark.parametrize(
+    ("column", "values", "message"),
+    [
+        ("age", pa.array([[1]] * 100), r"column 'age' \(schema dense\[2\]\) holds a list; it needs numbers"),
+        ("price", pa.array(["12"] * 100), r"column 'price' \(schema dense\[1\]\) holds type string"),
+        ("user_id", pa.array([["a"]] * 100), r"column 'user_id' \(schema sparse\[0\]\) holds a list where a scalar"),
+        ("click", pa.array([[0]] * 100), r"column 'click' \(schema labels\[0\]\) holds a list"),
+    ],
+)
+def test_a_type_that_does_not_fit_the_role(tmp_path: Path, column: str, values: pa.Array, message: str) -> None:
+    table = clicks(100)
+    table = table.set_column(table.schema.get_field_index(column), column, values)
+    with pytest.raises(DataError, match=message):
+        _bundle(tmp_path, table)
+
+
+def test_a_string_in_a_dense_csv_column_names_the_file(tmp_path: Path) -> None:
+    csv = tmp_path / "bad.csv"
+    csv.write_text(
+        "row,price,age,user_id,item,history,click,dwell\n" + "1,2.0,30,u1,3,a|b,1,0.5\n" * 5 + "2,abc,30,u1,3,,0,0\n"
+    )
+    with pytest.raises(DataError, match=r"bad.csv: .*invalid value 'abc'"):
+        list(_bundle(tmp_path, train=str(csv)).train.batches(4))
+
+
+def test_a_corrupt_or_truncated_parquet_file_is_named(tmp_path: Path) -> None:
+    paths = write_splits(tmp_path, rows=100, files=2)
+    bad = tmp_path / "train" / "part-1.parquet"
+    bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])
+    with pytest.raises(DataError, match=r"part-1.parquet: not a readable Parquet file"):
+        load_files(**paths, progress=False)
+
+
+def test_a_null_label_names_file_row_group_and_row_or_is_skipped_and_counted(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    table = clicks(100)
+    dwell = table.column("dwell").to_numpy().copy()
+    table = table.set_column(7, "dwell", pa.array(dwell, mask=np.isin(np.arange(100), [37, 38, 90])))
+    bundle = _bundle(tmp_path, table)
+    with pytest.raises(DataError, match=r"part-0.parquet field 'dwell': row group 1, row 7: label 'dwell' is null"):
+        list(bundle.train.batches(16))
+    schema = dict(SCHEMA, labels=[{"name": "click"}, {"name": "dwell", "kind": "regression", "on_null": "skip"}])
+    (tmp_path / "again").mkdir()
+    with caplog.at_level(logging.INFO, logger="mtrec.data.files"):
+        rows = rows_of(_bundle(tmp_path / "again", table, schema).train.batches(16))
+    assert sorted(rows) == [r for r in range(100) if r not in (37, 38, 90)]
+    assert "skipped 3 rows with a null label" in caplog.text
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
+def test_mtrec_train_on_parquet_and_csv_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from test_train import run_main
+
+    from mtrec.cli.train import main
+
+    paths = write_splits(tmp_path / "data", rows=300, files=2)
+    # one more train file, as gzipped CSV with the list column as a '|'-delimited string
+    csv = clicks(200, 5000, seed=5).to_pydict()
+    lines = ["row,price,age,user_id,item,history,click,dwell"]
+    for r in range(200):
+        hist = "|".join(v for v in (csv["history"][r] or []) if v is not None)
+        price = "" if csv["price"][r] is None else repr(csv["price"][r])
+        lines.append(f"{csv['row'][r]},{price},{csv['age'][r]},{csv['user_id'][r]},{csv['item'][r]},{hist},"
+                     f"{csv['click'][r]},{csv['dwell'][r]}")  # fmt: skip
+    with gzip.open(tmp_path / "data" / "train" / "extra.csv.gz", "wt") as f:
+        f.write("\n".join(lines) + "\n")
+    run_dir = tmp_path / "run"
+    argv = [
+        "data=files",
+        f"data.train=[{paths['train']},{tmp_path / 'data' / 'train' / '*.csv.gz'}]",
+        f"data.val={paths['val']}",
+        f"data.test={paths['test']}",
+        f"data.schema={paths['schema']}",
+        "data.progress=false",
+        "model=mmoe",
+        "trainer.max_steps=5",
+        "trainer.batch_size=64",
+        "trainer.progress=false",
+        "trainer.tensorboard=false",
+        f"hydra.run.dir={run_dir}",
+    ]
+    code, err = run_main(main, argv, monkeypatch, capsys)
+    assert code == 0, err
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert set(metrics["test"]) == {"click", "dwell"} and "auc" in metrics["test"]["click"]
+    features = json.loads((run_dir / "features.json").read_text())
+    assert features["meta"]["source"] == "files" and features["meta"]["rows"]["train"] == 800
+    assert features["meta"]["schema"] == load_schema(paths["schema"]).to_dict()
+    assert set(features["meta"]["statistics"]) == {"age"} and features["meta"]["hashing"]["function"] == "xxh64"
+
+    code, err = run_main(main, [*argv[:1], "data.train=/nowhere/*.parquet", *argv[2:]], monkeypatch, capsys)
+    assert code == 2
+    assert err.strip().splitlines()[-1].endswith("config key data.train: the glob '/nowhere/*.parquet' matches no file")
