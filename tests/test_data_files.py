@@ -389,3 +389,30 @@ def test_mtrec_train_on_parquet_and_csv_files(
     code, err = run_main(main, [*argv[:1], "data.train=/nowhere/*.parquet", *argv[2:]], monkeypatch, capsys)
     assert code == 2
     assert err.strip().splitlines()[-1].endswith("config key data.train: the glob '/nowhere/*.parquet' matches no file")
+
+
+def test_a_resumed_run_on_files_gives_the_same_weights(tmp_path: Path) -> None:
+    from test_train import cfg, weights
+
+    from mtrec.train import run
+
+    paths = write_splits(tmp_path / "data", rows=300, files=2)  # 12 row groups of 50: ~10 batches an epoch
+    common = [
+        "data=files",
+        *(f"data.{k}={v}" for k, v in paths.items()),
+        "data.num_workers=2",
+        "data.shuffle_buffer=128",
+        "data.progress=false",
+        "model=mmoe",
+        "model.dropout=0.1",
+        "trainer.batch_size=64",
+        "trainer.progress=false",
+        "trainer.tensorboard=false",
+    ]
+    run(cfg("trainer.max_steps=14", *common), tmp_path / "straight")
+    run(cfg("trainer.max_steps=7", *common), tmp_path / "split")
+    run(cfg("trainer.max_steps=14", "trainer.resume=true", *common), tmp_path / "split")
+    a, b = weights(tmp_path / "straight"), weights(tmp_path / "split")
+    assert json.loads((tmp_path / "split" / "run_info.json").read_text())["epochs"] >= 1
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)

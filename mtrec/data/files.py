@@ -499,7 +499,14 @@ class FileDataset:
             rank=self.rank,
             world_size=self.world_size,
         )
-        loader = DataLoader(stream, batch_size=None, num_workers=self.num_workers, collate_fn=_as_is)
+        # its own generator: a DataLoader draws its workers' base seed, which must not move the global RNG (resume)
+        loader = DataLoader(
+            stream,
+            batch_size=None,
+            num_workers=self.num_workers,
+            collate_fn=_as_is,
+            generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch),
+        )
         keys = [s.name for s in self.schema.sparse]
         for i, (dense, ids, lengths, labels) in enumerate(loader):
             if i >= start:
