@@ -19,6 +19,7 @@ import xxhash
 from mtrec.data.encoding import FilesEncoding, value_encoding
 from mtrec.data.errors import DataError
 from mtrec.data.files import FileDataset, load_files
+from mtrec.data.filetools import write_synthetic
 from mtrec.data.schema import (
     HASH_SEED,
     Schema,
@@ -416,3 +417,44 @@ def test_a_resumed_run_on_files_gives_the_same_weights(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "split" / "run_info.json").read_text())["epochs"] >= 1
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+
+# --------------------------------------------------------------------------------------------- mtrec-data
+
+
+def test_synthetic_files_are_written_a_row_group_at_a_time_and_read_back(tmp_path: Path) -> None:
+    summary = write_synthetic(tmp_path / "clicks", 2500, num_users=300, num_items=200, rows_per_file=1000,
+                              row_group_size=400, seed=3)  # fmt: skip
+    assert summary["rows"] == {"train": 2500, "val": 250, "test": 250} and summary["files"]["train"] == 3
+    groups = [pq.ParquetFile(p).metadata.num_row_groups for p in sorted((tmp_path / "clicks" / "train").iterdir())]
+    assert groups == [3, 3, 2]
+    bundle = load_files(**{k: summary[k] for k in ("train", "val", "test", "schema")}, progress=False)
+    assert len(bundle.train) == 2500 and [t.name for t in bundle.tasks] == ["click", "conversion", "dwell"]
+    batch = next(iter(bundle.train.batches(256, shuffle=True)))
+    assert 0 < float(batch.labels["click"].mean()) < 1
+    assert bool((batch.labels["conversion"] <= batch.labels["click"]).all())
+    again = write_synthetic(tmp_path / "again", 2500, num_users=300, num_items=200, rows_per_file=1000,
+                            row_group_size=400, seed=3)  # fmt: skip
+    assert pq.read_table(again["train"].replace("*", "part-00001")).equals(
+        pq.read_table(summary["train"].replace("*", "part-00001"))
+    )
+    with pytest.raises(ValueError, match="is not empty"):
+        write_synthetic(tmp_path / "clicks", 10)
+
+
+def test_mtrec_data_inspect_and_its_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from mtrec.cli.data import main
+
+    paths = write_splits(tmp_path, rows=100, files=2)
+    main(["inspect", "--schema", paths["schema"], paths["train"]])
+    report = json.loads(capsys.readouterr().out)
+    assert report["files"] == 2 and report["units"] == 4 and report["rows"] == 200
+    price_nulls = sum(clicks(100, s, seed=s).column("price").null_count for s in (0, 100))
+    assert report["columns"]["price"] == {**report["columns"]["price"], "role": "dense", "nulls": price_nulls}
+    assert report["columns"]["history"]["type"] == "list<element: string>"
+    with pytest.raises(SystemExit) as stop:
+        main(["inspect", "--schema", paths["schema"], str(tmp_path / "nowhere" / "*.parquet")])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.strip() == (
+        f"mtrec-data: error: argument GLOB: the glob '{tmp_path / 'nowhere' / '*.parquet'}' matches no file"
+    )

@@ -55,7 +55,7 @@ from mtrec.data.schema import (
     sparse_ids,
 )
 
-__all__ = ["FILES_SOURCE", "FileDataset", "Unit", "fit_statistics", "load_files", "read_units"]
+__all__ = ["FILES_SOURCE", "FileDataset", "Unit", "expand", "fit_statistics", "load_files", "read_chunks", "read_units"]
 
 log = logging.getLogger("mtrec.data.files")
 _PARQUET = (".parquet", ".pq")
@@ -83,21 +83,22 @@ def _kind(path: str) -> str:
     raise DataError(path, f"not a Parquet ({', '.join(_PARQUET)}) or CSV ({', '.join(_CSV)}) file")
 
 
-def expand(pattern: str | Sequence[str] | None, key: str) -> list[str]:
+def expand(pattern: str | Sequence[str] | None, where: str) -> list[str]:
     """The sorted files a glob (or a list of globs) names.
 
     Raises:
-        InputNotFoundError: no glob given, or one matches nothing (naming the glob and the config key).
+        InputNotFoundError: no glob given, or one matches nothing (naming the glob and ``where`` it was given:
+            ``config key data.train``).
     """
     if not pattern:
-        raise InputNotFoundError(f"config key {key}: give a glob of Parquet or CSV files (e.g. 'DIR/*.parquet')")
+        raise InputNotFoundError(f"{where}: give a glob of Parquet or CSV files (e.g. 'DIR/*.parquet')")
     patterns = [pattern] if isinstance(pattern, str) else [str(p) for p in pattern]
     paths: list[str] = []
     for p in patterns:
         found = sorted(globlib.glob(str(Path(p).expanduser()), recursive=True))
         found = [f for f in found if Path(f).is_file()]
         if not found:
-            raise InputNotFoundError(f"config key {key}: the glob {p!r} matches no file")
+            raise InputNotFoundError(f"{where}: the glob {p!r} matches no file")
         paths += found
     return paths
 
@@ -188,7 +189,7 @@ def read_units(paths: Sequence[str], schema: Schema) -> list[Unit]:
     return units
 
 
-def _chunks(unit: Unit, schema: Schema, columns: Sequence[str] | None = None) -> Iterator[tuple[pa.Table, int]]:
+def read_chunks(unit: Unit, schema: Schema, columns: Sequence[str] | None = None) -> Iterator[tuple[pa.Table, int]]:
     """The unit's tables (a row group, or a CSV file's blocks) and the row offset of each in its unit."""
     columns = list(columns if columns is not None else schema.columns)
     if unit.row_group is not None:
@@ -231,7 +232,7 @@ def fit_statistics(units: list[Unit], schema: Schema, progress: bool = True) -> 
         counted: list[Unit] = []
         for unit in tqdm(units, desc="train statistics", unit="chunk", disable=not progress, leave=False):
             rows = 0
-            for table, _ in _chunks(unit, schema, columns or schema.columns[:1]):
+            for table, _ in read_chunks(unit, schema, columns or schema.columns[:1]):
                 rows += table.num_rows
                 for d in standardize:
                     moments[d.name].update(_floats(table.column(d.name), unit, d.name))
@@ -395,7 +396,7 @@ class _Stream(IterableDataset):
         skipped = 0
         bs = self.batch_size
         for unit in mine:
-            for table, offset in _chunks(unit, self.encoder.schema):
+            for table, offset in read_chunks(unit, self.encoder.schema):
                 part, n_skipped = self.encoder.encode(table, unit, offset)
                 skipped += n_skipped
                 pending.append(part)
@@ -422,11 +423,21 @@ class _Stream(IterableDataset):
 
 
 def _split(data: TabularDataset, batch_size: int) -> Iterator[tuple[Any, ...]]:
-    """Plain tensors per batch (a DataLoader worker sends them; the KeyedJaggedTensor is built in the trainer's
-    process)."""
+    """numpy arrays per batch: a DataLoader worker sends them pickled through its pipe, cheaper for arrays of a
+    batch than torch's shared memory (a segment per tensor); the KeyedJaggedTensor is built in the trainer's
+    process."""
     for start in range(0, len(data), batch_size):
         part = data.subset(torch.arange(start, min(start + batch_size, len(data))))
-        yield part.dense, part.sparse_ids, part.sparse_lengths, part.labels
+        yield (
+            part.dense.numpy(),
+            {k: v.numpy() for k, v in part.sparse_ids.items()},
+            {k: v.numpy() for k, v in part.sparse_lengths.items()},
+            {k: v.numpy() for k, v in part.labels.items()},
+        )
+
+
+def _tensors(arrays: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    return {k: torch.from_numpy(v) for k, v in arrays.items()}
 
 
 def _as_is(item: Any) -> Any:
@@ -510,7 +521,11 @@ class FileDataset:
         keys = [s.name for s in self.schema.sparse]
         for i, (dense, ids, lengths, labels) in enumerate(loader):
             if i >= start:
-                yield Batch(dense, build_kjt(ids, lengths, keys), labels)
+                yield Batch(
+                    torch.from_numpy(dense),
+                    build_kjt(_tensors(ids), _tensors(lengths), keys),
+                    _tensors(labels),
+                )
 
 
 # ---------------------------------------------------------------------------------------------- the bundle
@@ -532,9 +547,8 @@ def load_files(
     if not schema:
         raise ValueError("config key data.schema: give the schema file (YAML with dense, sparse, labels)")
     spec = load_schema(schema)
-    splits = {
-        name: expand(pattern, f"data.{name}") for name, pattern in (("train", train), ("val", val), ("test", test))
-    }
+    globs = {"train": train, "val": val, "test": test}
+    splits = {name: expand(pattern, f"config key data.{name}") for name, pattern in globs.items()}
     units = {name: read_units(paths, spec) for name, paths in splits.items()}
     units["train"], stats = fit_statistics(units["train"], spec, progress)
     for name in ("val", "test"):
