@@ -334,6 +334,10 @@ def test_a_null_label_names_file_row_group_and_row_or_is_skipped_and_counted(
     bundle = _bundle(tmp_path, table)
     with pytest.raises(DataError, match=r"part-0.parquet field 'dwell': row group 1, row 7: label 'dwell' is null"):
         list(bundle.train.batches(16))
+    train = bundle.train
+    two_workers = FileDataset(train.units, train.schema, train.stats, num_workers=2)
+    with pytest.raises(DataError, match=r"part-0.parquet field 'dwell': row group 1, row 7: label 'dwell' is null"):
+        list(two_workers.batches(16))  # raised in a worker, the same error in the trainer's process
     schema = dict(SCHEMA, labels=[{"name": "click"}, {"name": "dwell", "kind": "regression", "on_null": "skip"}])
     (tmp_path / "again").mkdir()
     with caplog.at_level(logging.INFO, logger="mtrec.data.files"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 
 class DataError(ValueError):
@@ -18,8 +19,17 @@ class DataError(ValueError):
             where += f" field {field}" if isinstance(field, int) else f" field {field!r}"
         super().__init__(f"{where}: {message}")
         self.path = str(path)
+        self.message = message
         self.line = line
         self.field = field
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # pickled whole (a DataLoader worker sends it to the trainer's process), not rebuilt from its text
+        return _data_error, (type(self), self.path, self.message, self.line, self.field)
+
+
+def _data_error(cls: type[DataError], path: str, message: str, line: int | None, field: str | int | None) -> DataError:
+    return cls(path, message, line=line, field=field)
 
 
 class InputNotFoundError(FileNotFoundError, ValueError):

@@ -384,7 +384,15 @@ class _Stream(IterableDataset):
         self.shuffle, self.seed, self.epoch, self.shuffle_buffer = shuffle, seed, epoch, shuffle_buffer
         self.drop_last, self.rank, self.world_size = drop_last, rank, world_size
 
-    def __iter__(self) -> Iterator[tuple[Any, ...]]:
+    def __iter__(self) -> Iterator[Any]:
+        try:
+            yield from self._batches()
+        except DataError as err:
+            if get_worker_info() is None:
+                raise
+            yield err  # from a worker: the DataLoader would turn it into a RuntimeError holding its traceback
+
+    def _batches(self) -> Iterator[tuple[Any, ...]]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         shard, shards = self.rank * workers + worker, self.world_size * workers
@@ -519,7 +527,10 @@ class FileDataset:
             generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch),
         )
         keys = [s.name for s in self.schema.sparse]
-        for i, (dense, ids, lengths, labels) in enumerate(loader):
+        for i, item in enumerate(loader):
+            if isinstance(item, DataError):
+                raise item
+            dense, ids, lengths, labels = item
             if i >= start:
                 yield Batch(
                     torch.from_numpy(dense),
