@@ -486,3 +486,35 @@ def test_a_model_learns_from_the_synthetic_files(tmp_path: Path) -> None:
         tmp_path / "run",
     )
     assert metrics["test"]["click"]["auc"] > 0.7 and metrics["test"]["conversion"]["auc"] > 0.8
+
+
+def test_an_exported_files_run_serves_raw_rows_as_the_model_saw_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """mtrec-export of a run on files; the repository's encoder turns raw Parquet rows into ONNX inputs whose
+    outputs are the trained model's on the batch the reader built."""
+    import onnxruntime as ort
+    from test_train import cfg, run_main
+
+    from mtrec.cli.export import main as export_main
+    from mtrec.export import load_run
+    from mtrec.train import run
+
+    paths = write_splits(tmp_path / "data", rows=200, files=1)
+    settings = [f"data.{k}={v}" for k, v in paths.items()]
+    trainer = ["trainer.max_steps=3", "trainer.batch_size=64", "trainer.progress=false", "trainer.tensorboard=false"]
+    run(cfg("data=files", *settings, "data.progress=false", "model=mmoe", *trainer), tmp_path / "run")
+    argv = [f"run_dir={tmp_path / 'run'}", f"repository={tmp_path / 'models'}", "model_name=clicks"]
+    code, err = run_main(export_main, argv, monkeypatch, capsys)
+    assert code == 0, err
+    encoder = RawFeatureEncoder.from_repository(tmp_path / "models", "clicks")
+    raw = pq.read_table(paths["test"].replace("*", "part-0")).to_pylist()
+    session = ort.InferenceSession(str(tmp_path / "models" / "clicks" / "1" / "model.onnx"))
+    served = dict(zip([o.name for o in session.get_outputs()], session.run(None, encoder.encode(raw)), strict=True))
+    bundle = load_files(**paths, progress=False)
+    (batch,) = bundle.test.batches(len(raw))
+    model = load_run(tmp_path / "run").model.eval()
+    with torch.no_grad():
+        out = model(batch.dense, batch.sparse)
+    np.testing.assert_allclose(served["click"].ravel(), torch.sigmoid(out["click"]).numpy(), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(served["dwell"].ravel(), out["dwell"].numpy(), rtol=0, atol=1e-5)
