@@ -362,7 +362,7 @@ def probe_feature_dims(
     """``{task: (student representation size, teacher representation size)}`` from a 2-row probe batch."""
     if not hasattr(model, "forward_with_representation"):
         raise ValueError(f"feature distillation: {type(model).__name__} has no forward_with_representation")
-    probe = bundle.train.batch(torch.arange(min(2, len(bundle.train))))
+    probe = next(iter(bundle.train.batches(2)))  # any batch source (in memory or streamed files): its first rows
     was_training = model.training
     model.eval()
     try:
