@@ -6,16 +6,29 @@ building ``_partial_`` strategy configs with errors that name their section, and
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import inspect
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig
 
 # Where every Hydra main finds the config tree: the repository's configs/, shipped inside the distribution as the
-# package ``mtlib_configs`` (pyproject.toml maps it onto configs/), so an installed wheel composes from any directory.
+# package ``mtlib_configs`` (setup.py maps it onto configs/), so an installed wheel composes from any directory.
 CONFIG_PATH = "pkg://mtlib_configs"
+
+
+def _config_dir() -> str:
+    spec = importlib.util.find_spec(CONFIG_PATH.removeprefix("pkg://"))  # the installed configs/ tree (setup.py)
+    if spec is not None and spec.origin is not None:
+        return str(Path(spec.origin).parent)
+    return str(Path(__file__).resolve().parents[1] / "configs")  # a source checkout that is not installed
+
+
+#: The same tree as a directory, for ``hydra.initialize_config_dir`` (tests, benchmarks).
+CONFIG_DIR = _config_dir()
 
 _HYDRA_KEYS = frozenset({"_target_", "_partial_", "_recursive_", "_convert_", "_args_"})
 

@@ -8,7 +8,8 @@
   ranges too); and ``weighted_losses``. A mistyped key (``+env.num_task=3``, ``+agent.hiden=[8]``) fails naming the
   key and the valid ones. (Without the ``+``, Hydra refuses a key the config does not have while composing.)
 * :func:`build_strategies`, :func:`build_agent_from_config`: the agent of a config, with its multi-task strategies.
-* :data:`CONFIG_DIR`: the config tree as a directory (for ``hydra.initialize_config_dir`` in tests, benchmarks and
+* :data:`CONFIG_DIR` (:data:`mtl.config.CONFIG_DIR`, re-exported): the config tree as a directory (for
+  ``hydra.initialize_config_dir`` in tests, benchmarks and
   notebooks; the commands compose from :data:`mtl.config.CONFIG_PATH`).
 
 An agent builder (``_target_`` of ``configs/agent/*.yaml``, e.g. :func:`mtrl.agents.care`) is called as
@@ -19,12 +20,10 @@ parameters after the first two.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import inspect
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -32,7 +31,7 @@ from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from mtl.config import build_partial, check_config_keys, check_group_keys
+from mtl.config import CONFIG_DIR, build_partial, check_config_keys, check_group_keys
 from mtrl.agents import SAC, EnvSpec, SACConfig
 from mtrl.agents.sac import Strategies
 from mtrl.envs import family_class, family_settings
@@ -63,15 +62,6 @@ GROUPS = ("env", "agent", "gradient", "weighting", "schedule", "trainer", "sac")
 WEIGHTED_LOSSES = ("critic", "actor_and_critic")
 _MAKE_FAMILY = "mtrl.envs.make_family"
 
-
-def _config_dir() -> str:
-    spec = importlib.util.find_spec("mtlib_configs")  # the installed configs/ tree (setup.py)
-    if spec is not None and spec.origin is not None:
-        return str(Path(spec.origin).parent)
-    return str(Path(__file__).resolve().parents[1] / "configs")  # a source checkout that is not installed
-
-
-CONFIG_DIR = _config_dir()
 
 
 @dataclass
