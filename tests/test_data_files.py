@@ -16,6 +16,7 @@ import pytest
 import torch
 import xxhash
 
+from mtrec.data.batch import TabularDataset
 from mtrec.data.encoding import FilesEncoding, value_encoding
 from mtrec.data.errors import DataError
 from mtrec.data.files import FileDataset, load_files
@@ -216,6 +217,28 @@ def test_shuffle_is_seeded_and_a_restart_sees_the_same_batches(tmp_path: Path) -
     assert sorted(rows_of(val.batches(64))) == list(range(1200, 1600))
     in_order = FileDataset(val.units, val.schema, val.stats, num_workers=0)
     assert rows_of(in_order.batches(64)) == list(range(1200, 1600))
+
+
+def test_in_memory_holds_the_tensors_the_stream_gives(tmp_path: Path) -> None:
+    paths = write_splits(tmp_path, rows=100, files=3, row_group_size=30)
+    streamed = load_files(**paths, progress=False)
+    held = load_files(**paths, progress=False, in_memory=True)
+    assert isinstance(held.train, TabularDataset) and held.meta == streamed.meta
+    for split in ("train", "val", "test"):
+        a = next(iter(getattr(streamed, split).batches(10_000)))
+        b = getattr(held, split)
+        assert len(b) == len(getattr(streamed, split)) == a.batch_size
+        assert torch.equal(a.dense, b.dense) and a.labels.keys() == b.labels.keys()
+        assert all(torch.equal(a.labels[k], b.labels[k]) for k in a.labels)
+        kjt = b.batch(torch.arange(len(b))).sparse
+        for key in a.sparse.keys():
+            assert torch.equal(a.sparse[key].values(), kjt[key].values())
+            assert torch.equal(a.sparse[key].lengths(), kjt[key].lengths())
+    # a rank without rows of a small split holds an empty dataset with the schema's columns
+    val = streamed.val
+    empty = FileDataset(val.units[:1], val.schema, val.stats, rank=1, world_size=2).materialize()
+    assert len(empty) == 0 and empty.dense.shape == (0, 3)
+    assert empty.batch(torch.arange(0)).sparse.keys() == ["user_id", "item", "history"]
 
 
 def test_batches_follow_the_batch_contract_and_statistics_come_from_train(tmp_path: Path) -> None:

@@ -347,6 +347,16 @@ def concat(parts: Sequence[TabularDataset]) -> TabularDataset:
     )
 
 
+def _empty(schema: Schema) -> TabularDataset:
+    """No rows, with the schema's columns (a rank with no unit of a small split)."""
+    return TabularDataset(
+        dense=torch.zeros(0, len(schema.dense)),
+        sparse_ids={s.name: torch.zeros(0, s.length, dtype=torch.int64) for s in schema.sparse},
+        sparse_lengths={s.name: torch.zeros(0, dtype=torch.int64) for s in schema.sparse},
+        labels={label.name: torch.zeros(0) for label in schema.labels},
+    )
+
+
 # -------------------------------------------------------------------------------------------------- stream
 
 
@@ -482,6 +492,15 @@ class FileDataset:
         """Rows per rank (the rows of the files over the world size; before any row a null label skips)."""
         return -(-sum(u.num_rows for u in self.units) // self.world_size)
 
+    def materialize(self, progress: bool = False) -> TabularDataset:
+        """This rank's rows, in file order, as column tensors (what ``load_files(in_memory=True)`` holds)."""
+        mine = self.units[self.rank :: self.world_size]
+        parts = []
+        for unit in tqdm(mine, desc="reading", unit="chunk", disable=not progress, leave=False):
+            for table, offset in read_chunks(unit, self.schema):
+                parts.append(self.encoder.encode(table, unit, offset)[0])
+        return concat(parts) if parts else _empty(self.schema)
+
     def num_batches(self, batch_size: int, drop_last: bool = False, *, epoch: int = 0, seed: int = 0) -> int:
         """Batches of one epoch of this rank (every shard ends with its own partial batch)."""
         units = _epoch_units(self.units, True, seed, epoch)
@@ -550,10 +569,15 @@ def load_files(
     num_workers: int = 0,
     shuffle_buffer: int = 100_000,
     progress: bool = True,
+    in_memory: bool = False,
 ) -> DataBundle:
     """The bundle of the ``files`` data config: train/val/test :class:`FileDataset` s over globs of Parquet or CSV
     files described by the ``schema`` YAML file; ``meta`` holds the schema, the hashing and the train statistics
     (a run's ``features.json``), so serving encodes raw rows the same way (:class:`mtrec.data.encoding.FilesEncoding`).
+
+    ``in_memory``: read each split once, by the same rules, into a :class:`~mtrec.data.batch.TabularDataset` (column
+    tensors; a uniform shuffle each epoch instead of the shuffle buffer) for data that fits in memory and trains
+    for many epochs.
     """
     if not schema:
         raise ValueError("config key data.schema: give the schema file (YAML with dense, sparse, labels)")
@@ -567,6 +591,8 @@ def load_files(
             units[name] = fit_statistics(units[name], Schema(labels=spec.labels), progress=False)[0]
     opts = {"num_workers": num_workers, "shuffle_buffer": shuffle_buffer}
     datasets = {name: FileDataset(units[name], spec, stats, **opts) for name in units}
+    if in_memory:
+        datasets = {name: d.materialize(progress) for name, d in datasets.items()}  # type: ignore[misc]
     return DataBundle(
         train=datasets["train"],  # type: ignore[arg-type]
         val=datasets["val"],  # type: ignore[arg-type]
