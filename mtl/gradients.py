@@ -73,7 +73,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mtl import projection, solvers
+from mtl import parallel, projection, solvers
 from mtl.split import TaskSplit, _flat, as_param_grad
 
 Info = dict[str, Tensor]
@@ -89,6 +89,7 @@ def _rank_eps(dtype: torch.dtype) -> float:
     """Machine epsilon of the dtype a Jacobian was computed in, at most float32's (the Gram matrix is computed
     in at least float32): the resolution of its Gram matrix's eigenvalues."""
     return float(torch.finfo(torch.promote_types(dtype, torch.float32)).eps)
+
 
 # --------------------------------------------------------------------------------------------------------------
 # Per-task gradients
@@ -742,7 +743,8 @@ class StepGradients:
         return self._rows
 
     def shared_jacobian(self) -> tuple[Tensor, bool]:
-        """``G [k, P]`` over the shared parameters, and whether batched autograd ran."""
+        """``G [k, P]`` over the shared parameters (averaged over the ranks under data parallelism: the global
+        batch's), and whether batched autograd ran."""
         method = self._method
         if self.split is not None:
             G, batched = self.split.param_jacobian(self.cut_rows(), self.shared, batched=method._batched)
@@ -750,7 +752,7 @@ class StepGradients:
             G, batched = task_gradients(self.L, self.shared, batched=method._batched)
             self._backward_others()
         method._batched = batched
-        return G, batched
+        return parallel.average(G), batched  # data parallelism: the global batch's rows (mtl.parallel)
 
     def representation_jacobian(self, *, create_graph: bool = False) -> tuple[Tensor, bool]:
         """``[k, D]``: row ``i`` = ``dL_i/dZ`` flattened (every cut's, through a split), and whether batched autograd
@@ -1046,7 +1048,7 @@ class MGDAUB(_WarmSupport, GradientMethod):
         src = StepGradients(self, losses, shared, others, representation, requires_representation=True)
         # Through a split: one head backward for every dL_i/dZ (and the heads' plain gradients), one body backward.
         J, batched = src.representation_jacobian()
-        M = gram(J)
+        M = parallel.sum_gram(gram(J))  # data parallelism: the global batch's Gram matrix (mtl.parallel)
         alpha, info = self._solve_min_norm(M, src.L.detach().to(_CPU, _F64))
         _set_grad_list(src.shared, src.combined(alpha))
         stats = _stats(src.names, M, alpha, info, batched)
@@ -1227,7 +1229,7 @@ class NashMTL(AggregatingMethod):
         assert self.alpha is not None
         src = StepGradients(self, losses, shared, others, representation)
         shared_l = src.shared
-        g = _flat(src.combined(self.alpha), shared_l, ())
+        g = parallel.average(_flat(src.combined(self.alpha), shared_l, ())[None])[0]  # the global batch's
         norm = float(g.norm())
         if self.max_norm > 0 and norm > self.max_norm:
             g = g * (self.max_norm / norm)

@@ -37,6 +37,7 @@ Several steps may share one scheduler (an RL agent's actor and critic count the 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -46,6 +47,7 @@ import torch
 from torch import Tensor, nn
 
 from mtl.gradients import GradientMethod, Plain
+from mtl.parallel import DataParallel
 from mtl.scheduling import TaskScheduler
 from mtl.split import TaskSplit
 from mtl.weighting import Weighting
@@ -64,12 +66,15 @@ class StepParameters:
         last_shared: the last shared layer's parameters, for weightings that measure task gradient norms there
             (GradNorm); ignored by the others.
         clipped: whose global gradient norm ``max_grad_norm`` clips (usually the model's parameters).
+        replicated: with data parallelism, the parameters every rank holds a copy of, whose gradients the step
+            averages over the ranks (``None``: ``shared`` and ``others``); leave model-parallel ones out.
     """
 
     shared: Sequence[nn.Parameter]
     others: Sequence[nn.Parameter] = ()
     last_shared: Sequence[nn.Parameter] = ()
     clipped: Sequence[nn.Parameter] = ()
+    replicated: Sequence[nn.Parameter] | None = None
 
 
 @dataclass
@@ -97,6 +102,11 @@ class StepResult:
         return float(sum(v.item() for v in self.weighted.values()))
 
 
+def _unique(params: Sequence[nn.Parameter]) -> list[nn.Parameter]:
+    seen: set[int] = set()
+    return [p for p in params if not (id(p) in seen or seen.add(id(p)))]  # type: ignore[func-returns-value]
+
+
 def _overrides(obj: object, base: type, method: str) -> bool:
     """Whether ``obj``'s class replaces ``base``'s no-op ``method`` (so calling it, and syncing for it, matters)."""
     return getattr(type(obj), method) is not getattr(base, method)
@@ -116,6 +126,10 @@ class MultiTaskStep:
             state. ``False`` for a step that shares another step's scheduler.
         max_grad_norm: clip the global norm of :attr:`StepParameters.clipped`'s gradients to this value before the
             optimiser step (``None``: no clipping).
+        data_parallel: the ranks that each hold a shard of the global batch (:class:`mtl.parallel.DataParallel`):
+            the step then updates the replicated parameters as one process with the global batch would (losses,
+            per-task gradients and the final gradients reduced where each strategy reads them; see
+            :mod:`mtl.parallel`). ``None``: one process.
 
     Raises:
         ValueError: the weighting or the scheduler was built for other tasks.
@@ -130,6 +144,7 @@ class MultiTaskStep:
         scheduler: TaskScheduler | None = None,
         feedback: bool = True,
         max_grad_norm: float | None = None,
+        data_parallel: DataParallel | None = None,
     ) -> None:
         if isinstance(tasks, str):
             raise TypeError(f"tasks must be a sequence of task names, got the string {tasks!r}; wrap it in a list")
@@ -151,6 +166,7 @@ class MultiTaskStep:
         self.scheduler = scheduler
         self.feedback = bool(feedback)
         self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
+        self.data_parallel = data_parallel
         # Calls (and the device syncs they need) that change nothing are skipped.
         self._observes = feedback and scheduler is not None and _overrides(scheduler, TaskScheduler, "observe")
         self._epochs = weighting is not None and _overrides(weighting, Weighting, "on_epoch_end")
@@ -193,6 +209,8 @@ class MultiTaskStep:
         cut: Tensor | TaskSplit | None = None,
         regularizer: Tensor | None = None,
         losses_after_step: Callable[[], Mapping[str, Tensor]] | None = None,
+        count: int | Mapping[str, int] | None = None,
+        after_backward: Callable[[], None] | None = None,
     ) -> StepResult:
         """One optimiser step on ``losses`` (see the module docstring for the order).
 
@@ -208,6 +226,10 @@ class MultiTaskStep:
                 after the gradient method.
             losses_after_step: the same batch's losses after the optimiser step, for weightings that want them
                 (:attr:`Weighting.wants_losses_after_step`); called under ``torch.inference_mode()``.
+            count: with ``data_parallel``, this rank's rows of the step (one number, or one per task with per-task
+                batches): the losses' global values weight each rank's mean by its rows.
+            after_backward: called once every gradient is in place, before the replicated gradients are averaged,
+                clipped and stepped (a model-parallel part's own backward: the embedding tables').
 
         Raises:
             ValueError: ``losses`` lacks a task that counts at ``step``, or the weighting wants the post-step losses and
@@ -220,16 +242,27 @@ class MultiTaskStep:
                 f"{type(w).__name__} updates itself from the losses after the optimiser step: pass losses_after_step="
                 "<a callable returning the same batch's {task: loss}>"
             )
+        dp = self.data_parallel
+        if dp is not None:
+            if count is None:
+                raise ValueError("MultiTaskStep with data_parallel: pass count=<this rank's rows of the step>")
+            counted = dp.global_losses(counted, count)
         optimizer.zero_grad(set_to_none=True)
-        if w is None:
-            weighted = counted
-        elif isinstance(cut, TaskSplit) and w.split_aware:
-            weighted = w.weighted(counted, shared=params.last_shared, split=cut)
-        else:
-            weighted = w.weighted(counted, shared=params.last_shared)
-        stats = self.gradient.backward(weighted, params.shared, others=params.others, representation=cut)
+        with dp.active() if dp is not None else contextlib.nullcontext():
+            if w is None:
+                weighted = counted
+            elif isinstance(cut, TaskSplit) and w.split_aware:
+                weighted = w.weighted(counted, shared=params.last_shared, split=cut)
+            else:
+                weighted = w.weighted(counted, shared=params.last_shared)
+            stats = self.gradient.backward(weighted, params.shared, others=params.others, representation=cut)
         if regularizer is not None and regularizer.requires_grad:
             regularizer.backward()
+        if after_backward is not None:
+            after_backward()
+        if dp is not None:
+            replicated = params.replicated if params.replicated is not None else [*params.shared, *params.others]
+            dp.average_grads(_unique(replicated))
         if self.max_grad_norm is not None:
             nn.utils.clip_grad_norm_(params.clipped, self.max_grad_norm)
         optimizer.step()
@@ -238,6 +271,9 @@ class MultiTaskStep:
             assert losses_after_step is not None
             with torch.inference_mode():
                 after = losses_after_step()
+                if dp is not None:
+                    assert count is not None
+                    after = {k: v.detach() for k, v in dp.global_losses(after, count).items()}
             w.after_step(after)
         if self._observes:
             assert self.scheduler is not None
@@ -299,4 +335,3 @@ class MultiTaskStep:
             f"MultiTaskStep(tasks={list(self.tasks)}, weighting={self.weighting!r}, gradient={self.gradient!r}, "
             f"scheduler={self.scheduler!r})"
         )
-

@@ -49,6 +49,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from mtl import parallel
 from mtl.split import TaskSplit
 from mtl.tasks import TaskSpec
 
@@ -505,7 +506,7 @@ class GradNorm(Weighting):
         if split is not None:
             # One backward through the heads for every dL_i/dZ, then the body down to `shared`, batched.
             J = split.head_backward([self.task_names[i] for i in idx], torch.stack(losses), retain_graph=True)
-            g = split.param_jacobian(J, shared)[0].detach().norm(dim=1).to(w)
+            g = parallel.average(split.param_jacobian(J, shared)[0].detach()).norm(dim=1).to(w)
         else:
             g = _task_grad_norms(losses, shared).to(w)
         current = torch.stack(losses).detach().to(w)
@@ -548,14 +549,19 @@ def _task_grad_norms(losses: list[Tensor], params: list[nn.Parameter]) -> Tensor
         grads = torch.autograd.grad(
             stacked, params, grad_outputs=eye, is_grads_batched=True, retain_graph=True, allow_unused=True
         )
-        sq = [g.detach().reshape(len(live), -1).pow(2).sum(1) for g in grads if g is not None]
+        if parallel.current() is not None:  # data parallelism: the norms of the global batch's gradients
+            flat = [g.detach().reshape(len(live), -1) for g in grads if g is not None]
+            sq = [parallel.average(torch.cat(flat, dim=1)).pow(2).sum(1)] if flat else []
+        else:
+            sq = [g.detach().reshape(len(live), -1).pow(2).sum(1) for g in grads if g is not None]
         rows = torch.stack(sq).sum(0).sqrt() if sq else torch.zeros(len(live), device=stacked.device)
     except (RuntimeError, NotImplementedError):
         per_task = []
         for i in live:
             grads = torch.autograd.grad(losses[i], params, retain_graph=True, allow_unused=True)
-            sq = [g.detach().pow(2).sum() for g in grads if g is not None]
-            per_task.append(torch.stack(sq).sum().sqrt() if sq else torch.zeros((), device=stacked.device))
+            flat = [g.detach().reshape(-1) for g in grads if g is not None]
+            row = parallel.average(torch.cat(flat)[None])[0] if flat else torch.zeros(1, device=stacked.device)
+            per_task.append(row.norm())
         rows = torch.stack(per_task)
     norms[live] = rows.to(norms)
     return norms
