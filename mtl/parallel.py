@@ -22,10 +22,11 @@ reduces what each strategy reads, before it reads it:
   parameter's ``.grad`` (task heads, the dense arch, a weighting's own parameters, whose gradient is already the
   same on every rank) is averaged in one flat all-reduce, before clipping and the optimiser step.
 
-Model-parallel parameters (TorchRec's sharded embedding tables) are not touched: their backward already sums
-every rank's contribution into the owning shard. With each rank's loss gradient scaled by ``c_r`` that sum is
-``W`` times the global gradient, so the model scales the gradient that reaches its pooled embeddings by ``1/W``
-(``mtrec.models.InputArch.grad_scale``) and a table gets the global batch's gradient too.
+Model-parallel parameters (TorchRec's sharded embedding tables) are not touched here: their own backward brings
+every rank's contribution to the owning shard, and TorchRec divides it by the world size (its default gradient
+division), so with each rank's gradient scaled by ``c_r`` a table gets ``(1/W) sum_r c_r grad L^r``, the global
+batch's gradient too (``mtrec.trainer`` hands the tables the plain gradient of the weighted sum; see
+:mod:`mtrec.distributed`).
 
 :class:`~mtl.step.MultiTaskStep` makes its group current (:func:`current`) for the duration of a step, so the
 gradient code finds it without a new argument on every method.

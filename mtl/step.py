@@ -29,7 +29,8 @@ for its critic and its actor)::
 The caller keeps what differs between trainers: the forward pass (one joint batch, per-task batches, SAC's targets),
 the cut (:class:`~mtl.split.TaskSplit`, or the shared representation for MGDA-UB style methods) and what the step
 should recompute after the optimiser step (the callable ``losses_after_step``, called under
-``torch.inference_mode()`` only when the weighting asks for it, so a trainer pays the extra forward pass only then).
+``torch.no_grad()`` only when the weighting asks for it, so a trainer pays the extra forward pass only then; not
+``inference_mode``, which skips the autograd dispatch that FBGEMM's CPU embedding kernels are registered under).
 
 Several steps may share one scheduler (an RL agent's actor and critic count the same tasks in an update): give
 ``feedback=False`` to all but one, which then alone feeds it and saves its state.
@@ -225,7 +226,7 @@ class MultiTaskStep:
             regularizer: a scalar outside the per-task objective (a model's regularisation), back-propagated plainly
                 after the gradient method.
             losses_after_step: the same batch's losses after the optimiser step, for weightings that want them
-                (:attr:`Weighting.wants_losses_after_step`); called under ``torch.inference_mode()``.
+                (:attr:`Weighting.wants_losses_after_step`); called under ``torch.no_grad()``.
             count: with ``data_parallel``, this rank's rows of the step (one number, or one per task with per-task
                 batches): the losses' global values weight each rank's mean by its rows.
             after_backward: called once every gradient is in place, before the replicated gradients are averaged,
@@ -269,7 +270,7 @@ class MultiTaskStep:
         result = StepResult(counted, weighted, stats)
         if w is not None and w.wants_losses_after_step:
             assert losses_after_step is not None
-            with torch.inference_mode():
+            with torch.no_grad():
                 after = losses_after_step()
                 if dp is not None:
                     assert count is not None

@@ -36,7 +36,9 @@ from mtl.tasks import TaskSpec
 from mtrec.data.batch import DataBundle, TabularDataset, split_by_task
 from mtrec.data.errors import DataError
 from mtrec.distill import FORMAT, MANIFEST, DistillConfig, build_distillation
+from mtrec.distributed import DistContext, init_distributed, launch_time
 from mtrec.models import build_model
+from mtrec.sharding import ShardingConfig
 from mtrec.trainer import Trainer, TrainerConfig, evaluate, monitor_score, parameter_groups
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,13 +54,14 @@ CONFIG_KEYS = (
     "gradient",
     "schedule",
     "distill",
+    "sharding",
     "task_names",
     "task_split",
     "tasks",
 )
 #: The config groups whose keys are checked at start-up: against the ``_target_``'s signature, or the schema here.
-CONFIG_GROUPS = ("data", "model", "trainer", "optimizer", "weighting", "gradient", "schedule", "distill")
-GROUP_SCHEMAS: dict[str, type] = {"trainer": TrainerConfig, "distill": DistillConfig}
+CONFIG_GROUPS = ("data", "model", "trainer", "optimizer", "weighting", "gradient", "schedule", "distill", "sharding")
+GROUP_SCHEMAS: dict[str, type] = {"trainer": TrainerConfig, "distill": DistillConfig, "sharding": ShardingConfig}
 #: Keys of a group that this module consumes itself (not its target's).
 COMMAND_KEYS = {"optimizer": ("shared_lr", "shared_weight_decay")}
 log = logging.getLogger("mtrec")
@@ -89,6 +92,8 @@ def data_path(relative: str) -> str:
 
 if not OmegaConf.has_resolver("data_path"):
     OmegaConf.register_new_resolver("data_path", data_path)
+if not OmegaConf.has_resolver("launch_time"):  # the run folder's time stamp: one per torchrun job (mtrec.distributed)
+    OmegaConf.register_new_resolver("launch_time", launch_time)
 
 
 def check_config(cfg: DictConfig, program: str = PROGRAM) -> None:
@@ -205,6 +210,7 @@ class Training:
     trainer: Trainer
     train: TabularDataset | dict[str, TabularDataset]
     tasks: list[TaskSpec]
+    plan: Any = None  # the sharding plan of a distributed run (TorchRec's ShardingPlan)
 
 
 def build_training(
@@ -213,11 +219,15 @@ def build_training(
     bundle: DataBundle,
     *,
     trainer_cls: type[Trainer] = Trainer,
+    dist: DistContext | None = None,
     **trainer_kwargs: Any,
 ) -> Training:
     """Model, weighting, gradient method, scheduler, optimiser and trainer for ``cfg`` on ``bundle``, as
     ``mtrec-train`` builds them (model initialisation is seeded with ``cfg.seed``). ``trainer_cls`` and
-    ``trainer_kwargs`` let a Trainer subclass (e.g. ``mtrec.grouping.AffinityTrainer``) train the same setup."""
+    ``trainer_kwargs`` let a Trainer subclass (e.g. ``mtrec.grouping.AffinityTrainer``) train the same setup.
+    ``dist``: a rank of a distributed job: the model's tables are sharded by DistributedModelParallel with the plan
+    of ``cfg.sharding`` (:func:`mtrec.sharding.shard_model`; the model is built whole first, seeded, so its weights
+    do not depend on the world size)."""
     tcfg = trainer_config(cfg.trainer)
     seed = int(cfg.seed)
     tasks = select_tasks(bundle.tasks, cfg.get("task_names"))
@@ -225,6 +235,15 @@ def build_training(
     seed_everything(seed)  # model initialisation does not depend on how much randomness data loading used
     names = [t.name for t in tasks]
     model = build_model(cfg.model, bundle.features, names)
+    sharded, plan = None, None
+    if dist is not None:
+        from mtrec.sharding import shard_model
+
+        sharding = _sharding_config(cfg.get("sharding"))
+        sharded, plan = shard_model(
+            model, sharding, device=dist.device, fused_optimizer=fused_optimizer_spec(cfg.optimizer, dist.device)
+        )
+        model = sharded.module
     train: TabularDataset | dict[str, TabularDataset] = bundle.train
     if cfg.get("task_split"):
         # Tasks from separate datasets: each task trains on its own disjoint share of the training rows.
@@ -265,9 +284,40 @@ def build_training(
         gradient=gradient,
         scheduler=scheduler,
         loss_hook=distill,
+        dist=dist,
+        sharded=sharded,
         **trainer_kwargs,
     )
-    return Training(trainer, train, tasks)
+    return Training(trainer, train, tasks, plan)
+
+
+def _sharding_config(node: Any) -> ShardingConfig:
+    if node is None:
+        return ShardingConfig()
+    return ShardingConfig(**OmegaConf.to_container(node, resolve=True))  # type: ignore[arg-type]
+
+
+def fused_optimizer_spec(node: Any, device: torch.device) -> dict[str, Any]:
+    """The ``optimizer`` config as the fused embedding optimiser's settings (``{"name", "lr", ...}``): the tables of
+    a distributed run train with the same rule as the rest of the model, inside TorchRec's backward, where FBGEMM
+    has it on ``device``; otherwise (Adam on CPU) with :data:`mtrec.sharding.DEFAULT_FUSED_OPTIMIZER`, said in
+    the log."""
+    from mtrec.sharding import DEFAULT_FUSED_OPTIMIZER, FUSED_OPTIMIZERS
+
+    d = OmegaConf.to_container(node, resolve=True)
+    name = str(d.get("_target_", "")).rsplit(".", 1)[-1].lower()
+    if name not in FUSED_OPTIMIZERS or device.type not in FUSED_OPTIMIZERS[name][1]:
+        log.warning(
+            "the embedding tables train with FBGEMM's fused %s (it has no %s on %s); the rest with %s",
+            DEFAULT_FUSED_OPTIMIZER, name, device.type, name,
+        )  # fmt: skip
+        return dict(DEFAULT_FUSED_OPTIMIZER)
+    spec: dict[str, Any] = {"name": name, "lr": float(d.get("lr", 1e-3))}
+    spec["weight_decay"] = float(d.get("weight_decay", 0.0))
+    for key in ("eps", "betas"):
+        if key in d:
+            spec[key] = d[key]
+    return spec
 
 
 @dataclass
@@ -285,40 +335,65 @@ def train_and_evaluate(cfg: DictConfig, run_dir: str | Path) -> RunResult:
     """Train and evaluate as configured (see :func:`run`); also gives the monitored validation score, which
     ``mtrec-train`` returns to Hydra sweepers (Optuna, Ax: maximise it)."""
     check_config(cfg)
-    run_dir = Path(run_dir)
+    dist = init_distributed(str(cfg.trainer.device))  # a torchrun worker: join the job (None otherwise)
+    try:
+        return _train_and_evaluate(cfg, Path(run_dir), dist)
+    finally:
+        if dist is not None:
+            import torch.distributed
+
+            torch.distributed.destroy_process_group()
+
+
+def _train_and_evaluate(cfg: DictConfig, run_dir: Path, dist: DistContext | None) -> RunResult:
+    main = dist is None or dist.is_main
+    if dist is not None:
+        run_dir = Path(dist.broadcast(str(run_dir)))  # one run folder: rank 0's
+        log.info("rank %d of %d (%s, %s): run folder %s", dist.rank, dist.world_size, dist.backend, dist.device,
+                 run_dir)  # fmt: skip
     run_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(int(cfg.seed))
     bundle = load_data(cfg.data)
-    training = build_training(cfg, run_dir, bundle)
+    training = build_training(cfg, run_dir, bundle, dist=dist)
     trainer, tasks = training.trainer, training.tasks
-    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
-    # What export and serving need to turn raw feature values into model inputs (vocabularies, scaling).
-    atomic_write_json(
-        {
-            "features": bundle.features.to_dict(),
-            "tasks": [{"name": t.name, "kind": t.kind} for t in tasks],
-            "meta": json.loads(json.dumps(bundle.meta, default=_json_default)),
-        },
-        run_dir / "features.json",
-    )
+    if main:
+        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+        # What export and serving need to turn raw feature values into model inputs (vocabularies, scaling).
+        atomic_write_json(
+            {
+                "features": bundle.features.to_dict(),
+                "tasks": [{"name": t.name, "kind": t.kind} for t in tasks],
+                "meta": json.loads(json.dumps(bundle.meta, default=_json_default)),
+            },
+            run_dir / "features.json",
+        )
+        if training.plan is not None:
+            from mtrec.sharding import describe_plan, save_plan
+
+            log.info("sharding plan (%d ranks):\n%s", dist.world_size if dist else 1, describe_plan(training.plan))
+            save_plan(training.plan, run_dir / "sharding_plan.json")
     trainer.fit(training.train, bundle.val)
     trainer.load_best()
     best_val = trainer.best_val
-    test = evaluate(trainer.model, bundle.test, tasks, trainer.cfg.eval_batch_size, trainer.device, split="test")
-    metrics = {"val": best_val, "test": test}
-    atomic_write_json(metrics, run_dir / "metrics.json")
-    atomic_write_json(
-        {
-            "best_step": trainer.best_step,
-            "steps": trainer.step,
-            "epochs": trainer.epoch,
-            "stop_reason": trainer.stop_reason,
-            "monitor": trainer.cfg.monitor,
-            "best_score": trainer.best_score,
-        },
-        run_dir / "run_info.json",
+    test = evaluate(
+        trainer.model, bundle.test, tasks, trainer.cfg.eval_batch_size, trainer.device, split="test", dist=dist
     )
-    log.info("metrics: %s", json.dumps(metrics))
+    metrics = {"val": best_val, "test": test}
+    if main:
+        atomic_write_json(metrics, run_dir / "metrics.json")
+        atomic_write_json(
+            {
+                "best_step": trainer.best_step,
+                "steps": trainer.step,
+                "epochs": trainer.epoch,
+                "stop_reason": trainer.stop_reason,
+                "monitor": trainer.cfg.monitor,
+                "best_score": trainer.best_score,
+                "world_size": dist.world_size if dist is not None else 1,
+            },
+            run_dir / "run_info.json",
+        )
+        log.info("metrics: %s", json.dumps(metrics))
     return RunResult(metrics, trainer.cfg.monitor, float(trainer.best_score))
 
 

@@ -15,7 +15,7 @@ import math
 import time
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -31,9 +31,13 @@ from mtl.step import MultiTaskStep, StepParameters
 from mtl.tasks import TaskSpec, compute_losses
 from mtl.weighting import Static, Weighting
 from mtrec.data.batch import Batch, TabularDataset
+from mtrec.distributed import DistContext, RankShard, filler_batch, gather_rows, lockstep, padded
+from mtrec.models.inputs import InputArch
 
 LAST = "last.pt"
 BEST = "best.pt"
+LAST_SHARDED = "checkpoints"  # a sharded run's (torch.distributed.checkpoint) last and best checkpoints
+BEST_SHARDED = "best"
 log = logging.getLogger("mtrec.trainer")
 
 
@@ -76,6 +80,12 @@ class TrainerConfig:
     """``cpu``, ``cuda``, ``cuda:N`` or ``auto``."""
     num_threads: int | None = None
     """torch intra-op threads (``None`` = torch's default)."""
+    nproc_per_node: int = 1
+    """Training processes on this machine: ``N > 1`` launches ``N`` through ``torch.distributed.run`` (each a rank
+    of a DistributedModelParallel job; :mod:`mtrec.distributed`). Under ``torchrun`` it is torchrun's to set."""
+    max_restarts: int = 0
+    """With ``nproc_per_node > 1``: restart the workers this many times after a failure (they resume from the last
+    checkpoint by themselves)."""
     cut_graph: bool = True
     """Let gradient methods (and GradNorm) cut the model's graph between shared body and task heads
     (``MultiTaskModel.forward_with_split``, :mod:`mtl.split`) where the model, the weighting and the data
@@ -85,9 +95,11 @@ class TrainerConfig:
     def __post_init__(self) -> None:
         if self.monitor not in ("loss", "auc"):
             raise ValueError(f"trainer.monitor must be 'loss' or 'auc', got {self.monitor!r}")
-        for key in ("max_epochs", "batch_size", "eval_batch_size", "patience", "log_every_steps"):
+        for key in ("max_epochs", "batch_size", "eval_batch_size", "patience", "log_every_steps", "nproc_per_node"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"trainer.{key} must be > 0, got {getattr(self, key)}")
+        if self.max_restarts < 0:
+            raise ValueError(f"trainer.max_restarts must be >= 0, got {self.max_restarts}")
         if self.max_steps is not None and self.max_steps <= 0:
             raise ValueError(f"trainer.max_steps must be > 0 or null, got {self.max_steps}")
 
@@ -152,31 +164,62 @@ class BatchSource(Protocol):
     ) -> Iterator[Batch]: ...
 
 
+def input_arches(model: nn.Module) -> list[InputArch]:
+    """The model's input arches (the modules holding embedding tables)."""
+    return [m for m in model.modules() if isinstance(m, InputArch)]
+
+
 @torch.no_grad()
 def _outputs_and_labels(
-    model: nn.Module, data: BatchSource, batch_size: int, device: torch.device | None
+    model: nn.Module,
+    data: BatchSource,
+    batch_size: int,
+    device: torch.device | None,
+    dist: DistContext | None = None,
 ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """Model outputs over a whole dataset, in row order, on CPU, and the labels of the same batches."""
+    """Model outputs over a whole dataset, in row order, on CPU, and the labels of the same batches (for the
+    model's outputs). With ``dist``: every rank's rows (a dataset in memory is cut into one block per rank, a file
+    stream reads each rank's own units), gathered in rank order on every rank (:mod:`mtrec.distributed`)."""
     device = device or torch.device("cpu")
     was_training = model.training
     model.eval()
     chunks: dict[str, list[Tensor]] = {}
     labels: dict[str, list[Tensor]] = {}
-    for batch in data.batches(batch_size):
+    batches: Iterable[tuple[Batch, bool]]
+    if dist is not None:
+        if isinstance(data, TabularDataset):
+            data = data.subset(torch.tensor_split(torch.arange(len(data)), dist.world_size)[dist.rank])
+        arches = input_arches(model)
+        filler = filler_batch(arches[0].features, ()) if arches else None
+        batches = padded(data.batches(batch_size), dist, filler)
+    else:
+        batches = ((b, True) for b in data.batches(batch_size))
+    for batch, real in batches:
         out = model(*batch_to(batch, device)[:2])
         for k, v in out.items():
-            chunks.setdefault(k, []).append(v.float().cpu())
-        for k, v in batch.labels.items():
-            labels.setdefault(k, []).append(v)
+            chunks.setdefault(k, [])
+            labels.setdefault(k, [])
+            if real:
+                chunks[k].append(v.float().cpu())
+                if k in batch.labels:
+                    labels[k].append(batch.labels[k])
     model.train(was_training)
-    return {k: torch.cat(v) for k, v in chunks.items()}, {k: torch.cat(v) for k, v in labels.items()}
+    outputs = {k: torch.cat(v) if v else torch.zeros(0) for k, v in chunks.items()}
+    targets = {k: torch.cat(v) if v else torch.zeros(0) for k, v in labels.items() if v or dist is not None}
+    if dist is not None:
+        outputs, targets = gather_rows(outputs, dist), gather_rows(targets, dist)
+    return outputs, targets
 
 
 def predict(
-    model: nn.Module, data: BatchSource, batch_size: int = 8192, device: torch.device | None = None
+    model: nn.Module,
+    data: BatchSource,
+    batch_size: int = 8192,
+    device: torch.device | None = None,
+    dist: DistContext | None = None,
 ) -> dict[str, Tensor]:
     """Model outputs over a whole dataset, in row order, on CPU."""
-    return _outputs_and_labels(model, data, batch_size, device)[0]
+    return _outputs_and_labels(model, data, batch_size, device, dist)[0]
 
 
 def evaluate(
@@ -186,12 +229,14 @@ def evaluate(
     batch_size: int = 8192,
     device: torch.device | None = None,
     split: str | None = None,
+    dist: DistContext | None = None,
 ) -> dict[str, dict[str, float]]:
-    """``{task: {metric: value, "loss": value}}`` over a whole dataset (``split``: its name in warnings).
+    """``{task: {metric: value, "loss": value}}`` over a whole dataset (``split``: its name in warnings; ``dist``:
+    over every rank's rows, the same numbers on every rank).
 
     An AUC the labels leave undefined (one class only) is NaN, with an :class:`UndefinedMetricWarning`.
     """
-    outputs, labels = _outputs_and_labels(model, data, batch_size, device)  # labels as read (a file stream too)
+    outputs, labels = _outputs_and_labels(model, data, batch_size, device, dist)  # labels as read (a stream too)
     result: dict[str, dict[str, float]] = {}
     for t in tasks:
         out, lab = outputs[t.name], labels[t.name]
@@ -233,10 +278,11 @@ def monitor_score(metrics: dict[str, dict[str, float]], tasks: Sequence[TaskSpec
 class _Logger:
     """JSONL log in the run directory, mirrored to TensorBoard when available."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool) -> None:
+    def __init__(self, run_dir: Path, tensorboard: bool, enabled: bool = True) -> None:
         self.path = run_dir / "train_log.jsonl"
         self.writer = None
-        if tensorboard:
+        self.enabled = enabled  # rank 0 alone writes the run's log
+        if tensorboard and enabled:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
@@ -245,6 +291,8 @@ class _Logger:
                 self.writer = None
 
     def log(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self.writer is not None:
@@ -304,16 +352,21 @@ class Trainer:
         gradient: GradientMethod | None = None,
         scheduler: TaskScheduler | None = None,
         loss_hook: LossHook | None = None,
+        dist: DistContext | None = None,
+        sharded: nn.Module | None = None,
     ) -> None:
         self.model = model
+        self.dist = dist
+        self.sharded = sharded  # the DistributedModelParallel whose inner module is `model` (checkpoints)
         self.optimizer = optimizer
         self.tasks = list(tasks)
         self.cfg = config
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.seed = seed
-        self.device = resolve_device(config.device)
-        self.model.to(self.device)
+        self.device = dist.device if dist is not None else resolve_device(config.device)
+        if sharded is None:
+            self.model.to(self.device)
         self.weighting = (weighting if weighting is not None else Static(self.tasks)).to(self.device)
         self.gradient = gradient if gradient is not None else Plain()
         self.scheduler = scheduler
@@ -323,6 +376,7 @@ class Trainer:
             gradient=self.gradient,
             scheduler=scheduler,
             max_grad_norm=config.grad_clip,
+            data_parallel=dist.data_parallel if dist is not None else None,
         )
         self.loss_hook = loss_hook.to(self.device) if loss_hook is not None else None
         self.shared_params = [p for p in parameter_groups(model).get("shared", []) if p.requires_grad]
@@ -333,15 +387,34 @@ class Trainer:
             self.other_params += [p for p in self.loss_hook.trainable_parameters() if id(p) not in shared_ids]
         last_shared = getattr(model, "last_shared_parameters", None)
         self.last_shared = list(last_shared()) if last_shared is not None else self.shared_params[-2:]
+        # Model parallelism: the sharded tables' parameters are each rank's own. They leave the per-task gradient
+        # methods' parameters and the averaged ones; the pooled embeddings enter the model as leaves whose plain
+        # gradient of the weighted sum goes back into the tables (InputArch.backward_embeddings).
+        self._arches = input_arches(model) if sharded is not None else []
+        sharded_ids = {id(p) for a in self._arches if a.ebc is not None for p in a.ebc.parameters()}
+        for a in self._arches:
+            a.embedding_cut = True
+        self.shared_params = [p for p in self.shared_params if id(p) not in sharded_ids]
+        self.other_params = [p for p in self.other_params if id(p) not in sharded_ids]
+        self.last_shared = [p for p in self.last_shared if id(p) not in sharded_ids] or self.shared_params[-2:]
+        replicated = [p for p in model.parameters() if p.requires_grad and id(p) not in sharded_ids]
         self.params = StepParameters(
-            self.shared_params, self.other_params, self.last_shared, clipped=list(model.parameters())
+            self.shared_params,
+            self.other_params,
+            self.last_shared,
+            clipped=replicated if dist is not None else list(model.parameters()),
+            replicated=[*replicated, *[p for p in self.other_params if id(p) not in {id(q) for q in replicated}]]
+            if dist is not None
+            else None,
         )
-        # Per-task gradients through a cut graph (joint batches only; see TrainerConfig.cut_graph).
+        # Per-task gradients through a cut graph (joint batches only; see TrainerConfig.cut_graph). Not with sharded
+        # tables: the embedding leaves sit below the cut.
         self._use_split = bool(
             self.cfg.cut_graph
             and self.mt.wants_split
             and getattr(model, "can_split", False)
             and not (self.loss_hook is not None and self.loss_hook.needs_representation)
+            and sharded is None
         )
         self.streams: TaskStreams[Batch] | None = None  # per-task datasets (see fit)
         # Training position and early-stopping state (all saved in last.pt).
@@ -375,22 +448,54 @@ class Trainer:
             "loss_hook": self.loss_hook.state_dict() if self.loss_hook is not None else None,
         }
 
+    @property
+    def is_main(self) -> bool:
+        """Whether this process writes the run's files (rank 0, or the only process)."""
+        return self.dist is None or self.dist.is_main
+
+    def _optimizers(self) -> dict[str, Any]:
+        optimizers: dict[str, Any] = {"optimizer": self.optimizer}
+        fused = getattr(self.sharded, "fused_optimizer", None)
+        if fused is not None and fused.state_dict().get("state"):
+            optimizers["fused"] = fused
+        return optimizers
+
     def save_last(self) -> None:
+        if self.sharded is not None:
+            from mtrec import dist_checkpoint
+
+            state = self.state_dict()
+            for key in ("model", "optimizer"):
+                state.pop(key)
+            dist_checkpoint.save(self.run_dir / LAST_SHARDED, model=self.sharded, optimizers=self._optimizers(),
+                                 extra=state, step=self.step)  # fmt: skip
+            return
         atomic_torch_save(self.state_dict(), self.run_dir / LAST)
 
     def load_last(self) -> bool:
-        """Restore from ``last.pt``; returns False when there is none."""
+        """Restore from ``last.pt`` (a sharded run: the last checkpoint under ``checkpoints/``); returns False when
+        there is none."""
         path = self.run_dir / LAST
-        if not path.exists():
+        if self.sharded is not None:
+            from mtrec import dist_checkpoint
+
+            path = self.run_dir / LAST_SHARDED
+            loaded = dist_checkpoint.load(path, model=self.sharded, optimizers=self._optimizers())
+            if loaded is None:
+                return False
+            state = {**loaded, "model": None, "optimizer": None}
+        elif not path.exists():
             return False
-        state = load_checkpoint(path)
+        else:
+            state = load_checkpoint(path)
         if state.get("seed", self.seed) != self.seed:
             raise ValueError(
                 f"{path}: checkpoint was trained with seed {state['seed']}, this run has seed {self.seed}; "
                 "resume with the same seed or start a new run directory"
             )
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if state["model"] is not None:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
         set_rng_state(state["rng"])
         for key in ("epoch", "batch_in_epoch", "step", "best_score", "best_step", "best_val", "bad_evals"):
             setattr(self, key, state[key])
@@ -478,16 +583,27 @@ class Trainer:
             self.model.train()
         tasks = self.active_tasks()
         batches = self._task_batches(tasks, batch) if isinstance(batch, TaskStreams) else batch_to(batch, self.device)
+        for arch in self._arches:
+            arch.embedding_cuts.clear()
         losses, cut = self._losses(tasks, batches)
         reg = self.model.regularization() if hasattr(self.model, "regularization") else None
+        params, count, after_backward = self.params, None, None
+        if self.dist is not None:
+            count = {k: b.batch_size for k, b in batches.items()} if isinstance(batches, dict) else batches.batch_size
+        if self._arches:
+            leaves = [leaf for arch in self._arches for leaf in arch.embedding_leaves()]
+            params = replace(params, others=[*params.others, *leaves])
+            after_backward = self._backward_embeddings
         out = self.mt.run(
             self.step,
             losses,
             self.optimizer,
-            self.params,
+            params,
             cut=cut,
             regularizer=reg,
             losses_after_step=lambda: self._plain_losses(tasks, batches),
+            count=count,
+            after_backward=after_backward,
         )
         plain = out.loss_values
         self.step += 1
@@ -504,6 +620,12 @@ class Trainer:
             )
         return record
 
+    def _backward_embeddings(self) -> None:
+        # Each rank's leaf gradient is c_r times its shard's (mtl.parallel); TorchRec's output distribution divides
+        # the pooled embeddings' gradient by the world size, so a table gets the mean over ranks: the global one.
+        for arch in self._arches:
+            arch.backward_embeddings()
+
     def end_epoch(self) -> None:
         """Hand the epoch's mean task losses to the weighting (DWA) and start a new epoch."""
         self.mt.end_epoch()
@@ -512,24 +634,28 @@ class Trainer:
 
     def _validate(self, val: BatchSource, logger: _Logger) -> bool:
         """Evaluate on validation; update best; returns True when early stopping triggers."""
-        metrics = evaluate(self.model, val, self.tasks, self.cfg.eval_batch_size, self.device, split="val")
+        metrics = evaluate(
+            self.model, val, self.tasks, self.cfg.eval_batch_size, self.device, split="val", dist=self.dist
+        )
         score = monitor_score(metrics, self.tasks, self.cfg.monitor)
         improved = score > self.best_score + self.cfg.min_delta
         if improved:
             self.best_score, self.best_step, self.best_val = score, self.step, metrics
             self.bad_evals = 0
-            atomic_torch_save(
-                {"model": self.model.state_dict(), "step": self.step, "epoch": self.epoch, "val": metrics},
-                self.run_dir / BEST,
-            )
+            info = {"step": self.step, "epoch": self.epoch, "val": metrics}
+            if self.sharded is not None:
+                from mtrec import dist_checkpoint
+
+                dist_checkpoint.save(self.run_dir / BEST_SHARDED, model=self.sharded, optimizers={}, extra=info,
+                                     step=self.step)  # fmt: skip
+            else:
+                atomic_torch_save({"model": self.model.state_dict(), **info}, self.run_dir / BEST)
         else:
             self.bad_evals += 1
         logger.log({"step": self.step, "epoch": self.epoch, "val/score": score, **_flatten("val", metrics)})
         return self.bad_evals >= self.cfg.patience
 
-    def fit(
-        self, train: BatchSource | Mapping[str, TabularDataset], val: BatchSource
-    ) -> dict[str, dict[str, float]]:
+    def fit(self, train: BatchSource | Mapping[str, TabularDataset], val: BatchSource) -> dict[str, dict[str, float]]:
         """Train until early stopping, ``max_epochs`` or ``max_steps``; returns the best validation metrics.
 
         ``train`` is one dataset whose batches carry every task's label (in memory, or streamed from files), or
@@ -540,6 +666,12 @@ class Trainer:
         cfg = self.cfg
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
+        dist = self.dist
+        if dist is not None:  # data in memory: each rank takes its part of every global batch
+            if isinstance(train, Mapping):
+                train = {k: RankShard(v, dist.rank, dist.world_size) for k, v in train.items()}
+            elif isinstance(train, TabularDataset):
+                train = RankShard(train, dist.rank, dist.world_size)
         if isinstance(train, Mapping):
             missing = [t.name for t in self.tasks if t.name not in train]
             if missing:
@@ -553,16 +685,19 @@ class Trainer:
             n_batches = -(-sum(len(train[t.name]) for t in self.tasks) // cfg.batch_size)
         else:
             n_batches = train.num_batches(cfg.batch_size)
-        if cfg.resume and self.load_last():
-            log.info("resumed from %s at step %d", self.run_dir / LAST, self.step)
+        # torchrun restarted this worker after a failure: continue from the last checkpoint (no flag needed)
+        resume = cfg.resume or (dist is not None and dist.restarted)
+        if resume and self.load_last():
+            log.info("resumed from %s at step %d", self.run_dir / (LAST_SHARDED if self.sharded else LAST), self.step)
             if self.stop_reason == "max_steps" and (cfg.max_steps is None or self.step < cfg.max_steps):
                 self.stop_reason = None  # a capped run continues under a larger cap
             if self.stop_reason is not None:
                 log.info("the run had stopped (%s); nothing left to train", self.stop_reason)
                 return self.best_val
-        elif cfg.resume:
-            log.info("trainer.resume: no %s yet, starting at step 0", self.run_dir / LAST)
-        logger = _Logger(self.run_dir, cfg.tensorboard)
+        elif resume:
+            last = self.run_dir / (LAST_SHARDED if self.sharded else LAST)
+            log.info("trainer.resume: no %s yet, starting at step 0", last)
+        logger = _Logger(self.run_dir, cfg.tensorboard, enabled=self.is_main)
         t0 = time.perf_counter()
         try:
             while self.stop_reason is None:
@@ -573,7 +708,7 @@ class Trainer:
                     total=n_batches,
                     initial=self.batch_in_epoch,
                     desc=f"epoch {self.epoch}",
-                    disable=not cfg.progress,
+                    disable=not (cfg.progress and self.is_main),
                     leave=False,
                     dynamic_ncols=True,
                 )
@@ -582,8 +717,11 @@ class Trainer:
                         self.streams, n_batches - self.batch_in_epoch
                     )
                 else:
-                    batches = train.batches(  # type: ignore[union-attr]
-                        cfg.batch_size, shuffle=True, seed=self.seed, epoch=self.epoch, start=self.batch_in_epoch
+                    batches = lockstep(  # every rank steps while every rank has a batch
+                        train.batches(  # type: ignore[union-attr]
+                            cfg.batch_size, shuffle=True, seed=self.seed, epoch=self.epoch, start=self.batch_in_epoch
+                        ),
+                        dist,
                     )
                 for batch in batches:
                     record = self.train_step(batch)
@@ -621,6 +759,13 @@ class Trainer:
 
     def load_best(self) -> None:
         """Load the weights of the best validation score into the model."""
+        if self.sharded is not None:
+            from mtrec import dist_checkpoint
+
+            path = self.run_dir / BEST_SHARDED
+            if dist_checkpoint.load(path, model=self.sharded, optimizers={}) is None:
+                raise FileNotFoundError(f"{path}: no best checkpoint (did training run a validation?)")
+            return
         path = self.run_dir / BEST
         if not path.exists():
             raise FileNotFoundError(f"{path}: no best checkpoint (did training run a validation?)")

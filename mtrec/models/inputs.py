@@ -87,6 +87,23 @@ class InputArch(nn.Module):
         self.out_dim = len(features.sparse) * embedding_dim + dense_out
         if self.out_dim == 0:
             raise ValueError("the FeatureSpec has no dense and no sparse features; a model needs some")
+        # Model parallelism (mtrec.distributed): the pooled embeddings enter the rest of the model as leaves, so the
+        # multi-task step treats the tables apart (see backward_embeddings).
+        self.embedding_cut = False
+        self.embedding_cuts: list[tuple[Tensor, Tensor]] = []
+
+    def embedding_leaves(self) -> list[Tensor]:
+        """The pooled embeddings of the forward passes since the last :meth:`backward_embeddings`, as the leaves the
+        rest of the model read (with ``embedding_cut``; their ``.grad`` is what the tables should get)."""
+        return [cut for _, cut in self.embedding_cuts]
+
+    def backward_embeddings(self, scale: float = 1.0) -> None:
+        """Back-propagate ``scale`` times each leaf's gradient into the tables (through TorchRec's sharded backward:
+        the embedding all-to-all, a fused optimiser's update) and forget the leaves."""
+        cuts, self.embedding_cuts = self.embedding_cuts, []
+        pairs = [(pooled, cut.grad) for pooled, cut in cuts if cut.grad is not None]
+        if pairs:
+            torch.autograd.backward([p for p, _ in pairs], [g * scale if scale != 1.0 else g for _, g in pairs])
 
     def fresh_copy(self) -> InputArch:
         """A new input arch on the same features with the same settings and its own weights, initialised as
@@ -107,6 +124,10 @@ class InputArch(nn.Module):
             pooled = self.ebc(sparse).values()
             if pooled.shape[0] != dense.shape[0]:
                 raise ValueError(f"sparse input has batch size {pooled.shape[0]} but dense has {dense.shape[0]}")
+            if self.embedding_cut and pooled.requires_grad and torch.is_grad_enabled():
+                cut = pooled.detach().requires_grad_()
+                self.embedding_cuts.append((pooled, cut))
+                pooled = cut
             parts.append(pooled)
         if self.dense_arch is not None:
             parts.append(self.dense_arch(dense))
