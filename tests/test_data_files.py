@@ -541,3 +541,218 @@ def test_an_exported_files_run_serves_raw_rows_as_the_model_saw_them(
         out = model(batch.dense, batch.sparse)
     np.testing.assert_allclose(served["click"].ravel(), torch.sigmoid(out["click"]).numpy(), rtol=0, atol=1e-5)
     np.testing.assert_allclose(served["dwell"].ravel(), out["dwell"].numpy(), rtol=0, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------- one glob, split
+
+
+def _splitmix64(x: int) -> int:
+    x &= 2**64 - 1
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & (2**64 - 1)
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & (2**64 - 1)
+    return x ^ (x >> 31)
+
+
+def reference_parts(seed: int, file_index: int, n: int, bounds: tuple[float, float], block: int) -> list[int]:
+    """The documented split rule, by hand in Python ints: within each block of ``block`` rows, rows ranked by
+    splitmix64(row + splitmix64(seed ^ file_index * golden)); the first round(b0 * end) - round(b0 * start) ranks
+    train, then val up to the second bound, the rest test."""
+    salt = _splitmix64(seed ^ (file_index * 0x9E3779B97F4A7C15 % 2**64))
+    cum = lambda b, x: int(np.floor(b * x + 0.5))  # noqa: E731
+    parts = [0] * n
+    for start in range(0, n, block):
+        end = min(start + block, n)
+        ranked = sorted(range(start, end), key=lambda r: _splitmix64(r + salt))
+        n_train = cum(bounds[0], end) - cum(bounds[0], start)
+        n_train_val = cum(bounds[1], end) - cum(bounds[1], start)
+        for rank, r in enumerate(ranked):
+            parts[r] = 0 if rank < n_train else 1 if rank < n_train_val else 2
+    return parts
+
+
+@pytest.mark.parametrize(("seed", "file_index", "n"), [(0, 0, 20), (7, 3, 3000), (12345, 1, 2049)])
+def test_split_parts_follow_the_documented_rule_chunk_by_chunk(seed: int, file_index: int, n: int) -> None:
+    from mtrec.data.files import SPLIT_BLOCK, Part, split_parts
+
+    bounds = (0.7, 0.85)
+    want = reference_parts(seed, file_index, n, bounds, SPLIT_BLOCK)
+    assert split_parts(seed, file_index, n, bounds, 0, n).tolist() == want
+    counts = np.bincount(want, minlength=3).tolist()
+    assert counts == [round(0.7 * n + 1e-9), round(0.85 * n + 1e-9) - round(0.7 * n + 1e-9), n - round(0.85 * n + 1e-9)]
+    # any cut into chunks (row groups, CSV blocks) gives the same parts, and a unit's count without its rows
+    cuts = sorted({0, n, *np.random.default_rng(seed).integers(0, n, 6).tolist()})
+    for a, b in zip(cuts, cuts[1:]):
+        assert split_parts(seed, file_index, n, bounds, a, b).tolist() == want[a:b]
+        for which in range(3):
+            assert Part(which, bounds, seed, file_index, n, a).count(b - a) == want[a:b].count(which)
+    assert split_parts(seed + 1, file_index, n, bounds, 0, n).tolist() != want or n < 3
+
+
+def _csv_files(root: Path, sizes: list[int]) -> list[Path]:
+    """Headerless CSV files: a unique row id, a spaced category, a number with '?' missing, a text label."""
+    root.mkdir(parents=True, exist_ok=True)
+    paths, row = [], 0
+    for k, n in enumerate(sizes):
+        lines = []
+        for _ in range(n):
+            number = "?" if row % 11 == 0 else str(row % 50)
+            label = "yes" if row % 3 == 0 else "no"
+            lines.append(f"{row}, c{row % 4}, {number}, {label}, {row % 2}")
+            row += 1
+        path = root / f"part-{k}.csv.gz"
+        path.write_bytes(gzip.compress(("\n".join(lines) + "\n").encode()))
+        paths.append(path)
+    return paths
+
+
+TEXT_SCHEMA = {
+    "csv": {"header": False, "columns": ["row", "cat", "x", "answer", "flag"], "strip": True, "null_values": ["?"]},
+    "dense": [{"name": "row"}, {"name": "x", "transform": "standardize", "fill": "mean"}],
+    "sparse": [{"name": "cat", "vocabulary": {"min_count": 1}}],
+    "labels": [
+        {"name": "yes", "column": "answer", "positive": ["yes"], "negative": ["no"]},
+        {"name": "both", "all_of": ["flag", "flag"]},
+    ],
+}
+
+
+def test_one_glob_split_three_ways_puts_every_row_in_one_split(tmp_path: Path) -> None:
+    import csv
+
+    paths = _csv_files(tmp_path / "data", [1500, 700, 40])
+    schema = write_schema(tmp_path / "s.yaml", TEXT_SCHEMA)
+    glob = str(tmp_path / "data" / "*.csv.gz")
+    b = load_files(train=glob, schema=str(schema), split=[0.7, 0.15, 0.15], seed=3, in_memory=True, progress=False)
+    # by hand: the rows of each file (gzip + csv), and each split's rows (the unique row ids)
+    per_file = []
+    for p in paths:
+        with gzip.open(p, "rt", newline="") as f:
+            per_file.append([int(r[0]) for r in csv.reader(f)])
+    ids = {
+        name: [int(v) for v in d.dense[:, 0].tolist()]
+        for name, d in (("train", b.train), ("val", b.val), ("test", b.test))
+    }
+    everything = sorted(ids["train"] + ids["val"] + ids["test"])
+    assert everything == sorted(sum(per_file, [])) == list(range(2240))  # each row exactly once
+    for rows in per_file:  # each file's share is round(f * rows), cumulative
+        n = len(rows)
+        got = [sum(r in set(ids[s]) for r in rows) for s in ("train", "val", "test")]
+        assert got == [
+            round(0.7 * n + 1e-9),
+            round(0.85 * n + 1e-9) - round(0.7 * n + 1e-9),
+            n - round(0.85 * n + 1e-9),
+        ]
+    assert b.meta["rows"] == {k: len(v) for k, v in ids.items()}
+    # statistics of the train rows only; '?' is missing and becomes the mean, 0
+    xs = [r % 50 for r in ids["train"] if r % 11]
+    assert b.meta["statistics"]["x"]["mean"] == pytest.approx(np.mean(xs))
+    assert bool(torch.all(b.train.dense[torch.tensor([r % 11 == 0 for r in ids["train"]]), 1] == 0))
+    # the derived labels, against the raw rule
+    for name, d in (("train", b.train), ("val", b.val), ("test", b.test)):
+        assert d.labels["yes"].tolist() == [float(r % 3 == 0) for r in ids[name]]
+        assert d.labels["both"].tolist() == [float(r % 2) for r in ids[name]]
+    # stripped text: the vocabulary holds 'c0'..'c3', not ' c0'
+    assert sorted(b.meta["vocabularies"]["cat"]) == ["c0", "c1", "c2", "c3"]
+    assert b.features.sparse[0].num_embeddings == 5  # fitted: four values + 1
+    # the same seed, the same parts; another seed, others
+    again = load_files(train=glob, schema=str(schema), split=[0.7, 0.15, 0.15], seed=3, in_memory=True, progress=False)
+    assert torch.equal(again.val.dense, b.val.dense)
+    other = load_files(train=glob, schema=str(schema), split=[0.7, 0.15, 0.15], seed=4, in_memory=True, progress=False)
+    assert not torch.equal(other.val.dense, b.val.dense)
+    # streamed (not in memory): the same rows
+    streamed = load_files(train=glob, schema=str(schema), split=[0.7, 0.15, 0.15], seed=3, progress=False)
+    assert sorted(rows_of(streamed.test.batches(64))) == sorted(ids["test"])
+    assert len(streamed.train) == len(ids["train"])
+    assert sum(streamed.train.num_batches(100) for _ in [0]) == -(-len(ids["train"]) // 100)
+
+
+def test_split_parts_do_not_depend_on_row_groups(tmp_path: Path) -> None:
+    table = clicks(2500)
+    for name, size in (("a", 2500), ("b", 333)):
+        (tmp_path / name).mkdir()
+        pq.write_table(table, tmp_path / name / "part.parquet", row_group_size=size)
+    schema = str(write_schema(tmp_path / "s.yaml"))
+    got = [
+        load_files(train=str(tmp_path / n / "*.parquet"), schema=schema, split=(0.6, 0.3, 0.1), seed=1, progress=False)
+        for n in ("a", "b")
+    ]
+    for split in ("train", "val", "test"):
+        a, b = (rows_of(getattr(g, split).batches(500)) for g in got)
+        assert a == b and len(a) == got[0].meta["rows"][split]
+    assert got[0].meta["split"] == {"fractions": [0.6, 0.3, 0.1], "seed": 1, "block": 1024}
+
+
+def test_split_with_a_test_glob_and_bad_splits(tmp_path: Path) -> None:
+    paths = write_splits(tmp_path, rows=300, files=1)
+    b = load_files(
+        train=paths["train"], test=paths["test"], schema=paths["schema"], split=(0.6, 0.2, 0.2), progress=False
+    )
+    assert b.meta["rows"] == {"train": 225, "val": 75, "test": 300}  # train split 0.6 : 0.2 = 3 : 1
+    with pytest.raises(ValueError, match="give no data.val"):
+        load_files(**paths, split=(0.7, 0.15, 0.15), progress=False)
+    with pytest.raises(ValueError, match=r"data.split: three non-negative fractions summing to 1"):
+        load_files(train=paths["train"], schema=paths["schema"], split=(0.7, 0.4, 0.1), progress=False)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"csv": {"header": False}}, "header: false needs columns"),
+        ({"csv": {"header": False, "columns": ["row"]}}, r"csv.columns lacks 'x', 'cat', 'answer', 'flag'"),
+        ({"csv": {"delimiter": ";;"}}, "delimiter must be one character"),
+        ({"csv": {"strip": "yes"}}, "strip must be true or false"),
+        ({"csv": {"quote": '"'}}, "unknown key 'quote'; valid keys: header, columns, delimiter, null_values, strip"),
+        ({"dense": [{"name": "x", "fill": "median"}]}, "fill must be a finite number or 'mean'"),
+        ({"sparse": [{"name": "answer", "vocabulary": {"min_count": 1}}]}, "column 'answer' is the source of label"),
+        ({"labels": [{"name": "y", "kind": "regression", "positive": ["a"]}]}, "positive makes a binary label"),
+        ({"labels": [{"name": "y", "negative": ["a"]}]}, "negative needs positive or positive_prefix"),
+        ({"labels": [{"name": "y", "all_of": ["a"], "column": "b"}]}, "all_of names the label's columns"),
+        ({"labels": [{"name": "y", "positive": "yes"}]}, "positive must be a list of strings"),
+        (
+            {"labels": [{"name": "y", "column": "f", "positive": ["1"]}, {"name": "z", "all_of": ["f", "g"]}]},
+            "column 'f' is text for label 'y'",
+        ),
+    ],
+)
+def test_schema_extensions_are_checked(tmp_path: Path, change: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        load_schema(write_schema(tmp_path / "s.yaml", {**TEXT_SCHEMA, **change}))
+
+
+def test_schema_extensions_round_trip_and_serve_as_trained(tmp_path: Path) -> None:
+    schema = load_schema(write_schema(tmp_path / "s.yaml", TEXT_SCHEMA))
+    assert Schema.from_dict(schema.to_dict()) == schema
+    assert schema.columns == ["row", "x", "cat", "answer", "flag"]  # features, then label sources once
+    _csv_files(tmp_path / "data", [300])
+    b = load_files(train=str(tmp_path / "data" / "*.gz"), schema=schema, split=(0.5, 0.25, 0.25), in_memory=True)
+    fitted = Schema.from_dict(b.meta["schema"])
+    assert fitted.sparse[0].num_embeddings == 5 and fitted.csv == schema.csv
+    # raw text rows encode at serving time bitwise as the reader did
+    encoding = value_encoding(json.loads(json.dumps(b.meta)))
+    rows = [int(r) for r in b.test.dense[:, 0].tolist()]
+    raw_x = [" ?" if r % 11 == 0 else f" {r % 50}" for r in rows]
+    got = encoding.dense("x", raw_x)
+    np.testing.assert_array_equal(got.view(np.uint32), b.test.dense[:, 1].numpy().view(np.uint32))
+    ids = [encoding.ids("cat", [f" c{r % 4}"], 5)[0] for r in rows]
+    assert ids == b.test.sparse_ids["cat"][:, 0].tolist()
+    assert encoding.ids("cat", [" ?"], 5) == encoding.ids("cat", ["  "], 5) == [0]
+
+
+def test_a_bad_line_of_a_headerless_csv_names_its_line(tmp_path: Path) -> None:
+    (tmp_path / "d").mkdir()
+    schema = str(write_schema(tmp_path / "s.yaml", TEXT_SCHEMA))
+    lines = ["1, c1, 3, yes, 1", "", "2, c2, 4, no, 0", "3, c3, 5, no, 0", "4, c1, 5, no"]  # line 2 blank
+
+    def load(lines: list[str]) -> None:
+        (tmp_path / "d" / "f.txt").write_text("\n".join(lines) + "\n")  # any name: the schema says CSV
+        load_files(train=str(tmp_path / "d" / "*"), schema=schema, split=(1, 0, 0), progress=False, in_memory=True)
+
+    with pytest.raises(DataError, match=r"f\.txt:5: expected 5 comma-separated fields, found 4$"):
+        load(lines)
+    lines[4] = "4, c1, 5, no, 1"
+    with pytest.raises(DataError, match=r"f\.txt:4 field 'x': non-numeric value 'x' \(column 3\)$"):
+        load([*lines[:3], "3, c3, x, no, 0", lines[4]])
+    with pytest.raises(DataError, match=r"f\.txt:4 field 'answer': label 'yes': value 'maybe' not recognised"):
+        load([*lines[:3], "3, c3, 5, maybe, 0", lines[4]])
+    with pytest.raises(DataError, match=r"f\.txt:5 field 'flag': binary label 'both': value 2 of column 'flag'"):
+        load([*lines[:4], "4, c1, 5, no, 2"])

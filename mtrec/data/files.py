@@ -15,7 +15,14 @@ is loaded into memory beyond a chunk and the shuffle buffer:
   epoch, none twice; each shard ends with its own partial batch. Val/test are read unshuffled (in file order with
   ``num_workers=0``; with workers, their batches interleave, labels staying with their rows);
 * the order depends on ``(seed, epoch, num_workers, world size)`` only, so a resumed run that skips the first
-  ``start`` batches (by reading them again, the cost of exactness) sees what an uninterrupted run saw.
+  ``start`` batches (by reading them again, the cost of exactness) sees what an uninterrupted run saw;
+* one glob split three ways (``load_files(train=GLOB, split=[0.7, 0.15, 0.15], seed=S)``, :func:`split_parts`):
+  each file's rows are cut into blocks of :data:`SPLIT_BLOCK` consecutive rows, each block's rows are ranked by a
+  seeded hash of (seed, the file's position in the glob, the row's index in the file), and the lowest ranked go to
+  train, the next to val, the rest to test, in counts that make each file's parts exactly ``round(f * rows)``
+  (cumulative). Every row is in exactly one part; a part is found while streaming, a chunk at a time, whatever
+  the row groups or CSV blocks; the same seed gives the same parts. With a ``test`` glob as well, the train glob is
+  split into train and val only (``split[0] : split[1]``).
 
 Bad input is a :class:`~mtrec.data.errors.DataError` (a ``ValueError``) naming the file and what to fix: a glob
 that matches nothing, a missing column, a type that does not fit its role, a corrupt Parquet file, a null label.
@@ -24,10 +31,11 @@ that matches nothing, a missing column, a type that does not fit its role, a cor
 from __future__ import annotations
 
 import glob as globlib
+import gzip
 import logging
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,40 +53,147 @@ from mtrec.data.encoding import FILES_SOURCE
 from mtrec.data.errors import DataError, InputNotFoundError
 from mtrec.data.schema import (
     HASHING,
+    LabelColumn,
+    LabelValueError,
     Moments,
     Schema,
     SparseColumn,
     Vocabulary,
+    clean_text,
     count_keys,
     dense_inputs,
+    derive_label,
     load_schema,
     sparse_ids,
 )
 
-__all__ = ["FILES_SOURCE", "FileDataset", "Unit", "expand", "fit_statistics", "load_files", "read_chunks", "read_units"]
+__all__ = [
+    "FILES_SOURCE",
+    "SPLIT_BLOCK",
+    "FileDataset",
+    "Part",
+    "Unit",
+    "expand",
+    "fit_statistics",
+    "load_files",
+    "one_file",
+    "read_chunks",
+    "read_units",
+    "split_parts",
+    "split_summary",
+]
 
 log = logging.getLogger("mtrec.data.files")
 _PARQUET = (".parquet", ".pq")
 _CSV = (".csv", ".csv.gz", ".tsv", ".tsv.gz")
+#: The text read per block of a CSV file with a ``csv`` entry (its values are converted a block at a time).
+_CSV_BLOCK_BYTES = 1 << 24
+
+
+#: Rows per block of a split file (:func:`split_parts`): each block's rows are shared out in the split's fractions.
+SPLIT_BLOCK = 1024
+
+
+@dataclass(frozen=True)
+class Part:
+    """One part (0 train, 1 val, 2 test) of a seeded split of a file's rows (:func:`split_parts`)."""
+
+    which: int
+    bounds: tuple[float, float]  # the cumulative fractions: train below the first, val below the second
+    seed: int
+    file_index: int  # the file's position in the glob
+    file_rows: int
+    start: int  # the unit's first row in the file
+
+    def mask(self, offset: int, n: int) -> np.ndarray:
+        """Which of the unit's rows ``offset .. offset + n - 1`` are in this part."""
+        a = self.start + offset
+        return split_parts(self.seed, self.file_index, self.file_rows, self.bounds, a, a + n) == self.which
+
+    def count(self, n: int) -> int:
+        """The rows of a unit of ``n`` rows in this part (whole blocks by their counts, only the edges hashed)."""
+        a, b = self.start, self.start + n
+        first, last = -(-a // SPLIT_BLOCK), b // SPLIT_BLOCK  # the blocks that lie inside [a, b)
+        if b == self.file_rows:
+            last = -(-b // SPLIT_BLOCK)
+        if first >= last:
+            return int(self.mask(0, n).sum())
+        starts = np.arange(first, last, dtype=np.int64) * SPLIT_BLOCK
+        ends = np.minimum(starts + SPLIT_BLOCK, self.file_rows)
+        inside = int(_part_sizes(starts, ends, self.bounds)[self.which].sum())
+        head = int(self.mask(0, first * SPLIT_BLOCK - a).sum())
+        tail_start = int(ends[-1])
+        tail = int(self.mask(tail_start - a, b - tail_start).sum()) if b > tail_start else 0
+        return inside + head + tail
 
 
 @dataclass(frozen=True)
 class Unit:
-    """What one reader takes at a time: a Parquet row group, or a whole CSV file (``row_group`` None)."""
+    """What one reader takes at a time: a Parquet row group, or a whole CSV file (``row_group`` None); with
+    ``part``, only the unit's rows in that part of a split (``num_rows`` counts those)."""
 
     path: str
     row_group: int | None
     num_rows: int
+    part: Part | None = None
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """The splitmix64 finaliser of uint64 values (wrapping arithmetic)."""
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def _part_sizes(starts: np.ndarray, ends: np.ndarray, bounds: tuple[float, float]) -> np.ndarray:
+    """``[3, blocks]``: the rows of each block ``[start, end)`` in train, val and test, from the cumulative counts
+    ``round(bound * row)``, so the blocks of a file add up to exactly ``round(bound * rows)``."""
+
+    def cum(bound: float, x: np.ndarray) -> np.ndarray:
+        return np.floor(bound * x + 0.5).astype(np.int64)
+
+    train = cum(bounds[0], ends) - cum(bounds[0], starts)
+    train_val = cum(bounds[1], ends) - cum(bounds[1], starts)
+    return np.stack([train, train_val - train, (ends - starts) - train_val])
+
+
+def split_parts(
+    seed: int, file_index: int, file_rows: int, bounds: tuple[float, float], start: int, stop: int
+) -> np.ndarray:
+    """int8 part (0 train, 1 val, 2 test) of the rows ``start .. stop - 1`` of a file of ``file_rows`` rows.
+
+    The rows of each block of :data:`SPLIT_BLOCK` are ranked by ``splitmix64(row + splitmix64(seed, file_index))``;
+    the lowest ``n_train`` go to train, the next ``n_val`` to val (:func:`_part_sizes`). Computed from the block(s)
+    covering the rows only, so a chunk is split without reading the rest of its file.
+    """
+    lo = start // SPLIT_BLOCK * SPLIT_BLOCK
+    hi = min(-(-stop // SPLIT_BLOCK) * SPLIT_BLOCK, file_rows)
+    if stop <= start:
+        return np.zeros(0, dtype=np.int8)
+    rows = np.arange(lo, hi, dtype=np.uint64)
+    salt = _mix(np.array([(seed & (2**64 - 1)) ^ (file_index * 0x9E3779B97F4A7C15 % 2**64)], dtype=np.uint64))
+    key = _mix(rows + salt)
+    block = (rows // np.uint64(SPLIT_BLOCK)).astype(np.int64)
+    order = np.lexsort((key, block))
+    first = block * SPLIT_BLOCK - lo  # where each row's block begins among these rows
+    rank = np.empty(len(rows), dtype=np.int64)
+    rank[order] = np.arange(len(rows)) - first[order]
+    blocks = np.arange(block[0], block[-1] + 1, dtype=np.int64)
+    sizes = _part_sizes(blocks * SPLIT_BLOCK, np.minimum((blocks + 1) * SPLIT_BLOCK, file_rows), bounds)
+    n_train, n_val = sizes[0][block - block[0]], sizes[1][block - block[0]]
+    part = (rank >= n_train).astype(np.int8) + (rank >= n_train + n_val).astype(np.int8)
+    return part[start - lo : stop - lo]
 
 
 # ---------------------------------------------------------------------------------------------- files
 
 
-def _kind(path: str) -> str:
+def _kind(path: str, schema: Schema | None = None) -> str:
+    """``parquet`` or ``csv`` by the name; with the schema's ``csv`` entry any file not named Parquet is CSV."""
     name = path.lower()
     if name.endswith(_PARQUET):
         return "parquet"
-    if name.endswith(_CSV):
+    if name.endswith(_CSV) or (schema is not None and schema.csv is not None):
         return "csv"
     raise DataError(path, f"not a Parquet ({', '.join(_PARQUET)}) or CSV ({', '.join(_CSV)}) file")
 
@@ -104,10 +219,13 @@ def expand(pattern: str | Sequence[str] | None, where: str) -> list[str]:
 
 
 def _role(schema: Schema, name: str) -> str:
-    for role, entries in (("dense", schema.dense), ("sparse", schema.sparse), ("labels", schema.labels)):
+    for role, entries in (("dense", schema.dense), ("sparse", schema.sparse)):
         for i, e in enumerate(entries):
             if e.name == name:
                 return f"schema {role}[{i}]"
+    for i, label in enumerate(schema.labels):
+        if name in label.sources:
+            return f"schema labels[{i}]" if name == label.name else f"schema labels[{i}], label {label.name!r}"
     return "schema"
 
 
@@ -118,15 +236,24 @@ def _check_types(path: str, arrow_schema: pa.Schema, schema: Schema) -> None:
         if name not in names:
             raise DataError(path, f"no column {name!r} ({_role(schema, name)}); the file has {sorted(names)}")
     numeric = (pa.types.is_integer, pa.types.is_floating, pa.types.is_boolean, pa.types.is_decimal, pa.types.is_null)
-    for entry in (*schema.dense, *schema.labels):
-        t = arrow_schema.field(entry.name).type
+    text = schema.text_columns
+    for name in schema.columns:
+        if name in text:
+            continue
+        t = arrow_schema.field(name).type
         if not any(f(t) for f in numeric):
             kind = "a list" if pa.types.is_list(t) or pa.types.is_large_list(t) else f"type {t}"
-            raise DataError(
-                path,
-                f"column {entry.name!r} ({_role(schema, entry.name)}) holds {kind}; it needs numbers",
-                field=entry.name,
-            )
+            raise DataError(path, f"column {name!r} ({_role(schema, name)}) holds {kind}; it needs numbers", field=name)
+    for label in schema.labels:
+        if label.is_text_rule:
+            t = arrow_schema.field(label.sources[0]).type
+            if not (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_integer(t)):
+                raise DataError(
+                    path,
+                    f"column {label.sources[0]!r} ({_role(schema, label.sources[0])}) has type {t}; a positive rule "
+                    "compares text (strings or integers)",
+                    field=label.sources[0],
+                )
     for s in schema.sparse:
         t = arrow_schema.field(s.name).type
         is_list = pa.types.is_list(t) or pa.types.is_large_list(t)
@@ -148,17 +275,86 @@ def _check_types(path: str, arrow_schema: pa.Schema, schema: Schema) -> None:
 
 
 def _csv_options(schema: Schema) -> pacsv.ConvertOptions:
-    types: dict[str, pa.DataType] = {e.name: pa.float64() for e in (*schema.dense, *schema.labels)}
-    types.update({s.name: pa.string() for s in schema.sparse})
+    if schema.csv is not None:  # every column as text, converted by the schema's rules (clean_text, _floats)
+        types = {name: pa.string() for name in schema.columns}
+        return pacsv.ConvertOptions(
+            column_types=types, include_columns=schema.columns, strings_can_be_null=False, null_values=[]
+        )
+    text = schema.text_columns
+    types = {name: pa.string() if name in text else pa.float64() for name in schema.columns}
     return pacsv.ConvertOptions(column_types=types, include_columns=schema.columns, strings_can_be_null=True)
 
 
-def _csv_reader(path: str, schema: Schema | None) -> pacsv.CSVStreamingReader:
-    parse = pacsv.ParseOptions(delimiter="\t" if ".tsv" in path.lower() else ",")
+class _BadRows:
+    """pyarrow's handler of a line with the wrong number of fields: it notes the first (then the read fails)."""
+
+    def __init__(self) -> None:
+        self.first: Any = None
+
+    def __call__(self, row: Any) -> str:
+        if self.first is None:
+            self.first = row
+        return "error"
+
+
+def _delimiter(path: str, schema: Schema | None) -> str:
+    if schema is not None and schema.csv is not None and schema.csv.delimiter is not None:
+        return schema.csv.delimiter
+    return "\t" if ".tsv" in path.lower() else ","
+
+
+def _csv_reader(
+    path: str, schema: Schema | None, *, header_only: bool = False, bad: _BadRows | None = None
+) -> pacsv.CSVStreamingReader:
+    """A streaming reader of a CSV file (``header_only``: by inferred types, to look at the column names); with
+    a ``csv`` entry, ``bad`` notes a line with the wrong number of fields."""
+    fmt = schema.csv if schema is not None else None
+    bad = bad or _BadRows()
+    parse = pacsv.ParseOptions(delimiter=_delimiter(path, schema), invalid_row_handler=bad if fmt else None)
+    read = pacsv.ReadOptions(
+        column_names=list(fmt.columns) if fmt is not None and not fmt.header else None,
+        use_threads=fmt is None,  # one thread: pyarrow then numbers a bad line
+        block_size=_CSV_BLOCK_BYTES if fmt is not None else None,
+    )
+    convert = _csv_options(schema) if schema is not None and not header_only else None
     try:
-        return pacsv.open_csv(path, parse_options=parse, convert_options=_csv_options(schema) if schema else None)
+        return pacsv.open_csv(path, read_options=read, parse_options=parse, convert_options=convert)
     except (pa.ArrowInvalid, OSError) as err:
-        raise DataError(path, f"cannot read as CSV: {err}") from None
+        raise _csv_error(path, schema, bad, err, "cannot read as CSV") from None
+
+
+def _csv_error(path: str, schema: Schema | None, bad: _BadRows, err: Exception, what: str) -> DataError:
+    """The error of a CSV read: a line with the wrong number of fields by its line, else pyarrow's message."""
+    row = bad.first
+    if row is not None and row.number is not None:
+        sep = {",": "comma", "\t": "tab", ";": "semicolon", "|": "pipe"}.get(_delimiter(path, schema))
+        fields = f"{sep}-separated fields" if sep else f"fields separated by {_delimiter(path, schema)!r}"
+        return DataError(
+            path, f"expected {row.expected_columns} {fields}, found {row.actual_columns}", line=_line(path, row.number)
+        )
+    if "Empty CSV file" in str(err):
+        return DataError(path, "file is empty", line=1)
+    return DataError(path, f"{what}: {err}")
+
+
+def _line(path: str, k: int) -> int:
+    """The line number of the ``k``-th non-blank line of a CSV file (how pyarrow numbers rows; found on an
+    error only, by reading the file again)."""
+    opener = gzip.open if path.lower().endswith(".gz") else open
+    seen = 0
+    with opener(path, "rb") as f:
+        for number, line in enumerate(f, 1):
+            if line.rstrip(b"\r\n"):
+                seen += 1
+                if seen == k:
+                    return number
+    return k
+
+
+def _data_line(unit: Unit, schema: Schema, row: int) -> int:
+    """The line of a CSV file's data row ``row`` (0-based, after the header)."""
+    header = schema.csv is None or schema.csv.header
+    return _line(unit.path, row + 1 + int(header))
 
 
 def _parquet(path: str) -> pq.ParquetFile:
@@ -174,17 +370,21 @@ def read_units(paths: Sequence[str], schema: Schema) -> list[Unit]:
     """
     units: list[Unit] = []
     for path in paths:
-        if _kind(path) == "parquet":
+        if _kind(path, schema) == "parquet":
             pf = _parquet(path)
             _check_types(path, pf.schema_arrow, schema)
             units += [Unit(path, g, pf.metadata.row_group(g).num_rows) for g in range(pf.metadata.num_row_groups)]
         else:
-            header = _csv_reader(path, None).schema
-            missing = [c for c in schema.columns if c not in header.names]
-            if missing:
-                raise DataError(
-                    path, f"no column {missing[0]!r} ({_role(schema, missing[0])}); the header has {header.names}"
-                )
+            if schema.csv is None or schema.csv.header:
+                names = _csv_reader(path, schema, header_only=True).schema.names
+                missing = [c for c in schema.columns if c not in names]
+                if missing:
+                    more = f" (nor {', '.join(map(repr, missing[1:]))})" if missing[1:] else ""
+                    raise DataError(
+                        path,
+                        f"no column {missing[0]!r} ({_role(schema, missing[0])}){more}; the header has {names}",
+                        line=1 if schema.csv is not None else None,
+                    )
             units.append(Unit(path, None, 0))
     return units
 
@@ -197,9 +397,10 @@ def read_chunks(unit: Unit, schema: Schema, columns: Sequence[str] | None = None
             table = _parquet(unit.path).read_row_group(unit.row_group, columns=columns)
         except (pa.ArrowInvalid, OSError) as err:
             raise DataError(unit.path, f"row group {unit.row_group}: cannot read (corrupt?): {err}") from None
-        yield table, 0
+        yield _clean(table, schema), 0
         return
-    reader = _csv_reader(unit.path, schema)
+    bad = _BadRows()
+    reader = _csv_reader(unit.path, schema, bad=bad)
     offset = 0
     while True:
         try:
@@ -208,11 +409,21 @@ def read_chunks(unit: Unit, schema: Schema, columns: Sequence[str] | None = None
             return
         except (pa.ArrowInvalid, OSError) as err:
             # pyarrow names the column and the row of the block; a string in a numeric column lands here
-            raise DataError(unit.path, f"after data row {offset}: {err}") from None
-        if offset == 0:
+            raise _csv_error(unit.path, schema, bad, err, f"after data row {offset}") from None
+        if offset == 0 and schema.csv is None:
             _check_types(unit.path, block.schema, schema)
-        yield pa.Table.from_batches([block]).select(columns), offset
+        yield _clean(pa.Table.from_batches([block]).select(columns), schema), offset
         offset += block.num_rows
+
+
+def _clean(table: pa.Table, schema: Schema) -> pa.Table:
+    """The text columns by the schema's ``csv`` rules (:func:`mtrec.data.schema.clean_text`)."""
+    if schema.csv is None:
+        return table
+    for j, f in enumerate(table.schema):
+        if pa.types.is_string(f.type) or pa.types.is_large_string(f.type):
+            table = table.set_column(j, f.name, clean_text(table.column(j), schema.csv))
+    return table
 
 
 # --------------------------------------------------------------------------------------------- statistics
@@ -221,29 +432,38 @@ def read_chunks(unit: Unit, schema: Schema, columns: Sequence[str] | None = None
 def fit_statistics(units: list[Unit], schema: Schema, progress: bool = True) -> tuple[list[Unit], dict[str, Any]]:
     """One pass over the train units: the units with their row counts, and ``{"dense": {name: {mean, std,
     count}}, "vocabularies": {name: [keys by id - 1]}}`` for the columns whose schema asks for them. Only the
-    columns needed are read; a train set of Parquet files without such columns is not read at all."""
-    standardize = [d for d in schema.dense if d.transform == "standardize"]
+    columns needed are read (of a unit with a ``part``, only its rows); a train set of Parquet files without such
+    columns is not read at all."""
+    moment_columns = [d for d in schema.dense if d.transform == "standardize" or d.fill == "mean"]
     vocab = [s for s in schema.sparse if s.min_count is not None]
-    csv = any(u.row_group is None for u in units)
-    moments = {d.name: Moments() for d in standardize}
+    csv = any(u.row_group is None and u.part is None for u in units)
+    moments = {d.name: Moments() for d in moment_columns}
     counts: dict[str, Counter[str]] = {s.name: Counter() for s in vocab}
-    if standardize or vocab or csv:
-        columns = [d.name for d in standardize] + [s.name for s in vocab]
+    if moment_columns or vocab or csv:
+        columns = [d.name for d in moment_columns] + [s.name for s in vocab]
         counted: list[Unit] = []
         for unit in tqdm(units, desc="train statistics", unit="chunk", disable=not progress, leave=False):
             rows = 0
-            for table, _ in read_chunks(unit, schema, columns or schema.columns[:1]):
+            for table, offset in read_chunks(unit, schema, columns or schema.columns[:1]):
+                mask = unit.part.mask(offset, table.num_rows) if unit.part is not None else None
+                floats = _numbers(table, [d.name for d in moment_columns], unit, schema, offset)
+                if mask is not None:
+                    table = table.filter(pa.array(mask))
+                    floats = {k: v[mask] for k, v in floats.items()}
                 rows += table.num_rows
-                for d in standardize:
-                    moments[d.name].update(_floats(table.column(d.name), unit, d.name))
+                for name, values in floats.items():
+                    moments[name].update(values)
                 for s in vocab:
                     count_keys(table.column(s.name), s, counts[s.name])
-            counted.append(Unit(unit.path, unit.row_group, rows))
+            counted.append(replace(unit, num_rows=rows))
         units = counted
     stats: dict[str, Any] = {
         "dense": {name: m.stats() for name, m in moments.items()},
         "vocabularies": {
-            s.name: Vocabulary.fit(counts[s.name], s.min_count or 1, s.num_embeddings - 1).tokens for s in vocab
+            s.name: Vocabulary.fit(
+                counts[s.name], s.min_count or 1, s.num_embeddings - 1 if s.num_embeddings is not None else None
+            ).tokens
+            for s in vocab
         },
     }
     for s in vocab:
@@ -253,13 +473,65 @@ def fit_statistics(units: list[Unit], schema: Schema, progress: bool = True) -> 
     return units, stats
 
 
-def _floats(column: pa.ChunkedArray | pa.Array, unit: Unit, name: str) -> np.ndarray:
-    """float64 values of a numeric column, NaN for nulls."""
+def _floats(
+    column: pa.ChunkedArray | pa.Array, unit: Unit, name: str, schema: Schema | None = None, offset: int = 0
+) -> np.ndarray:
+    """float64 values of a numeric column (text: parsed by pyarrow), NaN for nulls.
+
+    Raises:
+        DataError: text that is no number, by its line and column (a CSV file) or its row.
+    """
     try:
         values = pc.cast(column, pa.float64())
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
-        raise DataError(unit.path, f"column {name!r}: not numbers ({err})", field=name) from None
+        t = column.type
+        if schema is None or not (pa.types.is_string(t) or pa.types.is_large_string(t)):
+            raise DataError(unit.path, f"column {name!r}: not numbers ({err})", field=name) from None
+        raise _not_a_number(column, unit, name, schema, offset) from None
     return pc.fill_null(values, np.nan).to_numpy().astype(np.float64, copy=False)
+
+
+def _numbers(table: pa.Table, names: Sequence[str], unit: Unit, schema: Schema, offset: int) -> dict[str, np.ndarray]:
+    """:func:`_floats` of several columns; of their errors, the one on the earliest row is raised."""
+    out, errors = {}, []
+    for name in names:
+        try:
+            out[name] = _floats(table.column(name), unit, name, schema, offset)
+        except DataError as err:
+            errors.append(err)
+    if errors:
+        raise min(errors, key=lambda e: getattr(e, "row", offset))
+    return out
+
+
+def _not_a_number(column: pa.ChunkedArray | pa.Array, unit: Unit, name: str, schema: Schema, offset: int) -> DataError:
+    """The error of the first value of a text column pyarrow cannot read as a number (an error path only)."""
+    bad = []
+    for value in pc.unique(column).to_pylist():
+        try:
+            pa.scalar(value, pa.string()).cast(pa.float64())
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            bad.append(value)
+    row = int(np.argmax(pc.is_in(column, value_set=pa.array(bad, pa.string())).to_numpy(zero_copy_only=False)))
+    raw = column[row].as_py() if bad else None
+    position = ""
+    if unit.row_group is None:
+        names = list(schema.csv.columns) if schema.csv is not None and not schema.csv.header else None
+        if names is None:
+            names = _csv_reader(unit.path, schema, header_only=True).schema.names
+        position = f" (column {names.index(name) + 1})"
+    return _located(unit, schema, offset + row, f"non-numeric value {raw!r}{position}", name)
+
+
+def _located(unit: Unit, schema: Schema, row: int, message: str, field: str) -> DataError:
+    """The error of the unit's row ``row`` (its ``row`` attribute): by its line in a CSV file, by its row group
+    and row in a Parquet file."""
+    if unit.row_group is not None:
+        err = DataError(unit.path, f"row group {unit.row_group}, row {row}: {message}", field=field)
+    else:
+        err = DataError(unit.path, message, line=_data_line(unit, schema, row), field=field)
+    err.row = row  # type: ignore[attr-defined]
+    return err
 
 
 # ------------------------------------------------------------------------------------------------ encoding
@@ -274,37 +546,46 @@ class Encoder:
         self.vocabularies = {k: Vocabulary(v) for k, v in (stats.get("vocabularies") or {}).items()}
 
     def encode(self, table: pa.Table, unit: Unit, offset: int) -> tuple[TabularDataset, int]:
-        """The chunk's rows as a :class:`TabularDataset`, and how many rows a null label skipped."""
+        """The chunk's rows (of the unit's ``part``) as a :class:`TabularDataset`, and how many rows a null label
+        skipped. Every row of the chunk is checked, whichever part it is in: a bad row is found by the first
+        split read."""
         n = table.num_rows
-        keep = np.ones(n, dtype=bool)
+        part = unit.part.mask(offset, n) if unit.part is not None else np.ones(n, dtype=bool)
+        keep = part.copy()
+        numbers: dict[str, np.ndarray] = {}
         labels: dict[str, np.ndarray] = {}
+        errors: list[DataError] = []  # of every column: the one on the earliest row is raised
         for label in self.schema.labels:
-            y = _floats(table.column(label.name), unit, label.name)
+            try:
+                y = self._label(table, label, unit, offset, numbers)
+            except DataError as err:
+                errors.append(err)
+                continue
             null = np.isnan(y)
             if null.any() and label.on_null == "error":
-                row = int(np.argmax(null))
-                raise DataError(unit.path, self._null_message(label.name, unit, offset + row), field=label.name)
+                message = f"label {label.name!r} is null (set on_null: skip on its schema entry to drop such rows)"
+                source = label.sources[0] if len(label.sources) == 1 else label.name
+                errors.append(_located(unit, self.schema, offset + int(np.argmax(null)), message, source))
             keep &= ~null
-            if label.kind == "binary":
-                bad = ~null & (y != 0) & (y != 1)
-                if bad.any():
-                    row = int(np.argmax(bad))
-                    raise DataError(
-                        unit.path,
-                        f"{self._at(unit, offset + row)}: binary label {label.name!r} is {y[row]}; it must be 0 or 1",
-                        field=label.name,
-                    )
             labels[label.name] = y
-        skipped = int(n - keep.sum())
-        if skipped:
-            table = table.filter(pa.array(keep))
-            labels = {k: v[keep] for k, v in labels.items()}
-        dense = np.empty((table.num_rows, len(self.schema.dense)), dtype=np.float32)
+        dense = np.empty((n, len(self.schema.dense)), dtype=np.float32)
         for j, d in enumerate(self.schema.dense):
             try:
-                dense[:, j] = dense_inputs(d, _floats(table.column(d.name), unit, d.name), self.dense_stats.get(d.name))
+                raw = numbers.get(d.name)
+                if raw is None:
+                    raw = _floats(table.column(d.name), unit, d.name, self.schema, offset)
+                dense[:, j] = dense_inputs(d, raw, self.dense_stats.get(d.name))
+            except DataError as err:
+                errors.append(err)
             except ValueError as err:
-                raise DataError(unit.path, f"{self._at(unit, offset)}: {err}", field=d.name) from None
+                errors.append(_located(unit, self.schema, offset, str(err), d.name))
+        if errors:
+            raise min(errors, key=lambda e: getattr(e, "row", offset))
+        skipped = int(part.sum() - keep.sum())
+        if not keep.all():
+            table = table.filter(pa.array(keep))
+            labels = {k: v[keep] for k, v in labels.items()}
+            dense = dense[keep]
         ids: dict[str, torch.Tensor] = {}
         lengths: dict[str, torch.Tensor] = {}
         for s in self.schema.sparse:
@@ -318,20 +599,28 @@ class Encoder:
         )
         return data, skipped
 
+    def _label(
+        self, table: pa.Table, label: LabelColumn, unit: Unit, offset: int, numbers: dict[str, np.ndarray]
+    ) -> np.ndarray:
+        """float64 values of a label (NaN: null) by its rule (:func:`mtrec.data.schema.derive_label`)."""
+        sources: dict[str, Any] = {}
+        for c in label.sources:
+            if label.is_text_rule:
+                sources[c] = table.column(c).combine_chunks()
+            else:
+                if c not in numbers:
+                    numbers[c] = _floats(table.column(c), unit, c, self.schema, offset)
+                sources[c] = numbers[c]
+        try:
+            return derive_label(label, sources)
+        except LabelValueError as err:
+            raise _located(unit, self.schema, offset + err.row, str(err), err.column) from None
+
     def _ids(self, column: pa.ChunkedArray, s: SparseColumn, unit: Unit) -> tuple[np.ndarray, np.ndarray]:
         try:
             return sparse_ids(column.combine_chunks(), s, self.vocabularies.get(s.name))
         except (TypeError, pa.ArrowInvalid) as err:
             raise DataError(unit.path, f"column {s.name!r}: {err}", field=s.name) from None
-
-    @staticmethod
-    def _at(unit: Unit, row: int) -> str:
-        return f"row group {unit.row_group}, row {row}" if unit.row_group is not None else f"data row {row + 1}"
-
-    def _null_message(self, name: str, unit: Unit, row: int) -> str:
-        return (
-            f"{self._at(unit, row)}: label {name!r} is null (set on_null: skip on its schema entry to drop such rows)"
-        )
 
 
 def concat(parts: Sequence[TabularDataset]) -> TabularDataset:
@@ -565,47 +854,150 @@ def load_files(
     train: str | Sequence[str] | None = None,
     val: str | Sequence[str] | None = None,
     test: str | Sequence[str] | None = None,
-    schema: str | None = None,
+    schema: str | Path | Schema | None = None,
     num_workers: int = 0,
     shuffle_buffer: int = 100_000,
     progress: bool = True,
     in_memory: bool = False,
+    split: Sequence[float] | None = None,
+    seed: int = 0,
 ) -> DataBundle:
     """The bundle of the ``files`` data config: train/val/test :class:`FileDataset` s over globs of Parquet or CSV
-    files described by the ``schema`` YAML file; ``meta`` holds the schema, the hashing and the train statistics
-    (a run's ``features.json``), so serving encodes raw rows the same way (:class:`mtrec.data.encoding.FilesEncoding`).
+    files described by the ``schema`` YAML file (or a :class:`~mtrec.data.schema.Schema`); ``meta`` holds the schema
+    (its fitted form), the hashing and the train statistics (a run's ``features.json``), so serving encodes raw rows
+    the same way (:class:`mtrec.data.encoding.FilesEncoding`).
 
     ``in_memory``: read each split once, by the same rules, into a :class:`~mtrec.data.batch.TabularDataset` (column
     tensors; a uniform shuffle each epoch instead of the shuffle buffer) for data that fits in memory and trains
     for many epochs.
+
+    ``split``: train/val/test fractions of the ``train`` glob's rows, parted by ``seed`` (:func:`split_parts`;
+    ``val`` and ``test`` not given); with a ``test`` glob, the train glob is split into train and val by
+    ``split[0] : split[1]`` and ``test`` is the test set.
+
+    Raises:
+        ValueError: a bad schema or ``split``; :class:`~mtrec.data.errors.DataError`: a bad file, by file, line (or
+            row) and column.
     """
-    if not schema:
+    if schema is None or (isinstance(schema, str) and not schema):
         raise ValueError("config key data.schema: give the schema file (YAML with dense, sparse, labels)")
-    spec = load_schema(schema)
+    spec = schema if isinstance(schema, Schema) else load_schema(schema)
     globs = {"train": train, "val": val, "test": test}
-    splits = {name: expand(pattern, f"config key data.{name}") for name, pattern in globs.items()}
-    units = {name: read_units(paths, spec) for name, paths in splits.items()}
+    if split is not None:
+        splits, units = _split_units(spec, train, val, test, split, seed)
+    else:
+        splits = {name: expand(pattern, f"config key data.{name}") for name, pattern in globs.items()}
+        units = {name: read_units(paths, spec) for name, paths in splits.items()}
     units["train"], stats = fit_statistics(units["train"], spec, progress)
     for name in ("val", "test"):
-        if any(u.row_group is None for u in units[name]):
-            units[name] = fit_statistics(units[name], Schema(labels=spec.labels), progress=False)[0]
+        if any(u.row_group is None and u.part is None for u in units[name]):
+            units[name] = fit_statistics(units[name], _labels_only(spec), progress=False)[0]
+    rows = {name: sum(u.num_rows for u in units[name]) for name in units}
+    if split is not None and rows["train"] == 0:
+        if not any(u.part.file_rows for u in units["train"] if u.part is not None):
+            header = spec.csv is None or spec.csv.header
+            what = "no data rows after the header" if header else "file is empty"
+            raise DataError(splits["train"][0], what, line=2 if header else 1)
+        raise DataError(splits["train"][0], f"no data rows in the train split ({rows} rows, split {list(split)})")
+    spec = spec.fitted(stats["vocabularies"])
     opts = {"num_workers": num_workers, "shuffle_buffer": shuffle_buffer}
     datasets = {name: FileDataset(units[name], spec, stats, **opts) for name in units}
     if in_memory:
         datasets = {name: d.materialize(progress) for name, d in datasets.items()}  # type: ignore[misc]
+    meta: dict[str, Any] = {
+        "source": FILES_SOURCE,
+        "schema": spec.to_dict(),
+        "hashing": dict(HASHING),
+        "statistics": stats["dense"],
+        "vocabularies": stats["vocabularies"],
+        "files": splits,
+        "rows": rows,
+    }
+    if split is not None:
+        meta["split"] = {"fractions": [float(f) for f in split], "seed": int(seed), "block": SPLIT_BLOCK}
     return DataBundle(
         train=datasets["train"],  # type: ignore[arg-type]
         val=datasets["val"],  # type: ignore[arg-type]
         test=datasets["test"],  # type: ignore[arg-type]
         features=spec.feature_spec(),
         tasks=spec.tasks(),
-        meta={
-            "source": FILES_SOURCE,
-            "schema": spec.to_dict(),
-            "hashing": dict(HASHING),
-            "statistics": stats["dense"],
-            "vocabularies": stats["vocabularies"],
-            "files": splits,
-            "rows": {name: sum(u.num_rows for u in units[name]) for name in units},
-        },
+        meta=meta,
     )
+
+
+def one_file(path: str | Path) -> str:
+    """A glob matching just the file ``path`` (its special characters escaped), after checking that it is one.
+
+    Raises:
+        DataError: ``path`` is missing or not a regular file.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise DataError(p, "file not found")
+    if not p.is_file():
+        raise DataError(p, "not a regular file")
+    return globlib.escape(str(p))
+
+
+def split_summary(bundle: DataBundle) -> dict[str, Any]:
+    """``sizes`` and ``class_rates`` (the mean of each label) of the in-memory splits of a bundle."""
+    splits = {"train": bundle.train, "val": bundle.val, "test": bundle.test}
+    return {
+        "sizes": {name: len(d) for name, d in splits.items()},
+        "class_rates": {
+            name: {t: float(d.labels[t].mean()) if len(d) else float("nan") for t in d.labels}  # type: ignore[union-attr]
+            for name, d in splits.items()
+        },
+    }
+
+
+def _labels_only(schema: Schema) -> Schema:
+    """The schema reading only the label columns (to count the rows of CSV files)."""
+    return replace(schema, dense=(), sparse=())
+
+
+def _split_units(
+    schema: Schema,
+    train: str | Sequence[str] | None,
+    val: str | Sequence[str] | None,
+    test: str | Sequence[str] | None,
+    split: Sequence[float],
+    seed: int,
+) -> tuple[dict[str, list[str]], dict[str, list[Unit]]]:
+    """The files and units of the three splits when the train glob is split (see :func:`load_files`)."""
+    fractions = [float(f) for f in split]
+    if len(fractions) != 3 or any(not f >= 0 for f in fractions) or abs(sum(fractions) - 1.0) > 1e-6:
+        raise ValueError(f"config key data.split: three non-negative fractions summing to 1, got {list(split)}")
+    if val is not None:
+        raise ValueError(
+            "config key data.split splits data.train into train/val/test: give no data.val (and data.test only for "
+            "a test set of its own; data.train is then split into train and val)"
+        )
+    paths = expand(train, "config key data.train")
+    units = read_units(paths, schema)
+    if any(u.row_group is None for u in units):  # CSV files: count their rows
+        units = fit_statistics(units, _labels_only(schema), progress=False)[0]
+    if test is not None:
+        tv = fractions[0] + fractions[1]
+        if tv <= 0:
+            raise ValueError(f"config key data.split: {fractions}: train and val are both 0, nothing to train on")
+        bounds, names = (fractions[0] / tv, 1.0), ("train", "val")
+    else:
+        bounds, names = (fractions[0], fractions[0] + fractions[1]), ("train", "val", "test")
+    file_rows = Counter[str]()
+    starts: list[int] = []
+    for u in units:
+        starts.append(file_rows[u.path])
+        file_rows[u.path] += u.num_rows
+    index = {p: i for i, p in enumerate(paths)}
+    out: dict[str, list[Unit]] = {}
+    for which, name in enumerate(names):
+        out[name] = []
+        for u, first in zip(units, starts):
+            part = Part(which, bounds, int(seed), index[u.path], file_rows[u.path], first)
+            out[name].append(Unit(u.path, u.row_group, part.count(u.num_rows), part))
+    files = {name: list(paths) for name in names}
+    if test is not None:
+        files["test"] = expand(test, "config key data.test")
+        out["test"] = read_units(files["test"], schema)
+    return files, out
