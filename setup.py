@@ -7,5 +7,10 @@ from setuptools import find_packages, setup
 setup(
     packages=[*find_packages(include=["mtl*", "mtrec*", "mtrl*", "serving*"]), "mtlib_configs"],
     package_dir={"mtlib_configs": "configs"},
-    package_data={"": ["py.typed"], "mtrl": ["data/*.json"], "mtlib_configs": ["*.yaml", "*/*.yaml", "*/*/*.yaml"]},
+    package_data={
+        "": ["py.typed"],
+        "mtrl": ["data/*.json"],
+        "mtrec": ["data/schemas/*.yaml"],  # the built-in schemas of the files path (census, aliexpress)
+        "mtlib_configs": ["*.yaml", "*/*.yaml", "*/*/*.yaml"],
+    },
 )

@@ -400,13 +400,10 @@ class RawFeatureEncoder:
     build the training tensors (:func:`mtrec.data.encoding.value_encoding`), with the vocabularies and
     mean/std it fitted on the train split:
 
-    * ``census-income`` (:func:`mtrec.data.census.load_census`): strings are stripped; numeric fields are
-      standardised in float64 with the train mean/std and cast to float32, a missing value (``?``, empty,
-      ``None``) becoming 0 (the train mean); categorical fields map to ``1 + position`` in the sorted
-      train vocabulary, 0 for ``?``, empty or unseen values (an int value is matched as its decimal string).
-    * ``aliexpress`` (:func:`mtrec.data.aliexpress.load_aliexpress`): numericals are cast to float32 and
-      standardised in float32 arithmetic; categorical ids map through the sorted train vocabulary of ids
-      (0: unseen).
+    * ``files`` (:func:`mtrec.data.files.load_files`, and Census-Income and AliExpress, schemas over it):
+      :class:`mtrec.data.encoding.FilesEncoding`, by the run's schema: a string is cleaned by the schema's text
+      rules (census: stripped, ``?`` missing), a dense value gets its ``fill`` (census: the train mean) and
+      transform, ids go through the train vocabulary (0: missing or unseen) or the hash.
     * anything else (the synthetic generators): dense values are used as they are (standardised when the
       metadata has a mean/std); sparse values are ids already and must lie in ``[0, num_embeddings)``
       (through the vocabulary instead, when the metadata has one).

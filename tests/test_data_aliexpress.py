@@ -1,16 +1,18 @@
-"""AliExpress reader: the 20-row sample, round trips on handwritten CSVs, error locations, block parsing."""
+"""AliExpress, the built-in schema over the files path: the 20-row sample, round trips on handwritten CSVs, error
+locations, block parsing."""
 
 from __future__ import annotations
 
 import csv
 import gzip
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-import mtrec.data.aliexpress as ali
+import mtrec.data.files as files
 from mtrec.data import DataError, load_aliexpress
 
 CAT = [f"categorical_{i}" for i in range(1, 17)]
@@ -24,6 +26,12 @@ def make_row(i: int, *, click: int = 0, conversion: int = 0, **over: object) -> 
     r.update({c: round(0.1 * i + 0.01 * j, 4) for j, c in enumerate(NUM)})
     r.update(over)
     return r
+
+
+def vocabulary(values: list[object]) -> list[str]:
+    """The vocabulary rule by hand: the distinct ids as text, most frequent first, ties by text."""
+    counts = Counter(str(v) for v in values)
+    return sorted(counts, key=lambda v: (-counts[v], v))
 
 
 def write_csv(path: Path, rows: list[dict[str, object]], columns: list[str] = COLUMNS) -> Path:
@@ -90,26 +98,27 @@ def test_round_trip_with_test_file(tmp_path: Path) -> None:
 
     x = np.array([1.0, 2.0, 3.0, 6.0])
     mean, std = x.mean(), x.std()  # 3.0, sqrt(3.5)
-    assert b.meta["numeric_mean"]["numerical_1"] == pytest.approx(3.0)
-    assert b.meta["numeric_std"]["numerical_1"] == pytest.approx(np.sqrt(3.5))
-    assert b.meta["numeric_std"]["numerical_2"] == 1.0
+    statistics = b.meta["statistics"]
+    assert (statistics["numerical_1"]["mean"], statistics["numerical_1"]["std"]) == pytest.approx((3.0, np.sqrt(3.5)))
+    assert statistics["numerical_2"]["std"] == 1.0
     np.testing.assert_allclose(b.test.dense[:, 0].numpy(), [(10 - mean) / std, (0 - mean) / std], atol=1e-6)
     np.testing.assert_allclose(b.test.dense[:, 1].numpy(), [1.5 - 4.5, 0.0], atol=1e-6)
     assert sorted(b.train.dense[:, 0].tolist()) == pytest.approx(sorted((x - mean) / std), abs=1e-6)
     assert bool(torch.all(b.train.dense[:, 1] == 0))
 
-    # categorical_3: train vocabulary [-2, 5, 7] -> ids 1, 2, 3; 99 unseen -> 0
-    assert b.meta["vocab_sizes"]["categorical_3"] == 4
-    assert b.test.sparse_ids["categorical_3"][:, 0].tolist() == [0, 2]
-    assert sorted(b.train.sparse_ids["categorical_3"][:, 0].tolist()) == [1, 2, 3, 3]
+    # categorical_3: train vocabulary 7 (twice), then -2 and 5 -> ids 1, 2, 3; 99 unseen -> 0
+    vocab = vocabulary([r["categorical_3"] for r in train_rows])
+    assert b.meta["vocabularies"]["categorical_3"] == vocab == ["7", "-2", "5"]
+    assert {f.name: f.num_embeddings for f in b.features.sparse}["categorical_3"] == 4
+    assert b.test.sparse_ids["categorical_3"][:, 0].tolist() == [0, 3]
+    assert b.train.sparse_ids["categorical_3"][:, 0].tolist() == [1, 3, 1, 2]  # file order
 
     # labels: ctr = click, ctcvr = click AND conversion; rows line up with their features
     order = torch.argsort(b.train.dense[:, 0])  # numerical_1 ascending = train_rows order
     assert b.train.labels["ctr"][order].tolist() == [1.0, 1.0, 0.0, 0.0]
     assert b.train.labels["ctcvr"][order].tolist() == [1.0, 0.0, 0.0, 0.0]
     assert b.test.labels["ctr"].tolist() == [1.0, 0.0] and b.test.labels["ctcvr"].tolist() == [1.0, 0.0]
-    assert b.meta["conversion_without_click"] == 1
-    assert b.meta["rows_per_file"] == [4, 2]
+    assert b.meta["rows"] == {"train": 4, "val": 0, "test": 2}
 
 
 def test_single_file_split_is_seeded(tmp_path: Path) -> None:
@@ -119,7 +128,7 @@ def test_single_file_split_is_seeded(tmp_path: Path) -> None:
     assert (len(a.train), len(a.val), len(a.test)) == (28, 6, 6)
     assert torch.equal(a.train.dense, b.train.dense) and not torch.equal(a.train.dense, c.train.dense)
     # the splits partition the rows (numerical_1 = row index, recovered through the train statistics)
-    mu, sd = a.meta["numeric_mean"]["numerical_1"], a.meta["numeric_std"]["numerical_1"]
+    mu, sd = a.meta["statistics"]["numerical_1"]["mean"], a.meta["statistics"]["numerical_1"]["std"]
     idx = torch.cat([ds.dense[:, 0] for ds in (a.train, a.val, a.test)]) * sd + mu
     assert sorted(round(float(v)) for v in idx) == list(range(40))
     train_idx = [round(float(v) * sd + mu) for v in a.train.dense[:, 0]]
@@ -127,17 +136,14 @@ def test_single_file_split_is_seeded(tmp_path: Path) -> None:
     assert sum(float(ds.labels["ctcvr"].sum()) for ds in (a.train, a.val, a.test)) == 10
 
 
-def test_gzip_and_max_rows(tmp_path: Path) -> None:
+def test_gzip(tmp_path: Path) -> None:
     rows = [make_row(i, click=i % 2) for i in range(30)]
     plain = write_csv(tmp_path / "a.csv", rows)
     gz = tmp_path / "a.csv.gz"
     gz.write_bytes(gzip.compress(plain.read_bytes()))
     a, b = load_aliexpress(plain), load_aliexpress(gz)
-    assert torch.equal(a.train.dense, b.train.dense) and torch.equal(
-        a.test.labels["ctr"], b.test.labels["ctr"]
-    )
-    c = load_aliexpress(plain, max_rows=10)
-    assert c.meta["rows_per_file"] == [10] and len(c.train) + len(c.val) + len(c.test) == 10
+    assert torch.equal(a.train.dense, b.train.dense) and torch.equal(a.test.labels["ctr"], b.test.labels["ctr"])
+    assert sum(a.meta["rows"].values()) == 30
 
 
 def test_small_blocks_give_the_same_result(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -146,16 +152,18 @@ def test_small_blocks_give_the_same_result(tmp_path: Path, monkeypatch: pytest.M
     lines = [",".join(COLUMNS)] + [",".join(str(r[c]) for c in COLUMNS) for r in rows]
     path.write_text("\r\n".join(lines))  # CRLF and no final newline
     ref = load_aliexpress(path)
-    monkeypatch.setattr(ali, "_BLOCK_BYTES", 97)  # blocks end mid-line
+    monkeypatch.setattr(files, "_CSV_BLOCK_BYTES", 4096)  # blocks of some lines, ending mid-line
     got = load_aliexpress(path)
     assert torch.equal(ref.train.dense, got.train.dense)
     for k in CAT:
         assert torch.equal(ref.val.sparse_ids[k], got.val.sparse_ids[k])
     assert torch.equal(ref.test.labels["ctr"], got.test.labels["ctr"])
     # an error far into the file still gets its exact line
-    lines[20] = lines[20].replace(",", ",x", 1)
+    parts = lines[20].split(",")
+    parts[COLUMNS.index("numerical_3")] = "x"
+    lines[20] = ",".join(parts)
     path.write_text("\n".join(lines) + "\n")
-    with pytest.raises(DataError, match=r"a\.csv:21 field 'categorical_1'"):
+    with pytest.raises(DataError, match=r"a\.csv:21 field 'numerical_3': non-numeric value 'x' \(column 20\)$"):
         load_aliexpress(path)
 
 
@@ -165,9 +173,7 @@ def test_small_blocks_give_the_same_result(tmp_path: Path, monkeypatch: pytest.M
 
 
 def _good_lines() -> list[str]:
-    return [",".join(COLUMNS)] + [
-        ",".join(str(r[c]) for c in COLUMNS) for r in (make_row(i) for i in range(6))
-    ]
+    return [",".join(COLUMNS)] + [",".join(str(r[c]) for c in COLUMNS) for r in (make_row(i) for i in range(6))]
 
 
 def _write_lines(path: Path, lines: list[str]) -> Path:
@@ -181,10 +187,10 @@ def test_error_header_lists_missing_columns(tmp_path: Path) -> None:
     with pytest.raises(DataError) as e:
         load_aliexpress(path)
     msg = str(e.value)
-    assert "hdr.csv:1" in msg and "missing columns: numerical_5, click" in msg
-    path = write_csv(tmp_path / "hdr2.csv", [make_row(0, extra=1)], [*COLUMNS, "extra"])
-    with pytest.raises(DataError, match=r"hdr2\.csv:1.*unexpected columns: 'extra'"):
-        load_aliexpress(path)
+    assert "hdr.csv:1: no column 'numerical_5'" in msg and "(nor 'click'" in msg
+    # columns the schema does not name are not read
+    path = write_csv(tmp_path / "hdr2.csv", [make_row(i, extra="x") for i in range(5)], [*COLUMNS, "extra"])
+    assert sum(load_aliexpress(path).meta["rows"].values()) == 5
 
 
 def test_error_wrong_field_count(tmp_path: Path) -> None:
@@ -215,26 +221,37 @@ def test_error_bad_label_and_non_integer_id(tmp_path: Path) -> None:
     parts[COLUMNS.index("click")] = "2"
     lines[4] = ",".join(parts)
     lines.insert(1, "")
-    with pytest.raises(DataError, match=r"lab\.csv:6 field 'click'.*'2' not recognised"):
+    with pytest.raises(DataError, match=r"lab\.csv:6 field 'click': binary label 'ctr': value 2 of column 'click'"):
+        load_aliexpress(_write_lines(tmp_path / "lab.csv", lines))
+    parts[COLUMNS.index("click")] = ""  # a missing label
+    lines[5] = ",".join(parts)
+    with pytest.raises(DataError, match=r"lab\.csv:6 field 'click': label 'ctr' is null"):
         load_aliexpress(_write_lines(tmp_path / "lab.csv", lines))
     lines = _good_lines()
     parts = lines[2].split(",")
-    parts[COLUMNS.index("categorical_9")] = "1.5"
+    parts[COLUMNS.index("conversion")] = "yes"
     lines[2] = ",".join(parts)
-    with pytest.raises(DataError, match=r"cat\.csv:3 field 'categorical_9'.*'1\.5'"):
-        load_aliexpress(_write_lines(tmp_path / "cat.csv", lines))
-    lines = _good_lines()
-    parts = lines[5].split(",")
-    parts[COLUMNS.index("numerical_60")] = "NaN"
-    lines[5] = ",".join(parts)
-    with pytest.raises(DataError, match=r"nan\.csv:6 field 'numerical_60'.*non-finite value 'NaN'"):
-        load_aliexpress(_write_lines(tmp_path / "nan.csv", lines))
+    with pytest.raises(DataError, match=r"conv\.csv:3 field 'conversion': non-numeric value 'yes' \(column 82\)"):
+        load_aliexpress(_write_lines(tmp_path / "conv.csv", lines))
+
+
+def test_ids_are_text_and_nan_is_missing(tmp_path: Path) -> None:
+    """Ids are keys (their text: 1.5 is an id of its own); NaN or an empty cell is a missing number, the mean."""
+    rows = [make_row(i, click=i % 2, categorical_9=["1.5", "2", "2"][i % 3]) for i in range(9)]
+    rows[4]["numerical_60"], rows[5]["numerical_60"] = "NaN", ""
+    test_file = write_csv(tmp_path / "t.csv", rows[:1])
+    b = load_aliexpress(write_csv(tmp_path / "a.csv", rows), split=(1, 0, 0), test_path=test_file)
+    assert b.meta["vocabularies"]["categorical_9"] == vocabulary([r["categorical_9"] for r in rows]) == ["2", "1.5"]
+    col = b.features.dense_names.index("numerical_60")
+    values = [float(r["numerical_60"]) for i, r in enumerate(rows) if i not in (4, 5)]
+    assert b.meta["statistics"]["numerical_60"]["mean"] == pytest.approx(np.mean(values))
+    assert b.train.dense[4, col] == 0 and b.train.dense[5, col] == 0
 
 
 def test_error_empty_and_missing(tmp_path: Path) -> None:
     empty = tmp_path / "empty.csv"
     empty.write_text("")
-    with pytest.raises(DataError, match=r"empty\.csv:1.*empty"):
+    with pytest.raises(DataError, match=r"empty\.csv:1: file is empty"):
         load_aliexpress(empty)
     header_only = _write_lines(tmp_path / "hdr_only.csv", [",".join(COLUMNS)])
     with pytest.raises(DataError, match=r"hdr_only\.csv:2.*no data rows"):

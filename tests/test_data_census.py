@@ -1,8 +1,11 @@
-"""Census-Income reader: round trips on handwritten files, error locations, and the real file."""
+"""Census-Income, the built-in schema over the files path: round trips on handwritten files, error locations, the
+real file, and the serving-side encoding."""
 
 from __future__ import annotations
 
+import csv
 import gzip
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +13,8 @@ import pytest
 import torch
 
 from mtrec.data import DataError, load_census
-from mtrec.data.batch import split_indices
+from mtrec.data.encoding import FilesEncoding, value_encoding
+from mtrec.data.files import split_parts
 
 # One row of the 42-field format (0-based indices in the comments), as in census-income.test.
 TEMPLATE = [
@@ -56,6 +60,23 @@ def write(path: Path, lines: list[str]) -> Path:
     return path
 
 
+def stats(b, name: str) -> tuple[float, float]:
+    """The train mean and std the bundle standardised dense feature ``name`` with."""
+    return b.meta["statistics"][name]["mean"], b.meta["statistics"][name]["std"]
+
+
+def vocabulary(values: list[str]) -> list[str]:
+    """The vocabulary rule by hand: the distinct non-missing values, most frequent first, ties by value."""
+    counts = Counter(v for v in values if v not in ("?", ""))
+    return sorted(counts, key=lambda v: (-counts[v], v))
+
+
+def sizes(n: int, split: tuple[float, float, float]) -> tuple[int, int, int]:
+    """Rows per part of a split file of ``n`` rows: cumulative counts round(f * n) (half up)."""
+    train, train_val = int(np.floor(split[0] * n + 0.5)), int(np.floor((split[0] + split[1]) * n + 0.5))
+    return train, train_val - train, n - train_val
+
+
 # Train file: ages (field 0), class of worker (1), education (4), marital (7), weeks worked (39), income (41)
 TRAIN_ROWS = [
     dict(f0="20", f1="Private", f4="High school graduate", f7="Never married", f39="10", f41="- 50000."),
@@ -84,31 +105,28 @@ def test_round_trip_with_test_file(tmp_path: Path) -> None:
     # numeric scaling with the train rows only, '?' excluded: ages 20..60 -> mean 40, std sqrt(200)
     ages = np.array([20, 30, 40, 50, 60], dtype=np.float64)
     mean, std = ages.mean(), ages.std()
-    assert b.meta["numeric_mean"]["age"] == pytest.approx(40.0)
-    assert b.meta["numeric_std"]["age"] == pytest.approx(np.sqrt(200.0))
+    assert stats(b, "age") == pytest.approx((40.0, np.sqrt(200.0)))
     weeks = np.array([10, 20, 30, 40, 50, 52], dtype=np.float64)
-    assert b.meta["numeric_mean"]["weeks_worked"] == pytest.approx(weeks.mean())
-    assert b.meta["numeric_std"]["weeks_worked"] == pytest.approx(weeks.std())
+    assert stats(b, "weeks_worked") == pytest.approx((weeks.mean(), weeks.std()))
     age_col = b.features.dense_names.index("age")
     got = sorted(b.train.dense[:, age_col].tolist())
     expected = sorted([(a - mean) / std for a in ages] + [0.0])  # missing age -> train mean -> 0
     np.testing.assert_allclose(got, expected, atol=1e-6)
     # test rows keep file order; scaled with the train statistics
-    np.testing.assert_allclose(
-        b.test.dense[:, age_col].numpy(), [(70 - mean) / std, (25 - mean) / std], atol=1e-6
-    )
+    np.testing.assert_allclose(b.test.dense[:, age_col].numpy(), [(70 - mean) / std, (25 - mean) / std], atol=1e-6)
 
-    # categorical: vocabulary of train values (sorted), id 0 for '?' and for values unseen in train
-    assert b.meta["vocabularies"]["class_worker"] == [
-        "Federal government",
-        "Private",
-        "Self-employed-incorporated",
-    ]
+    # categorical: vocabulary of train values (most frequent first), id 0 for '?' and for values unseen in train
+    vocab = vocabulary([r["f1"] for r in TRAIN_ROWS])
+    assert (
+        b.meta["vocabularies"]["class_worker"]
+        == vocab
+        == ["Private", "Federal government", "Self-employed-incorporated"]
+    )
     spec = {f.name: f for f in b.features.sparse}
-    assert spec["class_worker"].num_embeddings == 4 and spec["class_worker"].max_len == 1
-    assert b.test.sparse_ids["class_worker"][:, 0].tolist() == [0, 2]  # "Never worked" unseen -> 0
-    train_cw = sorted(b.train.sparse_ids["class_worker"][:, 0].tolist())
-    assert train_cw == [0, 1, 2, 2, 2, 3]  # '?' -> 0
+    assert spec["class_worker"].num_embeddings == 4 and spec["class_worker"].max_len == 1  # fitted: 3 values + 1
+    assert b.test.sparse_ids["class_worker"][:, 0].tolist() == [0, 1]  # "Never worked" unseen -> 0
+    train_cw = b.train.sparse_ids["class_worker"][:, 0].tolist()
+    assert train_cw == [vocab.index(r["f1"]) + 1 if r["f1"] in vocab else 0 for r in TRAIN_ROWS]  # '?' -> 0
 
     # labels: income accepts the forms with and without the dot and the space
     assert sorted(b.train.labels["income"].tolist()) == [0, 0, 0, 0, 1, 1]
@@ -130,7 +148,7 @@ def test_round_trip_with_test_file(tmp_path: Path) -> None:
         "weeks_worked",
     }  # fmt: skip
     assert len(names) + len(b.features.dense_names) == 42 - 3
-    assert b.meta["files"] == [str(train_file), str(test_file)]
+    assert b.meta["files"]["train"] == [str(train_file)] and b.meta["files"]["test"] == [str(test_file)]
     assert b.meta["class_rates"]["train"]["income"] == pytest.approx(2 / 6)
 
     batch = next(b.train.batches(4))
@@ -160,22 +178,24 @@ def test_single_file_split_uses_train_statistics_only(tmp_path: Path) -> None:
     lines = [row(f0=a, f1=w, f41=y) for a, w, y in zip(ages, workers, labels)]
     path = write(tmp_path / "census.txt", lines)
     b = load_census(path, split=(0.6, 0.2, 0.2), seed=7)
-    tr, va, te = split_indices(n, (0.6, 0.2, 0.2), 7)
-    assert (len(b.train), len(b.val), len(b.test)) == (len(tr), len(va), len(te)) == (12, 4, 4)
+    assert (len(b.train), len(b.val), len(b.test)) == sizes(n, (0.6, 0.2, 0.2)) == (12, 4, 4)
+    # which rows: the age of each (all ages differ) from the standardised values and the train statistics
+    mean, std = stats(b, "age")
+    rows = [
+        [ages.index(str(round(a * std + mean))) for a in ds.dense[:, 0].tolist()] for ds in (b.train, b.val, b.test)
+    ]
+    assert sorted(sum(rows, [])) == list(range(n)) and all(r == sorted(r) for r in rows)  # a partition, file order
+    tr = rows[0]
     train_ages = np.array([float(ages[i]) for i in tr])
-    mean, std = train_ages.mean(), train_ages.std()
-    assert b.meta["numeric_mean"]["age"] == pytest.approx(mean)
-    assert b.meta["numeric_std"]["age"] == pytest.approx(std)
-    for ds, rows in ((b.train, tr), (b.val, va), (b.test, te)):
-        expected = [(float(ages[i]) - mean) / std for i in rows]
-        np.testing.assert_allclose(ds.dense[:, 0].numpy(), expected, atol=1e-5)
-        assert ds.labels["income"].tolist() == [1.0 if i % 4 == 0 else 0.0 for i in rows]
-    # values only in val/test are out of vocabulary; train values get ids 1..12 in sorted order
+    assert (mean, std) == pytest.approx((train_ages.mean(), train_ages.std()))  # train rows only
+    for ds, part in zip((b.train, b.val, b.test), rows):
+        assert ds.labels["income"].tolist() == [1.0 if i % 4 == 0 else 0.0 for i in part]
+    # values only in val/test are out of vocabulary; the 12 train values get ids 1..12 (all seen once: by value)
     assert bool(torch.all(b.val.sparse_ids["class_worker"] == 0))
     assert bool(torch.all(b.test.sparse_ids["class_worker"] == 0))
-    vocab = sorted(workers[i] for i in tr)
+    vocab = vocabulary([workers[i] for i in tr])
     assert b.train.sparse_ids["class_worker"][:, 0].tolist() == [vocab.index(workers[i]) + 1 for i in tr]
-    assert b.meta["vocab_sizes"]["class_worker"] == 13
+    assert {f.name: f.num_embeddings for f in b.features.sparse}["class_worker"] == 13
 
 
 def test_same_seed_same_split_and_gzip(tmp_path: Path) -> None:
@@ -194,11 +214,11 @@ def test_windows_line_endings_and_blank_lines(tmp_path: Path) -> None:
     path.write_bytes(("\r\n".join([row(f0="30"), "", row(f0="40"), row(f0="50")]) + "\r\n").encode())
     b = load_census(path, split=(1.0, 0.0, 0.0), test_path=write(tmp_path / "t.txt", [row()]))
     assert len(b.train) == 3
-    assert b.meta["numeric_mean"]["age"] == pytest.approx(40.0)
+    assert stats(b, "age")[0] == pytest.approx(40.0)
 
 
 # ------------------------------------------------------------------------------------------------
-# errors: file, line and field in the message
+# errors: file, line and column in the message
 # ------------------------------------------------------------------------------------------------
 
 
@@ -221,7 +241,8 @@ def test_error_non_numeric_age(tmp_path: Path) -> None:
     with pytest.raises(DataError) as e:
         load_census(path)
     msg = str(e.value)
-    assert "bad_census.txt:4" in msg and "field 0" in msg and "age" in msg and "'abc'" in msg
+    assert "bad_census.txt:4 field 'age'" in msg and "'abc'" in msg and "(column 1)" in msg
+    assert (e.value.line, e.value.field) == (4, "age")
 
 
 def test_error_non_numeric_in_later_numeric_field(tmp_path: Path) -> None:
@@ -229,7 +250,7 @@ def test_error_non_numeric_in_later_numeric_field(tmp_path: Path) -> None:
     with pytest.raises(DataError) as e:
         load_census(path)
     msg = str(e.value)  # the earliest bad line wins, even though field 0 is checked first
-    assert "weeks.txt:3" in msg and "field 39" in msg and "weeks_worked" in msg and "'many'" in msg
+    assert "weeks.txt:3 field 'weeks_worked'" in msg and "'many'" in msg and "(column 40)" in msg
 
 
 def test_error_bad_label(tmp_path: Path) -> None:
@@ -237,7 +258,7 @@ def test_error_bad_label(tmp_path: Path) -> None:
     with pytest.raises(DataError) as e:
         load_census(path)
     msg = str(e.value)
-    assert "bad_census.txt:4" in msg and "field 41" in msg and "income" in msg and "'maybe'" in msg
+    assert "bad_census.txt:4 field 'income_50k'" in msg and "label 'income'" in msg and "'maybe'" in msg
 
 
 def test_error_missing_task_label(tmp_path: Path) -> None:
@@ -245,16 +266,19 @@ def test_error_missing_task_label(tmp_path: Path) -> None:
     load_census(path, tasks="group1")  # education is only a feature here: '?' is fine
     with pytest.raises(DataError) as e:
         load_census(path, tasks="group2")
-    assert "bad_census.txt:4" in str(e.value) and "field 4" in str(e.value)
+    assert "bad_census.txt:4 field 'education'" in str(e.value) and "label 'education' is null" in str(e.value)
 
 
 def test_error_empty_file(tmp_path: Path) -> None:
     path = tmp_path / "empty.txt"
     path.write_text("")
-    with pytest.raises(DataError, match=r"empty\.txt:1.*empty"):
+    with pytest.raises(DataError, match=r"empty\.txt:1: file is empty"):
         load_census(path)
-    path.write_text("\n  \n")
-    with pytest.raises(DataError, match=r"empty\.txt:1"):
+    path.write_text("\n\n")
+    with pytest.raises(DataError, match=r"empty\.txt:1: file is empty"):
+        load_census(path)
+    path.write_text("\n  \n")  # a line of spaces is a line of one field
+    with pytest.raises(DataError, match=r"empty\.txt:2: expected 42 comma-separated fields, found 1"):
         load_census(path)
 
 
@@ -270,7 +294,7 @@ def test_error_in_test_file_names_that_file(tmp_path: Path) -> None:
     bad = write(tmp_path / "test.txt", [row(), row(f5="n/a")])
     with pytest.raises(DataError) as e:
         load_census(good, test_path=bad)
-    assert "test.txt:2" in str(e.value) and "field 5" in str(e.value) and "wage_per_hour" in str(e.value)
+    assert "test.txt:2 field 'wage_per_hour'" in str(e.value) and "'n/a'" in str(e.value)
 
 
 def test_bad_task_names(tmp_path: Path) -> None:
@@ -290,8 +314,7 @@ def test_bad_task_names(tmp_path: Path) -> None:
 def test_real_census_file(census_path: Path) -> None:
     b = load_census(census_path, tasks=["income", "marital", "education"])
     n = 99_762
-    assert len(b.train) + len(b.val) + len(b.test) == n
-    assert len(b.train) == round(0.7 * n) and len(b.val) == round(0.15 * n)
+    assert (len(b.train), len(b.val), len(b.test)) == sizes(n, (0.7, 0.15, 0.15))
     # independent counts straight from the file text (these values occur in no other field)
     with gzip.open(census_path, "rt") as f:
         text = f.read()
@@ -309,6 +332,12 @@ def test_real_census_file(census_path: Path) -> None:
     assert 0.41 < never / n < 0.45  # about 43% never married
     for split in ("train", "val", "test"):
         assert b.meta["class_rates"][split]["income"] == pytest.approx(income / n, abs=0.01)
+    # row by row: the income label is field 41 of a naive reading, the splits' rows in file order
+    fields = list(csv.reader(text.splitlines()))
+    naive = np.array([float(r[41].strip() == "50000+.") for r in fields], dtype=np.float32)
+    parts = split_parts(0, 0, n, (0.7, 0.85), 0, n)
+    for k, ds in enumerate((b.train, b.val, b.test)):
+        np.testing.assert_array_equal(ds.labels["income"].numpy(), naive[parts == k])
     assert b.train.dense.shape == (len(b.train), 7)
     assert float(b.train.dense.mean(0).abs().max()) < 1e-4
     assert len(b.features.sparse) == 42 - 7 - 1 - 3  # numeric, instance weight, three label sources
@@ -316,18 +345,16 @@ def test_real_census_file(census_path: Path) -> None:
         assert int(b.train.sparse_ids[f.name].max()) < f.num_embeddings
 
 
-def test_values_follow_the_shared_encoding(tmp_path: Path) -> None:
-    """The reader's numbers and tokens are mtrec.data.encoding's, which export's raw-feature encoder applies too."""
-    import math
-
-    from mtrec.data.encoding import census_number, census_token
-
-    assert all(math.isnan(census_number(v)) for v in (" ?", "", " ", None))
-    assert census_number(" 2.5e3") == 2500.0 and census_number(7) == 7.0
-    for bad in ("nan", "inf", "1_000", "12 000"):
-        with pytest.raises(ValueError, match="non-numeric value"):
-            census_number(bad)
-    assert (census_token(3.0), census_token(None), census_token(" Private ")) == ("3", "", "Private")
-    # an empty numeric field is missing, as '?' is: the train mean, 0
+def test_serving_encodes_raw_values_as_the_reader(tmp_path: Path) -> None:
+    """The run's features.json (the bundle's meta) encodes raw census values by the schema's rules: stripped, '?'
+    and empty missing (the train mean, 0), unseen categories the out-of-vocabulary id 0."""
     b = load_census(write(tmp_path / "e.txt", [row(f0="20"), row(f0=""), row(f0="40"), row(f0="?")]), split=(1, 0, 0))
     assert sorted(b.train.dense[:, b.features.dense_names.index("age")].tolist()) == [-1.0, 0.0, 0.0, 1.0]
+    enc = value_encoding(b.meta)
+    assert isinstance(enc, FilesEncoding) and b.meta["source"] == "files" and b.meta["dataset"] == "census-income"
+    assert enc.dense("age", [" ?", "", " ", None, " 20", 40, " 2.5e3"]).tolist() == [0, 0, 0, 0, -1, 1, 247]
+    with pytest.raises(ValueError, match="non-numeric value 'abc'"):
+        enc.dense("age", [" abc"])
+    vocab = b.meta["vocabularies"]["class_worker"]
+    assert enc.ids("class_worker", [" Private"], 2) == [vocab.index("Private") + 1]
+    assert enc.ids("class_worker", [" ?"], 2) == enc.ids("class_worker", ["Unheard of"], 2) == [0]

@@ -31,8 +31,9 @@ import serving.export as sx
 from mtl.config import CONFIG_PATH
 from mtrec.cli.export import main as export_main
 from mtrec.data import load_aliexpress, load_census
-from mtrec.data.batch import DataBundle, FeatureSpec, SparseFeature, build_kjt, split_indices
+from mtrec.data.batch import DataBundle, FeatureSpec, SparseFeature, build_kjt
 from mtrec.data.census import CENSUS_COLUMNS
+from mtrec.data.files import split_parts
 from mtrec.export import (
     FEATURES_FILE,
     PaddedInputArch,
@@ -554,10 +555,15 @@ def encoder_matching_the_reader(bundle: DataBundle, raw: Sequence[Sequence[dict]
     return encoder
 
 
+def split_rows(rows: Sequence[dict], seed: int) -> list[list[dict]]:
+    """The rows of each split of a 70/15/15 split of one file by ``seed``, in file order."""
+    parts = split_parts(seed, 0, len(rows), (0.7, 0.85), 0, len(rows))
+    return [[rows[i] for i in np.flatnonzero(parts == k)] for k in range(3)]
+
+
 def census_raw(lines: Sequence[str], n_main: int, seed: int) -> list[list[dict]]:
     """The raw rows of each split of ``load_census(..., seed=seed)`` on ``lines`` (no test file)."""
-    order = split_indices(n_main, (0.7, 0.15, 0.15), seed=seed)
-    return [[dict(zip(CENSUS_COLUMNS, lines[i].rstrip("\n").split(","))) for i in idx.tolist()] for idx in order]
+    return split_rows([dict(zip(CENSUS_COLUMNS, line.rstrip("\n").split(","))) for line in lines[:n_main]], seed)
 
 
 def test_census_encoder_matches_the_reader_on_synthetic_rows(tmp_path: Path) -> None:
@@ -600,9 +606,8 @@ def aliexpress_raw(path: Path, seed: int) -> list[list[dict]]:
     """The raw rows (numbers as floats) of each split of ``load_aliexpress(path, seed=seed)``."""
     lines = path.read_text().splitlines()
     header = lines[0].split(",")
-    rows = [dict(zip(header, line.split(","))) for line in lines[1:]]
-    order = split_indices(len(rows), (0.7, 0.15, 0.15), seed=seed)
-    return [[{k: float(v) for k, v in rows[i].items()} for i in idx.tolist()] for idx in order]
+    rows = [{k: float(v) for k, v in zip(header, line.split(","))} for line in lines[1:]]
+    return split_rows(rows, seed)
 
 
 def test_aliexpress_encoder_matches_the_reader_on_synthetic_rows(tmp_path: Path) -> None:

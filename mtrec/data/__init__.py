@@ -1,8 +1,10 @@
-"""Data readers and the ``Batch`` contract: synthetic, Census-Income and AliExpress loaders.
+"""Data readers and the ``Batch`` contract: synthetic generators, and the files path with its built-in schemas.
 
 Every loader returns a :class:`DataBundle` (train/val/test :class:`TabularDataset`, a :class:`FeatureSpec`,
 the task specs and a JSON-friendly ``meta`` dict) and takes keyword arguments with defaults, so Hydra
-configs can call it through ``_target_``.
+configs can call it through ``_target_``. Census-Income (:func:`load_census`) and AliExpress
+(:func:`load_aliexpress`) are schemas (``mtrec/data/schemas/``) over the files path (:mod:`mtrec.data.files`):
+one reader, one encoding for training and serving.
 """
 
 from mtrec.data.aliexpress import load_aliexpress
