@@ -358,3 +358,10 @@ def test_serving_encodes_raw_values_as_the_reader(tmp_path: Path) -> None:
     vocab = b.meta["vocabularies"]["class_worker"]
     assert enc.ids("class_worker", [" Private"], 2) == [vocab.index("Private") + 1]
     assert enc.ids("class_worker", [" ?"], 2) == enc.ids("class_worker", ["Unheard of"], 2) == [0]
+
+
+def test_a_run_of_the_retired_census_reader_is_refused_by_name() -> None:
+    """features.json of a run read by the census parser the files path replaced: its encoding is gone, so serving
+    refuses it instead of encoding raw rows by other rules."""
+    with pytest.raises(ValueError, match="census-income run read by the reader that mtrec.data.files replaced"):
+        value_encoding({"source": "census-income", "vocabularies": {}})
