@@ -7,16 +7,17 @@ cost-model projection to 8, 64 and 512 GPUs.
 **Measured (this machine).** The synthetic click log (:func:`mtrec.data.filetools.write_synthetic`; features
 user_id, item_id, category, history, 16-wide tables) is written once as Parquet into a temporary folder. For each
 plan (``table_wise``: every table whole on one rank; ``column_wise`` with ``sharding.column_shard_dim=8``: every
-16-wide table in two 8-wide column shards) and each world size (1, 2) this script re-invokes itself under
-``torchrun --standalone --nproc_per_node=N ... --worker``. Each rank sets ``torch.set_num_threads(1)`` (the same
-threads per rank, so 2 ranks use 2 cores), composes ``data=files data.in_memory=true model=mmoe optimizer=adagrad``
-(FBGEMM's CPU kernels have no adam; adagrad trains tables and dense parameters alike), builds the trainer with
-``build_training(cfg, run_dir, bundle, dist=init_distributed("cpu"))`` and steps ``trainer.train_step`` on batches of
-``--batch-size`` rows per rank from ``bundle.train.batches(...)`` (each rank's own row groups, read into memory
-once) wrapped in :func:`mtrec.distributed.lockstep`. After ``--warmup`` steps, ``--windows`` windows of ``--steps``
-steps are timed (each between barriers; the slowest rank's wall time); ``samples_per_s`` is the best window's
-global rows per second (``steps x batch x ranks / seconds``; the median window is reported too). Scaling efficiency
-is ``samples/s(2 ranks) / (2 x samples/s(1 rank))``; target (issue 14): 2 ranks >= 1.7x 1 rank, per plan.
+16-wide table in two 8-wide column shards) and each world size (1, 2) this script re-invokes itself under ``torchrun
+--standalone --nproc_per_node=N ... --worker``. Each rank sets ``torch.set_num_threads(1)`` (the same threads per
+rank, so 2 ranks use 2 cores), composes ``data=files data.in_memory=true model=mmoe optimizer=adagrad`` (FBGEMM's
+CPU kernels have no adam; adagrad trains tables and dense parameters alike), builds the trainer with
+``build_training(cfg, run_dir, bundle, dist=init_distributed("cpu"))`` and steps ``trainer.train_step`` on batches
+of ``--batch-size`` rows per rank, the rows read into memory once and cut per global batch as ``Trainer.fit`` does
+(``RankShard(bundle.train, rank, world).batches(...)``, rank ``r`` the ``r``-th part of each global batch) wrapped
+in :func:`mtrec.distributed.lockstep`. After ``--warmup`` steps, ``--windows`` windows of ``--steps`` steps are
+timed (each between barriers; the slowest rank's wall time); ``samples_per_s`` is the best window's global rows per
+second (``steps x batch x ranks / seconds``; the median window is reported too). Scaling efficiency is ``samples/s(2
+ranks) / (2 x samples/s(1 rank))``; target (issue 14): 2 ranks >= 1.7x 1 rank, per plan.
 
 **Bytes moved.** After timing, ``--count-steps`` more steps run with the collectives wrapped (monkeypatched in the
 worker): ``torch.distributed.all_to_all_single`` (TorchRec's KJT id/length distribution and its pooled-embedding
@@ -666,8 +667,10 @@ def main() -> None:
             "projection": projection,
             "sizing": extra.get("sizing"),
             "assumptions": {
-                "measured": "gloo on one 2-core machine, in-memory data (each rank its own row groups), the best of "
-                "the timed windows; samples/s = global rows / s",
+                "measured": (
+                    "gloo on one 2-core machine, in-memory data (RankShard: each rank its part of every global "
+                    "batch), the best of the timed windows; samples/s = global rows / s"
+                ),
                 **extra.get("assumptions", {}),
             },
             "targets": targets,
