@@ -51,6 +51,7 @@ __all__ = [
     "launch",
     "launch_time",
     "lockstep",
+    "over_ranks",
     "padded",
     "under_torchrun",
 ]
@@ -112,7 +113,17 @@ def init_distributed(device: str = "cpu", *, timeout_s: float = 1800.0) -> DistC
     if cuda:
         torch.cuda.set_device(dev)
     if not dist.is_initialized():
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+        timeout = datetime.timedelta(seconds=timeout_s)
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        # The rendezvous store (torchrun's agent hosts it) outlives a restart; gloo's peer addresses of the failed
+        # attempt would still be in it (a restarted rank then connects to a dead peer: "Connection refused",
+        # pytorch/pytorch#167288), so each attempt rendezvous under its own prefix.
+        agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                              is_master=rank == 0 and not agent_store, timeout=timeout)  # fmt: skip
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        prefixed = dist.PrefixStore(f"mtlib/attempt-{attempt}", store)
+        dist.init_process_group(backend, store=prefixed, rank=rank, world_size=world, timeout=timeout)
     ctx = DistContext(dist.get_rank(), dist.get_world_size(), local_rank, dev, backend, DataParallel())
     if not ctx.is_main:  # rank 0 alone logs (info); the others say only what goes wrong
         logging.getLogger().setLevel(logging.WARNING)
@@ -164,9 +175,11 @@ def launch(nproc: int, argv: Sequence[str], *, max_restarts: int = 0, run_dir: s
     try:
         run(parsed)
     except Exception as err:  # torch.distributed.elastic's ChildFailedError: the workers printed their errors
-        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        print(f"mtrec-train: {nproc} workers: {type(err).__name__}: {first}", file=sys.stderr)
-        return 1
+        failures = getattr(err, "failures", {}) or {}
+        codes = sorted({getattr(f, "exitcode", 1) for f in failures.values()}) or [1]
+        print(f"mtrec-train: a worker of {nproc} failed (exit status {codes[0]}); its message is above",
+              file=sys.stderr)  # fmt: skip
+        return 2 if codes == [2] else 1  # every failed worker refused the configuration: a user error
     return 0
 
 
@@ -219,6 +232,13 @@ def _all(flag: bool, ctx: DistContext, op: dist.ReduceOp.RedOpType) -> bool:
     t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=ctx.device if ctx.backend == "nccl" else "cpu")
     dist.all_reduce(t, op=op)
     return bool(t.item())
+
+
+def over_ranks(value: int, ctx: DistContext, op: str = "min") -> int:
+    """The ``min`` (or ``max``) of an integer over the ranks."""
+    t = torch.tensor([value], dtype=torch.int64, device=ctx.device if ctx.backend == "nccl" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MIN if op == "min" else dist.ReduceOp.MAX)
+    return int(t.item())
 
 
 def lockstep(items: Iterable[T], ctx: DistContext | None) -> Iterator[T]:

@@ -63,7 +63,7 @@ from mtrec.data.errors import InputNotFoundError
 from mtrec.models import build_model
 from mtrec.models.base import MultiTaskModel
 from mtrec.models.inputs import InputArch, table_name
-from mtrec.trainer import BEST, LAST
+from mtrec.trainer import BEST, BEST_SHARDED, LAST, LAST_SHARDED
 from serving.export import (
     ExportResult,
     ParityOptions,
@@ -558,12 +558,16 @@ def load_run(run_dir: str | Path, checkpoint: str = "best") -> RunArtifacts:
     check_run_dir(run_dir)
     config_path, features_path = run_dir / "config.yaml", run_dir / FEATURES_FILE
     ckpt_path = run_dir / (BEST if checkpoint == "best" else LAST)
+    # a distributed run's checkpoints are sharded (torch.distributed.checkpoint): gathered here into one state dict
+    sharded = run_dir / (BEST_SHARDED if checkpoint == "best" else LAST_SHARDED)
+    if not ckpt_path.is_file() and (sharded / "last.json").is_file():
+        ckpt_path = sharded
     for path, why in (
         (config_path, "the resolved config mtrec-train writes (it names the model and its hyperparameters)"),
         (features_path, "the feature spec and reader metadata mtrec-train writes (re-train with this mtlib)"),
         (ckpt_path, f"the {checkpoint} checkpoint (a run writes best.pt at its first validation)"),
     ):
-        if not path.is_file():
+        if not path.exists():
             raise InputNotFoundError(f"{path}: missing; it is {why}")
     cfg = OmegaConf.load(config_path)
     if not isinstance(cfg, DictConfig) or "model" not in cfg:
@@ -572,7 +576,13 @@ def load_run(run_dir: str | Path, checkpoint: str = "best") -> RunArtifacts:
     spec = FeatureSpec.from_dict(features["features"])
     tasks = [t["name"] for t in features["tasks"]]
     model = build_model(cfg.model, spec, tasks)
-    state = load_checkpoint(ckpt_path)
+    if ckpt_path.is_dir():
+        from mtrec import dist_checkpoint
+
+        pointer = json.loads((ckpt_path / "last.json").read_text())
+        state = {"model": dist_checkpoint.to_full_state_dict(ckpt_path), "step": pointer.get("step")}
+    else:
+        state = load_checkpoint(ckpt_path)
     try:
         model.load_state_dict(state["model"])
     except (KeyError, RuntimeError) as err:

@@ -240,9 +240,15 @@ def build_training(
         from mtrec.sharding import shard_model
 
         sharding = _sharding_config(cfg.get("sharding"))
-        sharded, plan = shard_model(
-            model, sharding, device=dist.device, fused_optimizer=fused_optimizer_spec(cfg.optimizer, dist.device)
-        )
+        root = logging.getLogger()
+        level = root.level
+        root.setLevel(max(level, logging.WARNING))  # FBGEMM logs every kernel's arguments at INFO on the root logger
+        try:
+            sharded, plan = shard_model(
+                model, sharding, device=dist.device, fused_optimizer=fused_optimizer_spec(cfg.optimizer, dist.device)
+            )
+        finally:
+            root.setLevel(level)
         model = sharded.module
     train: TabularDataset | dict[str, TabularDataset] = bundle.train
     if cfg.get("task_split"):
@@ -353,7 +359,11 @@ def _train_and_evaluate(cfg: DictConfig, run_dir: Path, dist: DistContext | None
                  run_dir)  # fmt: skip
     run_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(int(cfg.seed))
-    bundle = load_data(cfg.data)
+    data_node = cfg.data
+    if not main and "progress" in data_node:  # rank 0 alone shows progress bars
+        data_node = copy.deepcopy(data_node)
+        data_node.progress = False
+    bundle = load_data(data_node)
     training = build_training(cfg, run_dir, bundle, dist=dist)
     trainer, tasks = training.trainer, training.tasks
     if main:

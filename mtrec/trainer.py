@@ -31,7 +31,7 @@ from mtl.step import MultiTaskStep, StepParameters
 from mtl.tasks import TaskSpec, compute_losses
 from mtl.weighting import Static, Weighting
 from mtrec.data.batch import Batch, TabularDataset
-from mtrec.distributed import DistContext, RankShard, filler_batch, gather_rows, lockstep, padded
+from mtrec.distributed import DistContext, RankShard, filler_batch, gather_rows, lockstep, over_ranks, padded
 from mtrec.models.inputs import InputArch
 
 LAST = "last.pt"
@@ -455,8 +455,8 @@ class Trainer:
 
     def _optimizers(self) -> dict[str, Any]:
         optimizers: dict[str, Any] = {"optimizer": self.optimizer}
-        fused = getattr(self.sharded, "fused_optimizer", None)
-        if fused is not None and fused.state_dict().get("state"):
+        fused = getattr(self.sharded, "fused_optimizer", None)  # the tables' (FBGEMM's, applied in backward)
+        if fused is not None:
             optimizers["fused"] = fused
         return optimizers
 
@@ -685,6 +685,17 @@ class Trainer:
             n_batches = -(-sum(len(train[t.name]) for t in self.tasks) // cfg.batch_size)
         else:
             n_batches = train.num_batches(cfg.batch_size)
+        if dist is not None and dist.world_size > 1:
+            fewest, most = over_ranks(n_batches, dist, "min"), over_ranks(n_batches, dist, "max")
+            if fewest == 0:
+                units = len(getattr(train, "units", ()))
+                raise ValueError(
+                    f"a rank of {dist.world_size} has no training batch: the train split has {units or 'too few'} "
+                    "units (Parquet row groups or CSV files) for the ranks x data.num_workers readers; write the "
+                    "files with smaller row groups (mtrec-data synthetic --row-group-size), or set data.in_memory=true"
+                )
+            if most > fewest and self.is_main:
+                log.info("ranks have %d to %d batches an epoch; each epoch takes %d steps", fewest, most, fewest)
         # torchrun restarted this worker after a failure: continue from the last checkpoint (no flag needed)
         resume = cfg.resume or (dist is not None and dist.restarted)
         if resume and self.load_last():

@@ -234,9 +234,11 @@ def test_in_memory_holds_the_tensors_the_stream_gives(tmp_path: Path) -> None:
         for key in a.sparse.keys():
             assert torch.equal(a.sparse[key].values(), kjt[key].values())
             assert torch.equal(a.sparse[key].lengths(), kjt[key].lengths())
-    # a rank without rows of a small split holds an empty dataset with the schema's columns
+    # every rank holds the whole split (each takes its part of every global batch); no unit: no rows, same columns
     val = streamed.val
-    empty = FileDataset(val.units[:1], val.schema, val.stats, rank=1, world_size=2).materialize()
+    whole = FileDataset(val.units, val.schema, val.stats, rank=1, world_size=2).materialize()
+    assert torch.equal(whole.dense, held.val.dense)
+    empty = FileDataset([], val.schema, val.stats).materialize()
     assert len(empty) == 0 and empty.dense.shape == (0, 3)
     assert empty.batch(torch.arange(0)).sparse.keys() == ["user_id", "item", "history"]
 

@@ -782,10 +782,11 @@ class FileDataset:
         return -(-sum(u.num_rows for u in self.units) // self.world_size)
 
     def materialize(self, progress: bool = False) -> TabularDataset:
-        """This rank's rows, in file order, as column tensors (what ``load_files(in_memory=True)`` holds)."""
-        mine = self.units[self.rank :: self.world_size]
+        """Every row of the split, in file order, as column tensors (what ``load_files(in_memory=True)`` holds; with
+        several ranks each holds them all and takes its part of every global batch, ``mtrec.distributed.RankShard``).
+        """
         parts = []
-        for unit in tqdm(mine, desc="reading", unit="chunk", disable=not progress, leave=False):
+        for unit in tqdm(self.units, desc="reading", unit="chunk", disable=not progress, leave=False):
             for table, offset in read_chunks(unit, self.schema):
                 parts.append(self.encoder.encode(table, unit, offset)[0])
         return concat(parts) if parts else _empty(self.schema)
