@@ -53,7 +53,7 @@ def _config(weighting: str, gradient: str, batch_size: int, sharding: str):
         )
 
 
-def _train(rank: int, world: int, tmp: str, sharding: str) -> dict:
+def _train(rank: int, world: int, tmp: str, sharding: str, cases: list[tuple[str, str]]) -> dict:
     """Each case: STEPS steps of ``world`` ranks at ``ROWS_PER_RANK_STEP * 2 / world`` rows each (one global batch
     of 64 rows a step), then one validation pass; returns the gathered weights, the weighting state, the metrics."""
     from mtrec.distributed import RankShard, init_distributed, lockstep
@@ -64,7 +64,7 @@ def _train(rank: int, world: int, tmp: str, sharding: str) -> dict:
     ctx = init_distributed("cpu")
     assert ctx is not None and ctx.world_size == world
     out = {}
-    for weighting, gradient in CASES:
+    for weighting, gradient in cases:
         cfg = _config(weighting, gradient, ROWS_PER_RANK_STEP * 2 // world, sharding)
         bundle = load_data(cfg.data)
         training = build_training(cfg, Path(tmp) / f"{weighting}-{gradient}-{world}", bundle, dist=ctx)
@@ -86,11 +86,18 @@ def _train(rank: int, world: int, tmp: str, sharding: str) -> dict:
     return out
 
 
-@pytest.mark.parametrize("sharding", ["table_wise", "column_wise"])
-def test_two_ranks_on_half_batches_equal_one_rank_on_the_whole_batch(tmp_path: Path, sharding: str) -> None:
-    one = run_ranks(_train, 1, str(tmp_path / "one"), sharding, timeout=240)[0]
-    two = run_ranks(_train, 2, str(tmp_path / "two"), sharding, timeout=240)
-    for case in CASES:
+# every case table-wise; column-wise (each table split over both ranks) for a stateful weighting and a method
+@pytest.mark.parametrize(
+    ("sharding", "cases"),
+    [("table_wise", CASES), ("column_wise", [("uncertainty", "none"), ("equal", "pcgrad")])],
+    ids=["table_wise", "column_wise"],
+)
+def test_two_ranks_on_half_batches_equal_one_rank_on_the_whole_batch(
+    tmp_path: Path, sharding: str, cases: list[tuple[str, str]]
+) -> None:
+    one = run_ranks(_train, 1, str(tmp_path / "one"), sharding, cases, timeout=240)[0]
+    two = run_ranks(_train, 2, str(tmp_path / "two"), sharding, cases, timeout=240)
+    for case in cases:
         ref, r0, r1 = one[case], two[0][case], two[1][case]
         assert ref["steps"] == r0["steps"] == r1["steps"] == STEPS
         assert r1["weights"] is None  # gathered on rank 0 only
