@@ -13,17 +13,21 @@ import argparse
 import asyncio
 import logging
 import math
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
 from mtl.cli import debugging
-from serving.options import ServerOptions
+from serving.options import CONTROL_MODES, ServerOptions
 from serving.repository import RepositoryError, check_repository
 from serving.server import ListenError, serve
 
 PROG = "mtlib-serve"
+TOKEN_ENV = "MTLIB_CONTROL_TOKEN"
+_LOCAL = ("127.0.0.1", "localhost", "::1")
+log = logging.getLogger("mtlib.serve")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -89,6 +93,18 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["builtin", "aiohttp"],
         help="HTTP implementation: the built-in HTTP/1.1 protocol (lower overhead) or aiohttp",
     )
+    parser.add_argument(
+        "--model-control-mode",
+        default="none",
+        choices=list(CONTROL_MODES),
+        help="none: serve the repository as loaded at start, refuse load/unload (default); poll: also rescan it "
+        "every --repository-poll-secs; explicit: enable the load/unload API",
+    )
+    parser.add_argument(
+        "--control-token",
+        default=None,
+        help=f"with explicit: load/unload requests must send it (Authorization: Bearer TOKEN); default ${TOKEN_ENV}",
+    )
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return parser
 
@@ -121,7 +137,15 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerOptions, str]:
         inline_max_us=args.inline_max_us,
         http_server=args.http_server,
         keepalive_timeout_s=args.keepalive_timeout,
+        model_control_mode=args.model_control_mode,
+        control_token=args.control_token if args.control_token is not None else os.environ.get(TOKEN_ENV) or None,
     )
+    if options.model_control_mode == "explicit" and options.control_token is None and options.host not in _LOCAL:
+        log.warning(
+            "--model-control-mode explicit on %s without --control-token: anyone who reaches the port can load and "
+            "unload models",
+            options.host,
+        )
     return options, args.log_level
 
 

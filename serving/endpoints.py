@@ -25,6 +25,7 @@ tensor extensions, so an unmodified ``tritonclient.http.InferenceServerClient`` 
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 import time
@@ -81,6 +82,16 @@ def _json_reply(payload: Any, status: int = 200) -> Reply:
     return Reply(status, json_dumps(payload).encode())
 
 
+def control_token(headers: Any) -> str | None:
+    """The model-control token a request carries: ``Authorization: Bearer <token>`` or ``mtlib-control-token``."""
+    get = headers.get if hasattr(headers, "get") else dict(headers).get
+    auth = get("authorization") or get("Authorization")
+    if isinstance(auth, str) and auth[:7].lower() == "bearer ":
+        return auth[7:].strip()
+    token = get("mtlib-control-token") or get("Mtlib-Control-Token")
+    return token.strip() if isinstance(token, str) else None
+
+
 def error_reply(message: str, status: int) -> Reply:
     """``{"error": message}`` with ``status``, the answer to every failed request."""
     return Reply(status, error_body(message))
@@ -109,6 +120,8 @@ class InferenceService:
         self.manager = manager
         self.metrics = manager.metrics
         self.max_body = options.max_body_size
+        self.control_mode = options.model_control_mode
+        self._control_token = options.control_token
         self.in_flight = 0
         self.stopping = False
         self._server_metadata = json_dumps(
@@ -120,7 +133,7 @@ class InferenceService:
         try:
             if path.startswith("/v2/models/"):
                 return await self._model_endpoint(method, path, headers, body)
-            return await self._other_endpoint(method, path, body)
+            return await self._other_endpoint(method, path, headers, body)
         except InferenceError as err:
             return error_reply(str(err), err.status)
         except Exception as err:
@@ -155,7 +168,25 @@ class InferenceService:
             meta["versions"] = [str(v) for v in self.manager.ready_versions(name)]
         return _json_reply(meta)
 
-    async def _other_endpoint(self, method: str, path: str, body: bytes) -> Reply:
+    def check_control(self, token: str | None) -> None:
+        """Refuse (403) a load or unload request unless the server runs with ``model_control_mode=explicit`` and the
+        request carries the control token (when one is set). Both protocols call it."""
+        if self.control_mode != "explicit":
+            raise InferenceError(
+                f"model control is off (--model-control-mode {self.control_mode}); start the server with "
+                "--model-control-mode explicit to load and unload models through the API",
+                403,
+            )
+        expected = self._control_token
+        if expected is not None and not (token is not None and hmac.compare_digest(token.encode(), expected.encode())):
+            what = "no control token" if not token else "a wrong control token"
+            raise InferenceError(
+                f"load/unload refused: the request carries {what} (send 'Authorization: Bearer <token>' or "
+                "'mtlib-control-token: <token>')",
+                403,
+            )
+
+    async def _other_endpoint(self, method: str, path: str, headers: Any, body: bytes) -> Reply:
         path = path.rstrip("/") or "/"
         if path.startswith("/v2/repository/"):
             parts = path[15:].split("/")
@@ -169,6 +200,7 @@ class InferenceService:
             if len(parts) == 3 and parts[0] == "models" and parts[1] and parts[2] in ("load", "unload"):
                 if method != "POST":
                     return self._not_allowed(method, path, "POST")
+                self.check_control(control_token(headers))
                 params = _json_params(body, parts[2])
                 if parts[2] == "unload":
                     await self.manager.unload(parts[1])

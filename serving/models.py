@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,19 @@ from serving.repository import (
 from serving.sessions import check_model_io, create_session, make_runner, warm_up
 
 log = logging.getLogger("mtlib.serve")
+
+
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}")
+
+
+def check_model_name(name: str) -> None:
+    """A model name from a request names a directory of the repository and nothing else: 1-128 of letters, digits,
+    ``_``, ``.`` and ``-``, not starting with a dot (no ``..``, no ``/``), else 400."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        shown = name if isinstance(name, str) and len(name) <= 64 else f"{str(name)[:64]}..."
+        raise InferenceError(
+            f"invalid model name {shown!r}: 1-128 letters, digits, '_', '.' or '-', not starting with '.'", 400
+        )
 
 
 def _file_id(path: Path) -> tuple[int, int, int] | None:
@@ -228,10 +242,10 @@ class ModelManager:
     # ---- lifecycle
 
     async def start(self) -> None:
-        """Load everything in the repository, then poll it every ``poll_interval_s`` (if > 0)."""
+        """Load everything in the repository, then poll it every ``poll_interval_s`` (``options.polls``)."""
         await self.poll()
         self.started = True
-        if self.options.poll_interval_s > 0:
+        if self.options.polls:
             self._poller = asyncio.create_task(self._poll_forever())
 
     async def close(self) -> None:
@@ -266,6 +280,7 @@ class ModelManager:
 
     async def load(self, name: str) -> None:
         """Load (or reload) ``name`` now, retrying versions that failed before; 400 if no version serves."""
+        check_model_name(name)
         async with self._lock:
             if not (self.repository / name / CONFIG_FILE).is_file():
                 raise InferenceError(f"no model {name!r} in repository {self.repository} (no {name}/{CONFIG_FILE})")
@@ -279,6 +294,7 @@ class ModelManager:
 
     async def unload(self, name: str) -> None:
         """Stop routing to ``name``; returns once its in-flight requests have finished."""
+        check_model_name(name)
         async with self._lock:
             state = self._models.get(name)
             if state is None:

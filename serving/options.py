@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+CONTROL_MODES = ("none", "poll", "explicit")
+
 
 @dataclass
 class ServerOptions:
@@ -35,3 +37,23 @@ class ServerOptions:
     inline_max_us: float = 50.0
     """Run a batch on the event loop instead of a worker thread when the model version is otherwise idle and the
     batch is expected to take at most this long (see :mod:`serving.batching`); 0: always a worker thread."""
+    model_control_mode: str = "none"
+    """As Triton's ``--model-control-mode``: ``none`` (load the repository at start; no polling; load and unload
+    requests refused with 403 / PERMISSION_DENIED), ``poll`` (also rescan the repository every
+    ``poll_interval_s``; load/unload refused), ``explicit`` (the load/unload API enabled; the repository is polled
+    too when ``poll_interval_s`` > 0, unlike Triton)."""
+    control_token: str | None = None
+    """With ``explicit``: load/unload requests must carry it (``Authorization: Bearer <token>`` or the
+    ``mtlib-control-token`` header; gRPC metadata the same); ``None``: no token asked (bind to 127.0.0.1 then)."""
+
+    def __post_init__(self) -> None:
+        if self.model_control_mode not in CONTROL_MODES:
+            valid = ", ".join(CONTROL_MODES)
+            raise ValueError(f"model_control_mode must be one of {valid}, got {self.model_control_mode!r}")
+        if self.control_token is not None and not self.control_token:
+            raise ValueError("control_token must not be empty (give none to ask for no token)")
+
+    @property
+    def polls(self) -> bool:
+        """Whether the repository is rescanned (every ``poll_interval_s``)."""
+        return self.model_control_mode != "none" and self.poll_interval_s > 0

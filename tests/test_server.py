@@ -245,7 +245,13 @@ def repo(tmp_path_factory: pytest.TempPathFactory, models: Models) -> Path:
 def server(repo: Path) -> Iterator[Running]:
     running = Running(
         ServerOptions(
-            repo, host="127.0.0.1", port=0, max_body_size=MAX_BODY, poll_interval_s=POLL_S, shutdown_timeout_s=10
+            repo,
+            host="127.0.0.1",
+            port=0,
+            max_body_size=MAX_BODY,
+            poll_interval_s=POLL_S,
+            shutdown_timeout_s=10,
+            model_control_mode="explicit",  # these tests load, unload and swap versions
         )
     )
     yield running
@@ -981,9 +987,18 @@ def test_choose_providers() -> None:
         choose_providers(override, cpu_only)
 
 
-def test_cli_arguments(tmp_path: Path) -> None:
+def test_cli_arguments(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     options, level = parse_args(["--model-repository", str(tmp_path), "--port", "9000", "--repository-poll-secs", "0"])
     assert options.port == 9000 and options.poll_interval_s == 0 and level == "INFO"
+    assert options.model_control_mode == "none" and options.control_token is None and not options.polls
+    monkeypatch.setenv("MTLIB_CONTROL_TOKEN", "from-env")
+    options, _ = parse_args(["--model-repository", str(tmp_path), "--model-control-mode", "explicit"])
+    assert options.model_control_mode == "explicit" and options.control_token == "from-env"
+    argv = ["--model-repository", str(tmp_path), "--model-control-mode", "poll", "--control-token", "t"]
+    options, _ = parse_args(argv)
+    assert options.polls and options.control_token == "t"
+    with pytest.raises(SystemExit):
+        parse_args(["--model-repository", str(tmp_path), "--model-control-mode", "everything"])
     with pytest.raises(SystemExit):
         parse_args(["--model-repository", str(tmp_path / "missing")])
     with pytest.raises(SystemExit):
@@ -1149,3 +1164,83 @@ def test_sigterm_finishes_the_in_flight_request(tmp_path: Path, models: Models) 
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+# ------------------------------------------------------------------------------------------------ model control
+
+
+def c_ready(running: Running, name: str) -> bool:
+    return raw_http(running, "GET", f"/v2/models/{name}/ready")[0] == 200
+
+
+def _copy_repo(repo: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(repo, tmp_path / "repo"))
+
+
+def test_model_control_is_off_by_default_and_none_does_not_poll(repo: Path, models: Models, tmp_path: Path) -> None:
+    root = _copy_repo(repo, tmp_path)
+    running = Running(ServerOptions(root, host="127.0.0.1", port=0, poll_interval_s=POLL_S, shutdown_timeout_s=1))
+    try:
+        c = httpclient.InferenceServerClient(running.url)
+        for call in (c.load_model, c.unload_model):
+            with pytest.raises(InferenceServerException) as err:
+                call("tiny")
+            assert err.value.status() == "403" and "--model-control-mode" in err.value.message()
+        status, _, payload = raw_http(running, "POST", "/v2/repository/models/tiny/unload", b"{}")
+        assert status == 403 and "explicit" in json.loads(payload)["error"]
+        good_tiny_request(c, models.module_a)  # still serving
+        write_config(root, tiny_config("late"))  # a model written after start: mode none does not rescan
+        write_version(root, "late", 1, models.onnx_a)
+        time.sleep(5 * POLL_S)
+        assert not c.is_model_ready("late")
+        c.close()
+    finally:
+        running.stop()
+    running = Running(ServerOptions(root, host="127.0.0.1", port=0, poll_interval_s=POLL_S, shutdown_timeout_s=1,
+                                    model_control_mode="poll"))  # fmt: skip
+    try:
+        c = httpclient.InferenceServerClient(running.url)
+        write_config(root, tiny_config("later"))
+        write_version(root, "later", 1, models.onnx_a)
+        wait_for(lambda: c.is_model_ready("later"), what="poll mode to pick up a new model")
+        with pytest.raises(InferenceServerException) as err:
+            c.unload_model("later")
+        assert err.value.status() == "403"
+        c.close()
+    finally:
+        running.stop()
+
+
+def test_control_token_and_model_names(repo: Path, models: Models, tmp_path: Path) -> None:
+    root = _copy_repo(repo, tmp_path)
+    running = Running(ServerOptions(root, host="127.0.0.1", port=0, poll_interval_s=0, shutdown_timeout_s=1,
+                                    model_control_mode="explicit", control_token="s3cret"))  # fmt: skip
+    try:
+        c = httpclient.InferenceServerClient(running.url)
+        for headers, why in ((None, "no control token"), ({"Authorization": "Bearer nope"}, "wrong control token")):
+            with pytest.raises(InferenceServerException) as err:
+                c.unload_model("spare", headers=headers)
+            assert err.value.status() == "403" and why in err.value.message()
+        assert c.is_model_ready("spare")
+        c.unload_model("spare", headers={"Authorization": "Bearer s3cret"})
+        assert not c.is_model_ready("spare")
+        c.load_model("spare", headers={"mtlib-control-token": "s3cret"})
+        assert c.is_model_ready("spare")
+        good_tiny_request(c, models.module_a)
+        c.close()
+        auth = {"Authorization": "Bearer s3cret"}
+        (tmp_path / "outside").mkdir()
+        write_config(tmp_path / "outside", tiny_config("evil"))  # a config outside the repository
+        for name in ("..", ".hidden", "a" * 129, "sp%20ace", "%00", "%2e%2e"):
+            status, _, payload = raw_http(running, "POST", f"/v2/repository/models/{name}/load", b"{}", auth)
+            assert status == 400 and "invalid model name" in json.loads(payload)["error"], (name, payload)
+        for path in ("a/b", "..%2Foutside%2Fevil", "%2E%2E/outside/evil"):  # a slash, decoded or not: no such route
+            status, _, payload = raw_http(running, "POST", f"/v2/repository/models/{path}/load", b"{}", auth)
+            assert status == 404 and "no endpoint" in json.loads(payload)["error"], (path, payload)
+        assert not c_ready(running, "evil")
+        status, _, _ = raw_http(running, "GET", "/v2/health/ready")
+        assert status == 200  # and it keeps serving
+    finally:
+        running.stop()
