@@ -206,7 +206,7 @@ class HttpConnection(asyncio.Protocol):
         te = headers.get("transfer-encoding")
         if te is not None:
             if te.lower() != "chunked":
-                raise _BadRequest(501, f"Transfer-Encoding {te!r} is not supported; use chunked or Content-Length")
+                raise _BadRequest(400, f"Transfer-Encoding {te!r} is not supported; use chunked or Content-Length")
             if "content-length" in headers:
                 raise _BadRequest(400, "a request may not have both Transfer-Encoding and Content-Length")
             length = -1
