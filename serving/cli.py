@@ -60,6 +60,7 @@ def _number(
 # The numeric settings: flag, type (the range it checks), default, help.
 _NUMBERS = (
     ("--port", _number(int, 0, 65535, " (0 picks a free one)"), 8000, "HTTP port (default 8000; 0 picks a free one)"),
+    ("--grpc-port", _number(int, 0, 65535, " (0: no gRPC)"), 8001, "gRPC port (default 8001; 0: no gRPC)"),
     ("--intra-op-threads", _number(int, 0), 1, "ONNX Runtime intra-op threads per session"),
     ("--inter-op-threads", _number(int, 0), 1, "ONNX Runtime inter-op threads per session"),
     ("--max-body-size", _number(int, 1), 64 * 1024 * 1024, "largest request body in bytes (413 above)"),
@@ -129,6 +130,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerOptions, str]:
         model_repository=args.model_repository,
         host=args.host,
         port=args.port,
+        grpc_port=args.grpc_port,
         intra_op_threads=args.intra_op_threads,
         inter_op_threads=args.inter_op_threads,
         max_body_size=args.max_body_size,

@@ -20,6 +20,8 @@ class ServerOptions:
     model_repository: Path
     host: str = "0.0.0.0"
     port: int = 8000
+    grpc_port: int = 0
+    """gRPC port (:mod:`serving.grpc_server`); 0: no gRPC. ``mtlib-serve --grpc-port`` defaults to 8001."""
     intra_op_threads: int = 1
     """ONNX Runtime intra-op threads per session unless ``config.pbtxt`` sets ``intra_op_thread_count``."""
     inter_op_threads: int = 1

@@ -29,6 +29,7 @@ import logging
 import os
 import signal
 import socket
+from typing import TYPE_CHECKING
 
 from serving.endpoints import InferenceService
 from serving.http_aiohttp import AiohttpServer
@@ -36,6 +37,9 @@ from serving.http_builtin import BuiltinHttpServer
 from serving.metrics import MetricsRegistry
 from serving.models import ModelManager
 from serving.options import ServerOptions
+
+if TYPE_CHECKING:
+    from serving.grpc_server import GrpcServer
 
 log = logging.getLogger("mtlib.serve")
 
@@ -51,13 +55,15 @@ class ListenError(OSError):
     """The front end could not open its socket (the address is in use, the port needs privileges, the host is
     not this machine's): a problem with ``--host`` or ``--port``, said in one line with how to fix it."""
 
-    def __init__(self, host: str, port: int, err: OSError) -> None:
+    def __init__(self, host: str, port: int, err: OSError, flag: str = "--port") -> None:
         if isinstance(err, socket.gaierror):
             reason = err.strerror or str(err)
             hint = "unknown host: give --host an address or name of this machine (0.0.0.0 for all addresses)"
         else:  # asyncio words the bind error itself; the errno says it shorter
             reason = os.strerror(err.errno) if err.errno else str(err)
             hint = _LISTEN_HINTS.get(err.errno or 0, "check --host and --port")
+        if flag != "--port":
+            hint = hint.replace("--port", flag)
         super().__init__(f"cannot listen on {host}:{port}: {reason}; {hint}")
         self.errno = err.errno
 
@@ -75,6 +81,8 @@ class Server:
         self.service = InferenceService(self.manager, options)
         self.frontend: BuiltinHttpServer | AiohttpServer | None = None
         self.port: int | None = None
+        self.grpc: GrpcServer | None = None
+        self.grpc_port: int | None = None
 
     async def start(self) -> None:
         await self.manager.start()
@@ -88,13 +96,27 @@ class Server:
             await self.stop()
             raise ListenError(self.options.host, self.options.port, err) from err
         log.info("serving %s on http://%s:%d", self.options.model_repository, self.options.host, self.port)
+        if self.options.grpc_port:
+            from serving.grpc_server import GrpcServer  # grpcio and tritonclient[grpc] only when gRPC is on
+
+            self.grpc = GrpcServer(self.service, self.options)
+            try:
+                self.grpc_port = await self.grpc.start()
+            except OSError as err:
+                self.grpc = None
+                await self.stop()
+                raise ListenError(self.options.host, self.options.grpc_port, err, "--grpc-port") from err
+            log.info("serving gRPC on %s:%d", self.options.host, self.grpc_port)
 
     async def stop(self) -> None:
         """Refuse new connections, finish in-flight requests, then drain and release every model."""
         self.service.stopping = True
-        if self.frontend is not None:
-            await self.frontend.stop(self.options.shutdown_timeout_s)
-            self.frontend = None
+        timeout = self.options.shutdown_timeout_s
+        stopping = [self.frontend.stop(timeout)] if self.frontend is not None else []
+        if self.grpc is not None:
+            stopping.append(self.grpc.stop(timeout))
+        await asyncio.gather(*stopping)
+        self.frontend = self.grpc = None
         await self.manager.close()
         log.info("server stopped")
 
