@@ -32,6 +32,7 @@ log settings answer UNIMPLEMENTED.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import socket
@@ -73,6 +74,9 @@ _TYPED_FIELD = {
     "FP64": "fp64_contents",
     "BYTES": "bytes_contents",
 }
+
+STOP_LINGER_S = 0.1
+"""On stop, how long new calls are still received (and answered UNAVAILABLE) before the port closes."""
 
 _UNIMPLEMENTED = (
     "ModelStreamInfer",
@@ -214,6 +218,7 @@ class GrpcInferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     def __init__(self, service: InferenceService) -> None:
         self.service = service
         self.manager = service.manager
+        self.in_flight = 0
 
     async def _http(self, method: str, path: str, headers: dict[str, str] | None = None, body: bytes = b"") -> Any:
         reply = await self.service.handle(method, path, headers or {}, body)
@@ -336,8 +341,13 @@ class GrpcInferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 def _guard(method: Any) -> Any:
     """Run a servicer method, aborting with the status code its failure maps to."""
 
+    health = method.__name__ in ("ServerLive", "ServerReady")
+
     async def call(self: GrpcInferenceServicer, request: Any, context: Any) -> Any:
+        self.in_flight += 1
         try:
+            if self.service.stopping and not health:
+                raise _Abort(grpc.StatusCode.UNAVAILABLE, "server is shutting down; retry on another instance")
             return await method(self, request, context)
         except _Abort as err:
             await context.abort(err.code, str(err))
@@ -349,6 +359,8 @@ def _guard(method: Any) -> Any:
         except Exception as err:
             log.exception("unhandled error in gRPC %s", method.__name__)
             await context.abort(grpc.StatusCode.INTERNAL, f"internal server error: {type(err).__name__}: {err}")
+        finally:
+            self.in_flight -= 1
 
     call.__name__ = method.__name__
     return call
@@ -387,6 +399,7 @@ class GrpcServer:
         self.service = service
         self.options = options
         self._server: grpc.aio.Server | None = None
+        self._servicer = GrpcInferenceServicer(service)
 
     async def start(self) -> int:
         """Listen and return the port; raises ``OSError`` (with the errno of a plain bind) if it cannot."""
@@ -398,7 +411,7 @@ class GrpcServer:
                 ("grpc.so_reuseport", 0),  # a port in use is an error, not a shared port
             ]
         )
-        service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(GrpcInferenceServicer(self.service), server)
+        service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(self._servicer, server)
         host, port = self.options.host, self.options.grpc_port
         address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         try:
@@ -412,10 +425,19 @@ class GrpcServer:
         return bound
 
     async def stop(self, timeout: float) -> None:
-        """Refuse new calls (UNAVAILABLE), let in-flight ones finish for up to ``timeout`` seconds, then cancel."""
-        if self._server is not None:
-            await self._server.stop(timeout)
-            self._server = None
+        """Graceful: while in-flight calls finish (up to ``timeout`` seconds, and for at least ``STOP_LINGER_S``)
+        new ones are answered UNAVAILABLE (``service.stopping`` is set), then the server stops; calls still running
+        after ``timeout`` are cancelled. (A call that arrives as the port closes is cancelled by gRPC itself.)"""
+        if self._server is None:
+            return
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        deadline = start + timeout
+        linger = start + min(STOP_LINGER_S, timeout)  # calls already on the wire get UNAVAILABLE, not CANCELLED
+        while (self._servicer.in_flight or loop.time() < linger) and loop.time() < deadline:
+            await asyncio.sleep(0.005)
+        await self._server.stop(max(deadline - loop.time(), 0.0))
+        self._server = None
 
 
 def _bind_error(host: str, port: int) -> OSError:

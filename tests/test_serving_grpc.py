@@ -366,3 +366,44 @@ def test_grpc_port_in_use_and_off(tmp_path: Path, models: Models) -> None:
         assert off.server.grpc is None and off.server.grpc_port is None
     finally:
         off.stop()
+
+
+def test_cli_flag_and_graceful_stop(tmp_path: Path, models: Models) -> None:
+    from serving.cli import parse_args
+
+    assert parse_args(["--model-repository", str(tmp_path)])[0].grpc_port == 8001
+    assert parse_args(["--model-repository", str(tmp_path), "--grpc-port", "0"])[0].grpc_port == 0
+    with pytest.raises(SystemExit):
+        parse_args(["--model-repository", str(tmp_path), "--grpc-port", "70000"])
+
+    write_config(tmp_path, tiny_config("tiny"))
+    write_version(tmp_path, "tiny", 1, models.onnx_a)
+    running = Running(ServerOptions(tmp_path, host="127.0.0.1", port=0, grpc_port=free_port(), shutdown_timeout_s=5))
+    url = f"127.0.0.1:{running.server.grpc_port}"
+    rng = np.random.default_rng(8)
+    requests = [random_request(rng, 2) for _ in range(16)]
+
+    async def run() -> list[Any]:
+        c = grpcaio.InferenceServerClient(url)
+        try:
+            calls = []
+            for dense, ids in requests:
+                a = grpcaio.InferInput("dense", list(dense.shape), "FP32").set_data_from_numpy(dense)
+                b = grpcaio.InferInput("ids", list(ids.shape), "INT64").set_data_from_numpy(ids)
+                calls.append(c.infer("tiny", [a, b]))
+            pending = asyncio.gather(*calls, return_exceptions=True)
+            await asyncio.sleep(0.01)
+            await asyncio.get_running_loop().run_in_executor(None, running.stop)  # stop while requests are in flight
+            return await asyncio.wait_for(pending, 30)
+        finally:
+            await c.close()
+
+    answers = asyncio.run(run())
+    for (dense, ids), answer in zip(requests, answers, strict=True):
+        if isinstance(answer, InferenceServerException):  # refused at the door: UNAVAILABLE, never a broken answer
+            assert str(answer.status()) == "StatusCode.UNAVAILABLE", (answer.message(), answers)
+        else:
+            np.testing.assert_allclose(answer.as_numpy("y"), torch_outputs(models.module_a, dense, ids)[1], atol=1e-6)
+    with grpcclient.InferenceServerClient(url) as c:
+        got, _ = code_of(lambda: c.is_server_live(client_timeout=2))
+    assert got in ("UNAVAILABLE", "DEADLINE_EXCEEDED")
