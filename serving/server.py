@@ -97,8 +97,11 @@ class Server:
             raise ListenError(self.options.host, self.options.port, err) from err
         log.info("serving %s on http://%s:%d", self.options.model_repository, self.options.host, self.port)
         if self.options.grpc_port:
-            from serving.grpc_server import GrpcServer  # grpcio and tritonclient[grpc] only when gRPC is on
-
+            try:  # grpcio and tritonclient[grpc] only when gRPC is on
+                from serving.grpc_server import GrpcServer
+            except ImportError as err:
+                log.warning("gRPC is off: %s (pip install 'tritonclient[grpc]'; --grpc-port 0 says so)", err)
+                return
             self.grpc = GrpcServer(self.service, self.options)
             try:
                 self.grpc_port = await self.grpc.start()

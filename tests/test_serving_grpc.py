@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -348,7 +349,7 @@ def test_32_concurrent_async_requests_equal_single_answers(server: Running) -> N
         assert bitwise_equal(result.as_numpy("p"), p) and bitwise_equal(result.as_numpy("y"), y)
 
 
-def test_grpc_port_in_use_and_off(tmp_path: Path, models: Models) -> None:
+def test_grpc_port_in_use_and_off(tmp_path: Path, models: Models, monkeypatch: pytest.MonkeyPatch) -> None:
     from serving.server import ListenError
 
     write_config(tmp_path, tiny_config("tiny"))
@@ -366,6 +367,12 @@ def test_grpc_port_in_use_and_off(tmp_path: Path, models: Models) -> None:
         assert off.server.grpc is None and off.server.grpc_port is None
     finally:
         off.stop()
+    monkeypatch.setitem(sys.modules, "serving.grpc_server", None)  # grpcio / tritonclient[grpc] not installed
+    http_only = Running(ServerOptions(tmp_path, host="127.0.0.1", port=0, grpc_port=free_port(), shutdown_timeout_s=1))
+    try:
+        assert http_only.server.grpc is None and http_only.server.port
+    finally:
+        http_only.stop()
 
 
 def test_cli_flag_and_graceful_stop(tmp_path: Path, models: Models) -> None:
