@@ -414,12 +414,15 @@ class GrpcServer:
         service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(self._servicer, server)
         host, port = self.options.host, self.options.grpc_port
         address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        refused = _bind_error(host, port)  # before gRPC tries: its own failure is a C-core log line on stderr
+        if refused is not None:
+            raise refused
         try:
             bound = server.add_insecure_port(address)
         except RuntimeError as err:
-            raise _bind_error(host, port) from err
+            raise _bind_error(host, port) or OSError(str(err)) from err
         if not bound:
-            raise _bind_error(host, port)
+            raise _bind_error(host, port) or OSError(f"gRPC failed to bind {address}")
         await server.start()
         self._server = server
         return bound
@@ -440,8 +443,8 @@ class GrpcServer:
         self._server = None
 
 
-def _bind_error(host: str, port: int) -> OSError:
-    """Why gRPC could not bind, found by binding a plain socket there (gRPC itself only says that it failed)."""
+def _bind_error(host: str, port: int) -> OSError | None:
+    """Why gRPC cannot bind ``host:port``, found by binding a plain socket there (``None`` if that works)."""
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         family, kind, proto, _, addr = infos[0]
@@ -450,4 +453,4 @@ def _bind_error(host: str, port: int) -> OSError:
             probe.bind(addr)
     except OSError as err:
         return err
-    return OSError(f"gRPC failed to bind {host}:{port}")
+    return None

@@ -63,7 +63,7 @@ class ListenError(OSError):
             reason = os.strerror(err.errno) if err.errno else str(err)
             hint = _LISTEN_HINTS.get(err.errno or 0, "check --host and --port")
         if flag != "--port":
-            hint = hint.replace("--port", flag)
+            hint = hint.replace("--port", flag).replace("0 picks a free one", "0: none")
         super().__init__(f"cannot listen on {host}:{port}: {reason}; {hint}")
         self.errno = err.errno
 
