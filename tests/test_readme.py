@@ -13,6 +13,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 README_URL = "127.0.0.1:8000"
+README_GRPC_URL = "127.0.0.1:8001"
 
 
 def _blocks() -> list[str]:
@@ -77,7 +78,7 @@ def test_readme_serving_client_runs_against_mtlib_serve(tmp_path: Path) -> None:
         }
     )
 
-    port = _free_port()
+    port, grpc_port = _free_port(), _free_port()
     server = subprocess.Popen(
         [
             sys.executable,
@@ -89,6 +90,8 @@ def test_readme_serving_client_runs_against_mtlib_serve(tmp_path: Path) -> None:
             "127.0.0.1",
             "--port",
             str(port),
+            "--grpc-port",
+            str(grpc_port),
             "--log-level",
             "WARNING",
         ],
@@ -105,9 +108,15 @@ def test_readme_serving_client_runs_against_mtlib_serve(tmp_path: Path) -> None:
                 if time.time() > deadline or server.poll() is not None:
                     raise
                 time.sleep(0.1)
+        assert any("tritonclient.grpc" in code for code in clients), "README has no gRPC client example"
         for code in clients:
-            assert README_URL in code
-            ns = _run(code.replace(README_URL, f"127.0.0.1:{port}"))
+            if "tritonclient.grpc" in code:
+                assert README_GRPC_URL in code
+                code = code.replace(README_GRPC_URL, f"127.0.0.1:{grpc_port}")
+            else:
+                assert README_URL in code
+                code = code.replace(README_URL, f"127.0.0.1:{port}")
+            ns = _run(code)
             click = ns["result"].as_numpy("click")
             assert click.shape == (4, 1) and ((click > 0) & (click < 1)).all()  # probabilities of 4 rows
     finally:

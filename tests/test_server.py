@@ -1083,7 +1083,8 @@ def test_cli_port_in_use_and_mtlib_debug(tmp_path: Path) -> None:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        args = ["--model-repository", str(tmp_path), "--host", "127.0.0.1", "--port", str(port), "--log-level", "ERROR"]
+        args = ["--model-repository", str(tmp_path), "--host", "127.0.0.1", "--port", str(port), "--grpc-port", "0",
+                "--log-level", "ERROR"]  # fmt: skip
         done = _serve_cli(args)
     assert done.returncode == 2, done.stderr
     assert done.stderr.splitlines() == [
@@ -1113,6 +1114,8 @@ def test_sigterm_finishes_the_in_flight_request(tmp_path: Path, models: Models) 
             "--host",
             "127.0.0.1",
             "--port",
+            "0",
+            "--grpc-port",
             "0",
         ],
         stderr=subprocess.PIPE,
