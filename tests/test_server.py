@@ -206,6 +206,20 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> Models:
     return Models(module_a, module_b, onnx_a, onnx_b)
 
 
+def typed_and_text_configs() -> tuple[ModelConfig, ModelConfig]:
+    """The configs of ``typed_model()`` (FP16, INT32 and BOOL in and out) and ``text_model()`` (BYTES)."""
+    typed = ModelConfig(
+        "typed",
+        inputs=[TensorConfig("a", "FP16", (2,)), TensorConfig("b", "INT32", (2,)), TensorConfig("c", "BOOL", (2,))],
+        outputs=[TensorConfig("a2", "FP16", (2,)), TensorConfig("b2", "INT32", (2,)), TensorConfig("c2", "BOOL", (2,))],
+        max_batch_size=8,
+    )
+    text = ModelConfig(
+        "text", [TensorConfig("s", "BYTES", (1,))], [TensorConfig("s_out", "BYTES", (1,))], max_batch_size=8
+    )
+    return typed, text
+
+
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory: pytest.TempPathFactory, models: Models) -> Path:
     root = tmp_path_factory.mktemp("repo")
@@ -220,15 +234,7 @@ def repo(tmp_path_factory: pytest.TempPathFactory, models: Models) -> Path:
         write_config(root, cfg)
         for v, model in versions.items():
             write_version(root, cfg.name, v, model)
-    typed = ModelConfig(
-        "typed",
-        inputs=[TensorConfig("a", "FP16", (2,)), TensorConfig("b", "INT32", (2,)), TensorConfig("c", "BOOL", (2,))],
-        outputs=[TensorConfig("a2", "FP16", (2,)), TensorConfig("b2", "INT32", (2,)), TensorConfig("c2", "BOOL", (2,))],
-        max_batch_size=8,
-    )
-    text = ModelConfig(
-        "text", [TensorConfig("s", "BYTES", (1,))], [TensorConfig("s_out", "BYTES", (1,))], max_batch_size=8
-    )
+    typed, text = typed_and_text_configs()
     nobatch = ModelConfig(  # max_batch_size 0: dims are the whole shape, requests never concatenate
         "nobatch",
         inputs=[TensorConfig(n, t, (-1, 2)) for n, t in (("a", "FP16"), ("b", "INT32"), ("c", "BOOL"))],

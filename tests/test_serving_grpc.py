@@ -34,6 +34,7 @@ from test_server import (  # noqa: E402
     text_model,
     tiny_config,
     torch_outputs,
+    typed_and_text_configs,
     typed_model,
     write_version,
 )
@@ -41,7 +42,7 @@ from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc  #
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
 from serving.options import ServerOptions  # noqa: E402
-from serving.repository import ModelConfig, TensorConfig, write_config  # noqa: E402
+from serving.repository import write_config  # noqa: E402
 
 MAX_BODY = 1 << 20
 TOKEN = "s3cret"
@@ -67,15 +68,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, models: Models) -> Iterator
     for name in ("tiny", "spare"):
         write_config(root, tiny_config(name))
         write_version(root, name, 1, models.onnx_a)
-    typed = ModelConfig(
-        "typed",
-        inputs=[TensorConfig("a", "FP16", (2,)), TensorConfig("b", "INT32", (2,)), TensorConfig("c", "BOOL", (2,))],
-        outputs=[TensorConfig("a2", "FP16", (2,)), TensorConfig("b2", "INT32", (2,)), TensorConfig("c2", "BOOL", (2,))],
-        max_batch_size=8,
-    )
-    text = ModelConfig(
-        "text", [TensorConfig("s", "BYTES", (1,))], [TensorConfig("s_out", "BYTES", (1,))], max_batch_size=8
-    )
+    typed, text = typed_and_text_configs()
     for cfg, model in ((typed, typed_model()), (text, text_model())):
         write_config(root, cfg)
         write_version(root, cfg.name, 1, model)
