@@ -40,7 +40,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from mtl.parallel import DataParallel
-from mtrec.data.batch import Batch, FeatureSpec, TabularDataset, build_kjt
+from mtrec.data.batch import Batch, FeatureSpec, TabularDataset, build_kjt, epoch_order
 
 __all__ = [
     "DistContext",
@@ -207,10 +207,7 @@ class RankShard:
         if batch_size <= 0:
             raise ValueError(f"batch_size must be > 0, got {batch_size}")
         n, step = len(self.data), batch_size * self.world_size
-        if shuffle:  # the permutation TabularDataset.batches draws: one process at W x B sees the same batches
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-        else:
-            order = torch.arange(n)
+        order = epoch_order(n, shuffle, seed, epoch)  # TabularDataset.batches's: one process at W x B sees the same
         for b in range(start, self.num_batches(batch_size)):
             rows = torch.tensor_split(order[b * step : (b + 1) * step], self.world_size)[self.rank]
             yield self.data.batch(rows)
@@ -228,12 +225,6 @@ def filler_batch(features: FeatureSpec, labels: Iterable[str]) -> Batch:
     )
 
 
-def _all(flag: bool, ctx: DistContext, op: dist.ReduceOp.RedOpType) -> bool:
-    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=ctx.device if ctx.backend == "nccl" else "cpu")
-    dist.all_reduce(t, op=op)
-    return bool(t.item())
-
-
 def over_ranks(value: int, ctx: DistContext, op: str = "min") -> int:
     """The ``min`` (or ``max``) of an integer over the ranks."""
     t = torch.tensor([value], dtype=torch.int64, device=ctx.device if ctx.backend == "nccl" else "cpu")
@@ -249,7 +240,7 @@ def lockstep(items: Iterable[T], ctx: DistContext | None) -> Iterator[T]:
     it = iter(items)
     while True:
         item = next(it, None)
-        if not _all(item is not None, ctx, dist.ReduceOp.MIN):
+        if not over_ranks(int(item is not None), ctx, "min"):
             if item is not None:
                 log.info("rank %d: batches past the other ranks' last one are left out of this epoch", ctx.rank)
             return
@@ -265,7 +256,7 @@ def padded(items: Iterable[T], ctx: DistContext | None, filler: T) -> Iterator[t
     it = iter(items)
     while True:
         item = next(it, None)
-        if not _all(item is not None, ctx, dist.ReduceOp.MAX):
+        if not over_ranks(int(item is not None), ctx, "max"):
             return
         yield (item, True) if item is not None else (filler, False)
 

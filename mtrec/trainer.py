@@ -403,9 +403,7 @@ class Trainer:
             self.other_params,
             self.last_shared,
             clipped=replicated if dist is not None else list(model.parameters()),
-            replicated=[*replicated, *[p for p in self.other_params if id(p) not in {id(q) for q in replicated}]]
-            if dist is not None
-            else None,
+            replicated=[*replicated, *self.other_params] if dist is not None else None,  # the step drops repeats
         )
         # Per-task gradients through a cut graph (joint batches only; see TrainerConfig.cut_graph). Not with sharded
         # tables: the embedding leaves sit below the cut.

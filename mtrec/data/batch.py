@@ -106,6 +106,14 @@ def build_kjt(ids: Mapping[str, Tensor], lengths: Mapping[str, Tensor], keys: Se
     )
 
 
+def epoch_order(n: int, shuffle: bool, seed: int, epoch: int) -> Tensor:
+    """The row order of an epoch over ``n`` rows held in memory: a permutation seeded by ``(seed, epoch)`` only
+    (the same on resume, and for every rank of a distributed run), or ``0..n-1`` unshuffled."""
+    if not shuffle:
+        return torch.arange(n)
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+
+
 @dataclass
 class TabularDataset:
     """A dataset held as column tensors.
@@ -181,11 +189,7 @@ class TabularDataset:
         n = len(self)
         if batch_size <= 0:
             raise ValueError(f"batch_size must be > 0, got {batch_size}")
-        if shuffle:
-            g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-            order = torch.randperm(n, generator=g)
-        else:
-            order = torch.arange(n)
+        order = epoch_order(n, shuffle, seed, epoch)
         for b in range(start, self.num_batches(batch_size, drop_last)):
             yield self.batch(order[b * batch_size : (b + 1) * batch_size])
 
