@@ -17,10 +17,10 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from mtl.cli import debugging
-from serving.options import CONTROL_MODES, ServerOptions
+from serving.options import CONTROL_MODES, HTTP_SERVERS, ServerOptions
 from serving.repository import RepositoryError, check_repository
 from serving.server import ListenError, serve
 
@@ -91,8 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--http-server",
         default="builtin",
-        choices=["builtin", "aiohttp"],
-        help="HTTP implementation: the built-in HTTP/1.1 protocol (lower overhead) or aiohttp",
+        choices=list(HTTP_SERVERS),
+        help="HTTP implementation: the built-in HTTP/1.1 protocol (the fastest, measured in benchmarks/serving.py), "
+        "aiohttp, or uvicorn (an ASGI app on uvicorn with httptools); all run on uvloop when it is installed",
     )
     parser.add_argument(
         "--model-control-mode",
@@ -151,12 +152,23 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerOptions, str]:
     return options, args.log_level
 
 
+def _run(main: Any) -> None:
+    """``asyncio.run`` on uvloop's event loop when uvloop is installed (the ``serve`` extra brings it; every front
+    end and gRPC run on it, measured faster in ``benchmarks/serving.py``), else on asyncio's own."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main)
+    else:
+        uvloop.run(main)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console script ``mtlib-serve``."""
     options, level = parse_args(argv)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
-        asyncio.run(serve(options))
+        _run(serve(options))
     except ListenError as err:
         _user_error(err, str(err))
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 CONTROL_MODES = ("none", "poll", "explicit")
+HTTP_SERVERS = ("builtin", "aiohttp", "uvicorn")
 
 
 @dataclass
@@ -33,7 +34,8 @@ class ServerOptions:
     shutdown_timeout_s: float = 30.0
     """On SIGTERM/SIGINT, how long in-flight requests may take to finish."""
     http_server: str = "builtin"
-    """``builtin`` (:class:`~serving.http_builtin.HttpConnection`, the fast path) or ``aiohttp``."""
+    """``builtin`` (:class:`~serving.http_builtin.HttpConnection`, the fast path), ``aiohttp``, or ``uvicorn``
+    (:mod:`serving.http_asgi`: an ASGI app on uvicorn with httptools)."""
     keepalive_timeout_s: float = 75.0
     """Idle keep-alive connections are closed after this long (built-in HTTP server)."""
     inline_max_us: float = 50.0

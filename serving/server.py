@@ -10,7 +10,8 @@ The parts, each a module named by what it does:
 * :mod:`serving.models`: loaded versions and the manager that polls the repository and picks a version;
 * :mod:`serving.protocol`: Open Inference Protocol request parsing and response encoding (JSON and binary);
 * :mod:`serving.endpoints`: every endpoint, from ``(method, path, headers, body)`` to a reply;
-* :mod:`serving.http_builtin` (default) and :mod:`serving.http_aiohttp`: the HTTP front ends;
+* :mod:`serving.http_builtin` (default), :mod:`serving.http_aiohttp` and :mod:`serving.http_asgi` (uvicorn): the
+  HTTP front ends;
 * :mod:`serving.metrics`: the Prometheus ``/metrics`` counters.
 
 A request goes front end -> :class:`~serving.endpoints.InferenceService` -> :class:`~serving.models.ModelManager`
@@ -33,10 +34,11 @@ from typing import TYPE_CHECKING
 
 from serving.endpoints import InferenceService
 from serving.http_aiohttp import AiohttpServer
+from serving.http_asgi import UvicornServer
 from serving.http_builtin import BuiltinHttpServer
 from serving.metrics import MetricsRegistry
 from serving.models import ModelManager
-from serving.options import ServerOptions
+from serving.options import HTTP_SERVERS, ServerOptions
 
 if TYPE_CHECKING:
     from serving.grpc_server import GrpcServer
@@ -73,13 +75,13 @@ class Server:
     gracefully. Use it from an event loop (:func:`serve` runs in one; tests may run it in a thread)."""
 
     def __init__(self, options: ServerOptions) -> None:
-        if options.http_server not in ("builtin", "aiohttp"):
-            raise ValueError(f"http_server must be 'builtin' or 'aiohttp', got {options.http_server!r}")
+        if options.http_server not in HTTP_SERVERS:
+            raise ValueError(f"http_server must be one of {', '.join(HTTP_SERVERS)}, got {options.http_server!r}")
         self.options = options
         self.metrics = MetricsRegistry()
         self.manager = ModelManager(options, self.metrics)
         self.service = InferenceService(self.manager, options)
-        self.frontend: BuiltinHttpServer | AiohttpServer | None = None
+        self.frontend: BuiltinHttpServer | AiohttpServer | UvicornServer | None = None
         self.port: int | None = None
         self.grpc: GrpcServer | None = None
         self.grpc_port: int | None = None
@@ -88,6 +90,8 @@ class Server:
         await self.manager.start()
         if self.options.http_server == "aiohttp":
             self.frontend = AiohttpServer(self.service, self.options)
+        elif self.options.http_server == "uvicorn":
+            self.frontend = UvicornServer(self.service, self.options)
         else:
             self.frontend = BuiltinHttpServer(self.service, self.options)
         try:

@@ -640,7 +640,11 @@ def test_http_expect_100_continue(server: Running, models: Models) -> None:
     sock.close()
 
 
-def test_aiohttp_front_end(repo: Path, models: Models) -> None:
+@pytest.mark.parametrize("front_end", ["aiohttp", "uvicorn"])
+def test_library_front_ends(repo: Path, models: Models, front_end: str) -> None:
+    """The same service behind aiohttp and behind uvicorn (serving.http_asgi): inference in binary and JSON,
+    a 400 naming the expected shape, a 413 for a body over the limit."""
+    pytest.importorskip(front_end)
     running = Running(
         ServerOptions(
             repo,
@@ -648,7 +652,7 @@ def test_aiohttp_front_end(repo: Path, models: Models) -> None:
             port=0,
             max_body_size=MAX_BODY,
             poll_interval_s=0,
-            http_server="aiohttp",
+            http_server=front_end,
             shutdown_timeout_s=1,
         )
     )
