@@ -69,7 +69,7 @@ _NUMBERS = (
     (
         "--inline-max-us",
         _number(float, 0),
-        50.0,
+        200.0,
         "run a batch on the event loop when the model is idle and it should take at most this many "
         "microseconds (saves two thread hand-offs); 0: always in a worker thread",
     ),

@@ -38,7 +38,7 @@ class ServerOptions:
     (:mod:`serving.http_asgi`: an ASGI app on uvicorn with httptools)."""
     keepalive_timeout_s: float = 75.0
     """Idle keep-alive connections are closed after this long (built-in HTTP server)."""
-    inline_max_us: float = 50.0
+    inline_max_us: float = 200.0
     """Run a batch on the event loop instead of a worker thread when the model version is otherwise idle and the
     batch is expected to take at most this long (see :mod:`serving.batching`); 0: always a worker thread."""
     model_control_mode: str = "none"
