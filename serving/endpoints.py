@@ -29,15 +29,18 @@ import hmac
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from serving.batching import BatcherClosed
 from serving.metrics import CONTENT_TYPE
-from serving.models import ModelManager
+from serving.models import ModelManager, ModelVersion
 from serving.options import ServerOptions
 from serving.protocol import (
     InferenceError,
+    InferRequest,
+    Signature,
     decompress,
     encode_infer_response,
     error_body,
@@ -238,29 +241,49 @@ class InferenceService:
 
     async def infer(self, name: str, version: str | None, headers: Any, body: bytes) -> Reply:
         """``POST /v2/models/{name}[/versions/{version}]/infer``."""
+        encoding = headers.get("content-encoding")
+        header_length = headers.get("inference-header-content-length")
+
+        def parse(sig: Signature) -> InferRequest:
+            raw = decompress(body, encoding, self.max_body) if encoding is not None else body
+            return parse_infer_request(raw, header_length, sig)
+
+        try:
+            payload, json_length = await self.run_infer(name, version, parse, _encode_http)
+        except InferenceError as err:
+            return error_reply(str(err), err.status)
+        if json_length is None:
+            return Reply(200, payload)
+        return Reply(200, payload, _BINARY, json_length)
+
+    async def run_infer(
+        self,
+        name: str,
+        version: str | None,
+        parse: Callable[[Signature], InferRequest],
+        encode: Callable[[ModelVersion, InferRequest, list[Any]], Any],
+    ) -> Any:
+        """One inference for either protocol: ``parse`` validates the request against the version's signature,
+        the version's dynamic batcher runs it, ``encode`` turns the output arrays into the protocol's answer
+        (returned). Counts the request in the version's statistics; failures raise :class:`InferenceError`
+        (404 unknown model or version, 400 bad request, 503 unloaded while waiting)."""
         start = time.perf_counter_ns()
         mv = self.manager.get(name, version)  # no await from here to the batcher: a retired version gets nothing new
         stats = mv.stats
         try:
-            encoding = headers.get("content-encoding")
-            if encoding is not None:
-                body = decompress(body, encoding, self.max_body)
-            req = parse_infer_request(body, headers.get("inference-header-content-length"), mv.signature)
+            req = parse(mv.signature)
             key = tuple(a.shape[1:] for a in req.inputs.values()) if mv.signature.variable else ()
             arrays, timing = await mv.batcher.infer(req.inputs, req.rows, req.outputs, key)
             out_start = time.perf_counter_ns()
-            datatypes = mv.datatypes
-            payload, json_length = encode_infer_response(
-                mv.name, mv.version_str, req.id, req.outputs, arrays, [datatypes[n] for n in req.outputs], req.binary
-            )
-        except InferenceError as err:
+            answer = encode(mv, req, arrays)
+        except InferenceError:
             stats.failure += 1
-            return error_reply(str(err), err.status)
+            raise
         except BatcherClosed:
             stats.failure += 1
-            return error_reply(
+            raise InferenceError(
                 f"model {mv.name!r} version {mv.version} was unloaded while the request waited; retry", 503
-            )
+            ) from None
         end = time.perf_counter_ns()
         stats.success += 1
         stats.count += req.rows
@@ -269,9 +292,14 @@ class InferenceService:
         stats.compute_infer_ns += timing[2]
         stats.compute_output_ns += end - out_start
         stats.request_ns += end - start
-        if json_length is None:
-            return Reply(200, payload)
-        return Reply(200, payload, _BINARY, json_length)
+        return answer
+
+
+def _encode_http(mv: ModelVersion, req: InferRequest, arrays: list[Any]) -> tuple[bytes, int | None]:
+    datatypes = mv.datatypes
+    return encode_infer_response(
+        mv.name, mv.version_str, req.id, req.outputs, arrays, [datatypes[n] for n in req.outputs], req.binary
+    )
 
 
 def _json_params(body: bytes, what: str) -> dict[str, Any]:

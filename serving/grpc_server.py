@@ -7,12 +7,12 @@ The service definitions are the ones ``tritonclient[grpc]`` ships (``tritonclien
 
 Every method reuses the HTTP code path rather than a copy of it:
 
-* ``ModelInfer`` turns the request into the HTTP request it stands for (a JSON header, the inputs of
+* ``ModelInfer`` turns the request into the decoded header of the HTTP request it stands for (the inputs of
   ``raw_input_contents`` as binary tensors with ``binary_data_size``, typed ``contents`` as JSON ``data``, every
-  requested output as a binary output) and calls :meth:`InferenceService.infer`, whose
-  :func:`~serving.protocol.parse_infer_request` validates names, datatypes, shapes and sizes with the same
-  messages; the binary outputs of the reply become ``raw_output_contents``. The answer is therefore the HTTP
-  path's, bit for bit.
+  requested output binary; no JSON text is written or parsed) and runs it through
+  :meth:`InferenceService.run_infer`, the HTTP path's own, whose :func:`~serving.protocol.parse_infer_header`
+  validates names, datatypes, shapes and sizes with the same messages; the output arrays go straight into
+  ``raw_output_contents``. The answer is therefore the HTTP path's, bit for bit.
 * ``ModelMetadata``, ``ModelConfig``'s routing, ``RepositoryModelLoad`` / ``Unload`` go through
   :meth:`InferenceService.handle` (load and unload hence through :meth:`InferenceService.check_control`, with
   the token from the metadata ``authorization: Bearer <token>`` or ``mtlib-control-token``).
@@ -36,16 +36,25 @@ import asyncio
 import json
 import logging
 import socket
+from collections.abc import Callable
 from typing import Any
 
 import grpc
+import numpy as np
 from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 
 from serving.endpoints import InferenceService, Reply
 from serving.models import check_model_name
 from serving.options import ServerOptions
-from serving.protocol import InferenceError, json_dumps
+from serving.protocol import (
+    InferenceError,
+    InferRequest,
+    Signature,
+    bytes_to_binary,
+    json_dumps,
+    parse_infer_header,
+)
 from serving.repository import format_config
 
 log = logging.getLogger("mtlib.serve")
@@ -153,9 +162,10 @@ def _typed_data(tensor: Any) -> list[Any]:
     return out
 
 
-def infer_body(request: Any) -> tuple[bytes, dict[str, str]]:
-    """The HTTP inference request (body, headers) a ``ModelInferRequest`` stands for: raw inputs as binary
-    tensors, typed contents as JSON data, every output requested in binary."""
+def infer_header(request: Any) -> tuple[dict[str, Any], bytes]:
+    """The decoded JSON header and binary body of the HTTP inference request a ``ModelInferRequest`` stands for:
+    raw inputs as binary tensors (``binary_data_size``), typed contents as JSON ``data``, every output binary.
+    :func:`serving.protocol.parse_infer_header` validates it with the HTTP path's rules and messages."""
     raw = request.raw_input_contents
     inputs = request.inputs
     if raw and len(raw) != len(inputs):
@@ -166,7 +176,7 @@ def infer_body(request: Any) -> tuple[bytes, dict[str, str]]:
     items: list[dict[str, Any]] = []
     for i, tensor in enumerate(inputs):
         item: dict[str, Any] = {"name": tensor.name, "datatype": tensor.datatype, "shape": list(tensor.shape)}
-        if "shared_memory_region" in tensor.parameters:
+        if tensor.parameters and "shared_memory_region" in tensor.parameters:
             raise InferenceError(f"input {tensor.name!r}: shared memory is not supported by this server; send the data")
         if raw:
             if tensor.HasField("contents"):
@@ -182,33 +192,34 @@ def infer_body(request: Any) -> tuple[bytes, dict[str, str]]:
         outputs = []
         for out in request.outputs:
             params: dict[str, Any] = {"binary_data": True}
-            for key in ("shared_memory_region", "classification"):
-                if key in out.parameters:
-                    params[key] = True
+            if out.parameters:
+                for key in ("shared_memory_region", "classification"):
+                    if key in out.parameters:
+                        params[key] = True
             outputs.append({"name": out.name, "parameters": params})
         header["outputs"] = outputs
     else:
         header["parameters"] = {"binary_data_output": True}
-    head = json_dumps(header).encode()
-    body = b"".join([head, *raw]) if raw else head
-    return body, {"inference-header-content-length": str(len(head))}
+    body = (raw[0] if len(raw) == 1 else b"".join(raw)) if raw else b""
+    return header, body
 
 
-def infer_response(reply: Reply) -> Any:
-    """The ``ModelInferResponse`` of a successful HTTP inference reply (every output binary)."""
-    body = reply.body
-    length = reply.header_length if reply.header_length is not None else len(body)
-    head = json.loads(bytes(body[:length]))
-    response = service_pb2.ModelInferResponse(model_name=head["model_name"], model_version=head["model_version"])
-    if "id" in head:
-        response.id = str(head["id"])
-    view = memoryview(body)
-    offset = length
-    for out in head["outputs"]:
-        response.outputs.add(name=out["name"], datatype=out["datatype"], shape=out["shape"])
-        size = out["parameters"]["binary_data_size"]
-        response.raw_output_contents.append(bytes(view[offset : offset + size]))
-        offset += size
+def _parse(request: Any) -> Callable[[Signature], InferRequest]:
+    header, body = infer_header(request)
+    return lambda sig: parse_infer_header(header, body, 0, sig)
+
+
+def _encode(mv: Any, req: InferRequest, arrays: list[np.ndarray]) -> Any:
+    """The ``ModelInferResponse`` of the output arrays: every output in ``raw_output_contents``."""
+    response = service_pb2.ModelInferResponse(model_name=mv.name, model_version=mv.version_str)
+    if req.id is not None:
+        response.id = str(req.id)
+    datatypes = mv.datatypes
+    raw = response.raw_output_contents
+    for name, arr in zip(req.outputs, arrays):
+        datatype = datatypes[name]
+        response.outputs.add(name=name, datatype=datatype, shape=arr.shape)
+        raw.append(bytes_to_binary(arr) if datatype == "BYTES" else np.ascontiguousarray(arr).tobytes())
     return response
 
 
@@ -304,11 +315,7 @@ class GrpcInferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def ModelInfer(self, request: Any, context: Any) -> Any:
         self._get(request.model_name, request.model_version)  # NOT_FOUND / UNAVAILABLE before decoding anything
-        body, headers = infer_body(request)
-        reply = await self.service.infer(request.model_name, request.model_version or None, headers, body)
-        if reply.status != 200:
-            raise _reply_error(reply)
-        return infer_response(reply)
+        return await self.service.run_infer(request.model_name, request.model_version or None, _parse(request), _encode)
 
     # ---- repository
 

@@ -158,6 +158,14 @@ def parse_infer_request(body: bytes, header_length: str | None, sig: Signature) 
         raise InferenceError(f"malformed JSON in the inference request: {err}") from None
     if type(header) is not dict:
         raise InferenceError(f"the inference request must be a JSON object, got {type(header).__name__}")
+    return parse_infer_header(header, body, json_end, sig)
+
+
+def parse_infer_header(header: dict[str, Any], body: bytes, json_end: int, sig: Signature) -> InferRequest:
+    """Validate an inference request whose JSON header is already decoded: ``body[json_end:]`` holds the binary
+    tensors its inputs' ``binary_data_size`` refer to, in input order. :func:`parse_infer_request` calls it;
+    the gRPC front end (:mod:`serving.grpc_server`) builds the header from the protobuf and calls it directly."""
+    size = len(body)
     raw_inputs = header.get("inputs")
     if type(raw_inputs) is not list or not raw_inputs:
         raise InferenceError("the inference request needs a non-empty list 'inputs'")
@@ -405,7 +413,7 @@ def encode_infer_response(
     for name, arr, datatype, as_binary in zip(names, arrays, datatypes, binary):
         shape = ",".join(map(str, arr.shape))
         if as_binary:
-            raw = _bytes_to_binary(arr) if datatype == "BYTES" else _contiguous(arr)
+            raw = bytes_to_binary(arr) if datatype == "BYTES" else _contiguous(arr)
             chunks.append(raw)
             parts.append(
                 f'{{"name":{_quote(name)},"datatype":"{datatype}","shape":[{shape}],'
@@ -435,7 +443,7 @@ def _contiguous(arr: np.ndarray) -> memoryview:
     return memoryview(arr).cast("B")
 
 
-def _bytes_to_binary(arr: np.ndarray) -> bytes:
+def bytes_to_binary(arr: np.ndarray) -> bytes:
     parts = []
     for v in arr.ravel():
         b = v if isinstance(v, bytes) else str(v).encode()
