@@ -26,8 +26,9 @@ Every method reuses the HTTP code path rather than a copy of it:
 A failed request is aborted with the status code of its HTTP status: 400 -> INVALID_ARGUMENT, 403 ->
 PERMISSION_DENIED, 404 -> NOT_FOUND (UNAVAILABLE when the model exists but serves no version now, e.g.
 unloaded), 413 -> RESOURCE_EXHAUSTED, 503 -> UNAVAILABLE; anything unexpected is logged and INTERNAL. Messages
-over ``--max-body-size`` are refused by gRPC itself with RESOURCE_EXHAUSTED. Streaming, shared memory, trace and
-log settings answer UNIMPLEMENTED.
+over ``--max-body-size`` are refused by gRPC itself with RESOURCE_EXHAUSTED. Shared memory, trace and
+log settings answer UNIMPLEMENTED. ``ModelStreamInfer`` runs each request of the stream as ``ModelInfer`` does,
+concurrently, answering each (or its ``error_message``) when ready.
 """
 
 from __future__ import annotations
@@ -88,7 +89,6 @@ STOP_LINGER_S = 0.1
 """On stop, how long new calls are still received (and answered UNAVAILABLE) before the port closes."""
 
 _UNIMPLEMENTED = (
-    "ModelStreamInfer",
     "SystemSharedMemoryStatus",
     "SystemSharedMemoryRegister",
     "SystemSharedMemoryUnregister",
@@ -314,8 +314,61 @@ class GrpcInferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     # ---- inference
 
     async def ModelInfer(self, request: Any, context: Any) -> Any:
+        return await self._infer(request)
+
+    async def _infer(self, request: Any) -> Any:
         self._get(request.model_name, request.model_version)  # NOT_FOUND / UNAVAILABLE before decoding anything
         return await self.service.run_infer(request.model_name, request.model_version or None, _parse(request), _encode)
+
+    async def ModelStreamInfer(self, request_iterator: Any, context: Any) -> Any:
+        """Triton's bidirectional stream: every request on it runs as ModelInfer does, concurrently (so requests
+        of one stream batch together), and its answer is sent when ready, matched by ``id``. A failed request
+        answers ``error_message`` (with the request's ``id`` and model) and the stream goes on."""
+        self.in_flight += 1
+        try:
+            if self.service.stopping:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "server is shutting down; retry on another instance")
+            answers: asyncio.Queue[Any] = asyncio.Queue()
+            reader = asyncio.ensure_future(self._read_stream(request_iterator, answers))
+            try:
+                while (answer := await answers.get()) is not None:
+                    yield answer
+            finally:
+                reader.cancel()
+        finally:
+            self.in_flight -= 1
+
+    async def _read_stream(self, request_iterator: Any, answers: asyncio.Queue[Any]) -> None:
+        running: set[asyncio.Future[None]] = set()
+
+        async def one(request: Any) -> None:
+            try:
+                answer = service_pb2.ModelStreamInferResponse(infer_response=await self._infer(request))
+            except InferenceError as err:
+                answer = self._stream_error(request, str(err))
+            except Exception as err:
+                log.exception("unhandled error in gRPC ModelStreamInfer")
+                answer = self._stream_error(request, f"internal server error: {type(err).__name__}: {err}")
+            await answers.put(answer)
+
+        try:
+            async for request in request_iterator:
+                task = asyncio.ensure_future(one(request))
+                running.add(task)
+                task.add_done_callback(running.discard)
+            if running:
+                await asyncio.gather(*running)
+        finally:
+            for task in running:
+                task.cancel()
+            await answers.put(None)
+
+    @staticmethod
+    def _stream_error(request: Any, message: str) -> Any:
+        response = service_pb2.ModelInferResponse(
+            model_name=request.model_name, model_version=request.model_version, id=request.id
+        )
+        return service_pb2.ModelStreamInferResponse(error_message=message, infer_response=response)
 
     # ---- repository
 

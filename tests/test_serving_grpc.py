@@ -283,8 +283,46 @@ def test_other_errors(stub: Any, client: Any) -> None:
     assert got == "INVALID_ARGUMENT" and "takes fp32_contents, got int_contents" in message
     got, message = code_of(lambda: client.get_model_metadata("nope"))
     assert got == "NOT_FOUND"
-    got, _ = code_of(lambda: stub.ModelStreamInfer(iter([_tiny_request()]), timeout=10).next())
+    got, _ = code_of(lambda: stub.SystemSharedMemoryStatus(service_pb2.SystemSharedMemoryStatusRequest(), timeout=10))
     assert got == "UNIMPLEMENTED"
+
+
+def test_model_stream_infer(client: Any, server: Running, models: Models) -> None:
+    """tritonclient.grpc's stream: every answer equals the HTTP answer to the same request, bit for bit, and the
+    torch model's; a bad request on the stream gets its error and the stream goes on."""
+    import queue
+
+    answers: queue.Queue[tuple[Any, Any]] = queue.Queue()
+    client.start_stream(callback=lambda result, error: answers.put((result, error)))
+    rng = np.random.default_rng(5)
+    sent = {}
+    try:
+        for i in range(8):
+            if i == 3:
+                bad = [
+                    grpcclient.InferInput("dense", [1, 4], "FP32").set_data_from_numpy(np.ones((1, 4), np.float32)),
+                    grpcclient.InferInput("ids", [1, 4], "INT64").set_data_from_numpy(np.zeros((1, 4), np.int64)),
+                ]
+                client.async_stream_infer("tiny", bad, request_id="bad")
+                continue
+            dense, ids = random_request(rng, 1 + i % 3)
+            sent[str(i)] = (dense, ids)
+            client.async_stream_infer("tiny", grpc_inputs(dense, ids), request_id=str(i))
+        got, errors = {}, []
+        for _ in range(8):
+            result, error = answers.get(timeout=30)
+            if error is not None:
+                errors.append(error.message())
+            else:
+                got[result.get_response().id] = (result.as_numpy("p"), result.as_numpy("y"))
+    finally:
+        client.stop_stream()
+    assert len(errors) == 1 and "'dense'" in errors[0] and "expected shape [-1, 3]" in errors[0], errors
+    assert sorted(got) == sorted(sent)
+    for key, (dense, ids) in sent.items():
+        p, y = http_answer(server, dense, ids)
+        assert np.array_equal(got[key][0], p) and np.array_equal(got[key][1], y)
+        np.testing.assert_allclose(got[key][1], torch_outputs(models.module_a, dense, ids)[1], atol=1e-6)
 
 
 def test_load_unload_need_the_token_and_statistics(client: Any, models: Models) -> None:
