@@ -74,6 +74,12 @@ _NUMBERS = (
         "microseconds (saves two thread hand-offs); 0: always in a worker thread",
     ),
     ("--keepalive-timeout", _number(float, 0.001), 75.0, "seconds before an idle keep-alive connection closes"),
+    (
+        "--request-timeout",
+        _number(float, 0.001),
+        10.0,
+        "seconds a partly received request may go without new bytes before it gets 408",
+    ),
 )
 
 
@@ -140,6 +146,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerOptions, str]:
         inline_max_us=args.inline_max_us,
         http_server=args.http_server,
         keepalive_timeout_s=args.keepalive_timeout,
+        request_timeout_s=args.request_timeout,
         model_control_mode=args.model_control_mode,
         control_token=args.control_token if args.control_token is not None else os.environ.get(TOKEN_ENV) or None,
     )

@@ -27,6 +27,11 @@ _REASONS = {status.value: status.phrase for status in HTTPStatus}
 _MAX_HEAD = 64 * 1024
 
 
+def _not_http(first: bytes) -> str:
+    hint = "a TLS handshake? this port speaks plain HTTP: use http://" if first == b"\x16" else "not an HTTP request"
+    return f"a request starts with its method, got byte {first!r} ({hint})"
+
+
 class _BadRequest(Exception):
     """A request refused at the HTTP level; ``remaining``: body bytes still to come, ``None`` if unknown."""
 
@@ -106,6 +111,22 @@ class HttpConnection(asyncio.Protocol):
         return self.busy and not self.linger  # half-open until the running request is answered, then close
 
     @property
+    def partial(self) -> bool:
+        """Part of a request received (head or body) and no request running: the client owes bytes."""
+        return not self.busy and not self.linger and (bool(self.buffer) or self.head is not None)
+
+    def time_out(self, seconds: float) -> None:
+        """408 for a request that stopped arriving, then close."""
+        what = "request head" if self.head is None else "request body"
+        message = (
+            f"incomplete {what}: no bytes for {seconds:g} s (--request-timeout); a head ends with an empty line, "
+            "a body has the Content-Length it declares or a last 0-size chunk"
+        )
+        self.buffer.clear()
+        self.head = None
+        self._refuse(_BadRequest(408, message, 0))
+
+    @property
     def idle(self) -> bool:
         """No request running and none partly received (a refused body being discarded does not count)."""
         return not self.busy and (not self.buffer or self.linger != 0)
@@ -143,13 +164,19 @@ class HttpConnection(asyncio.Protocol):
     def _parse(self) -> tuple[str, str, dict[str, str], bool, bytes] | None:
         buf = self.buffer
         if self.head is None:
-            while buf[:2] == b"\r\n":  # empty lines before a request line are ignored (RFC 9112, 2.2)
-                del buf[:2]
-            end = buf.find(b"\r\n\r\n", self.scan)
+            while buf[:1] == b"\n" or buf[:2] == b"\r\n":  # empty lines before a request are ignored (RFC 9112, 2.2)
+                del buf[: 1 if buf[:1] == b"\n" else 2]
+            if buf and not 0x41 <= (buf[0] | 0x20) - 0x20 <= 0x5A:  # a method starts with a letter
+                raise _BadRequest(400, _not_http(bytes(buf[:1])))
+            # the head ends with an empty line; a bare LF also ends a line (RFC 9112, 2.2)
+            end, stop = buf.find(b"\n\r\n", self.scan), 3
+            lf = buf.find(b"\n\n", self.scan, end if end >= 0 else len(buf))
+            if lf >= 0:
+                end, stop = lf, 2
             if end < 0:
                 if len(buf) > _MAX_HEAD:
                     raise _BadRequest(431, f"request head larger than {_MAX_HEAD} bytes")
-                self.scan = max(len(buf) - 3, 0)
+                self.scan = max(len(buf) - 2, 0)
                 return None
             if end > _MAX_HEAD:
                 raise _BadRequest(431, f"request head larger than {_MAX_HEAD} bytes")
@@ -157,9 +184,9 @@ class HttpConnection(asyncio.Protocol):
                 self.head, self.length = self._parse_head(bytes(buf[:end]))
             except _BadRequest as err:
                 if err.remaining is not None:  # part of the refused body may have arrived already
-                    err.remaining = max(err.remaining - (len(buf) - end - 4), 0)
+                    err.remaining = max(err.remaining - (len(buf) - end - stop), 0)
                 raise
-            del buf[: end + 4]
+            del buf[: end + stop]
             self.scan = 0
             self.continued = False
         method, path, headers, keep_alive = self.head
@@ -180,7 +207,12 @@ class HttpConnection(asyncio.Protocol):
         return method, path, headers, keep_alive, body
 
     def _parse_head(self, raw: bytes) -> tuple[tuple[str, str, dict[str, str], bool], int]:
-        lines = raw.decode("latin-1").split("\r\n")
+        lines = raw.decode("latin-1").split("\n")
+        for i, line in enumerate(lines):
+            if line.endswith("\r"):
+                line = lines[i] = line[:-1]
+            if "\r" in line:
+                raise _BadRequest(400, f"bare CR in the request head (lines end with CRLF or LF): {line[:100]!r}")
         request_line = lines[0].split(" ")
         if len(request_line) != 3 or not request_line[2].startswith("HTTP/1.") or not request_line[0].isalpha():
             raise _BadRequest(400, f"malformed HTTP request line {lines[0][:100]!r}")
@@ -339,14 +371,21 @@ class BuiltinHttpServer:
         return int(self._server.sockets[0].getsockname()[1])
 
     async def _sweep_idle(self) -> None:
-        """Close keep-alive connections idle for ``keepalive_timeout_s`` (one timer for all connections
-        instead of one per request)."""
+        """Close keep-alive connections idle for ``keepalive_timeout_s``, and answer 408 to a partly received
+        request with no new bytes for ``request_timeout_s`` (one timer for all connections instead of one per
+        request)."""
         timeout = self.options.keepalive_timeout_s
+        patience = self.options.request_timeout_s
         while True:
-            await asyncio.sleep(min(timeout, 5.0))
-            cutoff = self.loop.time() - timeout
+            await asyncio.sleep(min(timeout, patience / 2, 5.0))
+            now = self.loop.time()
             for conn in list(self.connections):
-                if not conn.busy and conn.last_active < cutoff and conn.transport is not None:
+                if conn.transport is None or conn.busy:
+                    continue
+                if conn.partial:
+                    if conn.last_active < now - patience:
+                        conn.time_out(patience)
+                elif conn.last_active < now - timeout:
                     conn.transport.close()
 
     async def stop(self, timeout: float) -> None:

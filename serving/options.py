@@ -38,6 +38,10 @@ class ServerOptions:
     (:mod:`serving.http_asgi`: an ASGI app on uvicorn with httptools)."""
     keepalive_timeout_s: float = 75.0
     """Idle keep-alive connections are closed after this long (built-in HTTP server)."""
+    request_timeout_s: float = 10.0
+    """A request partly received (head or body) with no new bytes for this long gets 408 and the connection
+    closes (built-in HTTP server), so a client that stops mid-request never holds a connection until the
+    keep-alive timeout."""
     inline_max_us: float = 200.0
     """Run a batch on the event loop instead of a worker thread when the model version is otherwise idle and the
     batch is expected to take at most this long (see :mod:`serving.batching`); 0: always a worker thread."""

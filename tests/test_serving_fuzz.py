@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -216,3 +217,49 @@ def test_deep_json_and_huge_heads_are_refused_not_crashed(server: Running) -> No
 )
 def test_complete_odd_requests_are_answered_without_waiting(server: Running, raw: bytes) -> None:
     check(server, raw, complete=True)
+
+
+@pytest.mark.parametrize(
+    ("raw", "status", "fragment", "prompt"),
+    [
+        (b"GET /v2/health/live HTTP/1.1\nHost: t\n\n", 200, b"", True),  # bare LF line ends (RFC 9112, 2.2)
+        (b"GET /v2/health/live HTTP/1.1\r\nHost: t\n\r\n", 200, b"", True),
+        (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\0" * 40, 400, b"TLS handshake", True),
+        (b"GET /v2/health/live HTTP/1.1\rHost: t\r\r", 408, b"incomplete request head", False),
+        (b"GET /v2/health/live HTTP/1.1\r\nHost: t\r\n", 408, b"incomplete request head", False),
+        (b"POST /v2/models/tiny/infer HTTP/1.1\r\nHost: t\r\nContent-Length: 10\r\n\r\nabc", 408, b"request body",
+         False),
+        (b"POST /v2/models/tiny/infer HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n", 408,
+         b"request body", False),
+        (b"GET /v2/health/live HTTP/1.1\r\nHost: t\r\nX-A: b\rc\r\n\r\n", 400, b"bare CR", True),
+    ],
+    ids=["lf", "mixed-lf", "tls", "cr-only", "head-stops", "body-stops", "chunks-stop", "bare-cr"],
+)  # fmt: skip
+def test_requests_that_stop_or_bend_the_framing_are_answered_in_bounded_time(
+    repo: Path, raw: bytes, status: int, fragment: bytes, prompt: bool  # noqa: F811 - the imported fixture
+) -> None:
+    """The client keeps its side open (as a stalled or odd client would): the answer comes at once for a complete
+    or unparseable request, and as a 408 after --request-timeout for one that stopped arriving, never only at the
+    keep-alive timeout (here 60 s)."""
+    running = Running(
+        ServerOptions(repo, host="127.0.0.1", port=0, poll_interval_s=0, shutdown_timeout_s=1,
+                      keepalive_timeout_s=60, request_timeout_s=0.5)
+    )  # fmt: skip
+    try:
+        with socket.create_connection(("127.0.0.1", running.server.port), timeout=10) as sock:
+            start = time.monotonic()
+            sock.sendall(raw)
+            answer = b""
+            while not _complete(answer):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                answer += chunk
+            waited = time.monotonic() - start
+        assert answer.startswith(b"HTTP/1.1 %d" % status), answer[:200]
+        assert fragment in answer, answer[:400]
+        assert waited < (1.0 if prompt else 5.0), waited
+        health = send(running, b"GET /v2/health/live HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        assert health.startswith(b"HTTP/1.1 200"), health[:200]
+    finally:
+        running.stop()
