@@ -357,7 +357,7 @@ def test_care_needs_metadata() -> None:
 
 
 def test_agent_registry() -> None:
-    assert set(AGENTS) == {"mt_sac", "multihead_sac", "care", "task_blind_sac"}
+    assert set(AGENTS) == {"mt_sac", "multihead_sac", "care", "moore", "task_blind_sac"}
     s = spec()
     for name, builder in AGENTS.items():
         agent = builder(s, hidden=[8])

@@ -1,10 +1,10 @@
 """Multi-task SAC agents: one SAC core (:mod:`mtrl.agents.sac`), networks with injected task encoders
 (:mod:`mtrl.agents.networks`, :mod:`mtrl.encoders`), and the named agents (:mod:`mtrl.agents.variants`):
-MT-SAC, multi-head SAC, CARE and the task-blind SAC baseline."""
+MT-SAC, multi-head SAC, CARE, MOORE and the task-blind SAC baseline."""
 
 from mtrl.agents.networks import EnvSpec, SquashedGaussianActor, TaskHead, TwinCritic, squashed_gaussian
 from mtrl.agents.sac import SAC, SACConfig, Transition
-from mtrl.agents.variants import AGENTS, build_agent, build_sac, care, mt_sac, multihead_sac, task_blind_sac
+from mtrl.agents.variants import AGENTS, build_agent, build_sac, care, moore, mt_sac, multihead_sac, task_blind_sac
 
 __all__ = [
     "AGENTS",
@@ -18,6 +18,7 @@ __all__ = [
     "build_agent",
     "build_sac",
     "care",
+    "moore",
     "mt_sac",
     "multihead_sac",
     "squashed_gaussian",

@@ -6,6 +6,7 @@ agent               encoder (actor and critic each have their own)        heads 
 ``mt_sac``          observation + task one-hot (:class:`OneHotEncoder`)   shared        one per task
 ``multihead_sac``   observation (:class:`IdentityEncoder`)                one per task  one per task
 ``care``            CARE mixture of encoders (:class:`CAREEncoder`)       shared        one per task
+``moore``           orthogonal experts (:class:`MOOREEncoder`)            shared        one per task
 ``task_blind_sac``  observation (:class:`IdentityEncoder`)                shared        one for all
 ==================  ====================================================  ============  ============
 
@@ -14,6 +15,8 @@ agent               encoder (actor and critic each have their own)        heads 
   temperature per task ("a separate alpha for each task", Meta-World Section 5.1).
 * CARE: Sodhani, Zhang & Pineau, "Multi-Task Reinforcement Learning with Context-based Representations"
   (ICML 2021).
+* MOORE: Hendawy, Peters & D'Eramo, "Multi-Task Reinforcement Learning with Mixture of Orthogonal Experts"
+  (ICLR 2024).
 * The task-blind agent sees neither the task index nor its metadata: on tasks that share observations
   it can only learn one behaviour for all of them (a lower bound).
 
@@ -32,12 +35,12 @@ from typing import TYPE_CHECKING, Any
 
 from mtrl.agents.networks import EnvSpec, SquashedGaussianActor, TwinCritic
 from mtrl.agents.sac import SAC, SACConfig, Strategies
-from mtrl.encoders import CAREEncoder, IdentityEncoder, OneHotEncoder, TaskEncoder
+from mtrl.encoders import CAREEncoder, IdentityEncoder, MOOREEncoder, OneHotEncoder, TaskEncoder
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
 
-__all__ = ["AGENTS", "build_agent", "build_sac", "care", "mt_sac", "multihead_sac", "task_blind_sac"]
+__all__ = ["AGENTS", "build_agent", "build_sac", "care", "moore", "mt_sac", "multihead_sac", "task_blind_sac"]
 
 EncoderFactory = Callable[[], TaskEncoder]
 
@@ -170,6 +173,43 @@ def care(
     )
 
 
+def moore(
+    spec: EnvSpec,
+    config: SACConfig | None = None,
+    *,
+    hidden: Sequence[int] = (256, 256),
+    num_experts: int = 4,
+    expert_hidden: Sequence[int] = (64,),
+    expert_dim: int = 64,
+    activation: str = "none",
+    **strategies: Unpack[Strategies],
+) -> SAC:
+    """MOORE (Hendawy et al. 2024): the :class:`~mtrl.encoders.MOOREEncoder` (``num_experts`` experts,
+    orthonormalised by Gram-Schmidt per row, mixed by per-task weights) feeds actor and critics; one temperature
+    per task."""
+
+    def encoder() -> TaskEncoder:
+        return MOOREEncoder(
+            spec.obs_dim,
+            spec.num_tasks,
+            num_experts=num_experts,
+            expert_hidden=expert_hidden,
+            expert_dim=expert_dim,
+            activation=activation,
+        )
+
+    return build_sac(
+        spec,
+        config,
+        encoder,
+        hidden=hidden,
+        multi_head=False,
+        per_task_temperature=True,
+        name="moore",
+        **strategies,
+    )
+
+
 def task_blind_sac(
     spec: EnvSpec,
     config: SACConfig | None = None,
@@ -194,6 +234,7 @@ AGENTS: dict[str, Callable[..., SAC]] = {
     "mt_sac": mt_sac,
     "multihead_sac": multihead_sac,
     "care": care,
+    "moore": moore,
     "task_blind_sac": task_blind_sac,
 }
 
