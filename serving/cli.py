@@ -98,8 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--http-server",
         default="builtin",
         choices=list(HTTP_SERVERS),
-        help="HTTP implementation: the built-in HTTP/1.1 protocol (the fastest, measured in benchmarks/serving.py), "
-        "aiohttp, or uvicorn (an ASGI app on uvicorn with httptools); all run on uvloop when it is installed",
+        help="HTTP implementation: the built-in HTTP/1.1 protocol (the default: as fast as uvicorn, more robust; "
+        "see the README), aiohttp, or uvicorn (an ASGI app on uvicorn with httptools); all run on uvloop when "
+        "installed",
     )
     parser.add_argument(
         "--model-control-mode",

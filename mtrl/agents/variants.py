@@ -1,4 +1,4 @@
-"""The named multi-task agents: one SAC core (:class:`~mtrl.agents.sac.SAC`), four ways to condition on the task.
+"""The named multi-task agents: one SAC core (:class:`~mtrl.agents.sac.SAC`), five ways to condition on the task.
 
 ==================  ====================================================  ============  ============
 agent               encoder (actor and critic each have their own)        heads         temperature
