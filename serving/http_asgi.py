@@ -15,7 +15,7 @@ import contextlib
 import socket
 from typing import Any
 
-from serving.endpoints import InferenceService, error_reply, too_large
+from serving.endpoints import LINGER_S, InferenceService, error_reply, too_large
 from serving.options import ServerOptions
 
 
@@ -46,6 +46,7 @@ class AsgiApp:
         declared = headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             reply = error_reply(too_large(limit, int(declared)), 413)
+            await _discard_body(receive)  # closing with the upload unread would reset it before the answer is read
         else:
             chunks: list[bytes] = []
             size = 0
@@ -58,6 +59,8 @@ class AsgiApp:
                 size += len(chunk)
                 if size > limit:
                     reply = error_reply(too_large(limit), 413)
+                    if message.get("more_body", False):
+                        await _discard_body(receive)
                     break
                 if chunk:
                     chunks.append(chunk)
@@ -77,6 +80,21 @@ class AsgiApp:
             out.append((b"connection", b"close"))  # the unread rest of the body is not waited for
         await send({"type": "http.response.start", "status": reply.status, "headers": out})
         await send({"type": "http.response.body", "body": payload})
+
+
+async def _discard_body(receive: Any) -> None:
+    """Read and drop the rest of a refused body, for at most ``LINGER_S`` seconds (as the built-in front end)."""
+
+    async def drain() -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect" or not message.get("more_body", False):
+                return
+
+    try:
+        await asyncio.wait_for(drain(), LINGER_S)
+    except asyncio.TimeoutError:
+        return
 
 
 class UvicornServer:
