@@ -21,6 +21,15 @@ use the same KL between task policies and a shared distilled policy as their tra
   test time: DAgger-style data, Ross et al. 2011). Actions are sampled from the acting policy. Visited states
   go to one ring buffer per task; every update draws ``batch_size`` states per task.
 
+* **The command** ``mtrl-distill`` (:mod:`mtrl.cli.distill`, ``configs/mtrl_distill.yaml``, :func:`distill_run`):
+  a teachers manifest (:func:`read_teacher_manifest`: :func:`train_teachers`' ``teachers.json``, or a JSON/YAML file
+  ``teachers: {task: run_dir}`` whose runs may be single-task runs or multi-task runs serving each task they
+  trained), validated with errors naming the file, task and key (:func:`load_manifest_teachers`); the student is an
+  :mod:`mtrl.agents` agent (``agent=``) whose actor :class:`PolicyDistiller` trains, checkpointed atomically and
+  resumable bit-identically (:meth:`PolicyDistiller.state_dict`: every env replays its current episode's actions);
+  the run ends with the student and every teacher evaluated on the same deterministic episodes
+  (``distill_eval.json``, :func:`mtrl.evaluate.evaluate`'s format for each side).
+
 The policy interface is a module mapping ``(obs [B, D], task [B] int64) -> (mean [B, A], log_std [B, A])``:
 :class:`mtrl.agents.SquashedGaussianActor` (an agent's ``.actor``) is one.
 
@@ -40,6 +49,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,14 +70,24 @@ from mtrl.evaluate import episode_seed
 from mtrl.runs import EVAL_FILE, LAST, load_run
 
 __all__ = [
+    "COMPARISON_FILE",
     "FORMAT",
     "MANIFEST",
+    "DistillTrainerConfig",
     "FrozenTeacher",
     "PolicyDistillConfig",
     "PolicyDistiller",
     "SingleTaskFamily",
+    "TeacherEntry",
+    "TeacherManifestError",
+    "check_distill_config",
+    "compare",
+    "distill_run",
+    "load_manifest_teachers",
     "load_teachers",
+    "read_teacher_manifest",
     "single_task_family",
+    "teacher_policy",
     "teachers_in_family_order",
     "train_teachers",
 ]
@@ -303,12 +323,14 @@ class PolicyDistiller:
         self.seed = int(seed)
         self.envs = [family.make_env(t) for t in range(k)]
         self.episode = np.zeros(k, dtype=np.int64)
+        self.actions: list[list[np.ndarray]] = [[] for _ in range(k)]  # of each env's current episode (resume)
         self.obs: list[np.ndarray] = [self._reset(t) for t in range(k)]
         self.updates = 0
 
     # ------------------------------------------------------------------ data
     def _reset(self, t: int) -> np.ndarray:
         obs, _ = self.envs[t].reset(seed=episode_seed(DISTILL_STREAM, self.seed, t, int(self.episode[t])))
+        self.actions[t] = []
         return np.asarray(obs["obs"], dtype=np.float32)
 
     def _store(self, t: int, obs: np.ndarray) -> None:
@@ -339,7 +361,9 @@ class PolicyDistiller:
                 visited = []
                 for _ in range(self.cfg.rollout_steps):
                     visited.append(self.obs[t])
-                    obs, _, terminated, truncated, _ = self.envs[t].step(self._sample_action(policy, self.obs[t], t))
+                    action = self._sample_action(policy, self.obs[t], t)
+                    obs, _, terminated, truncated, _ = self.envs[t].step(action)
+                    self.actions[t].append(np.array(action, copy=True))
                     if terminated or truncated:
                         self.episode[t] += 1
                         self.obs[t] = self._reset(t)
@@ -400,6 +424,14 @@ class PolicyDistiller:
         self.updates += 1
         return {k: float(v.detach()) for k, v in losses.items()}
 
+    def step(self) -> dict[str, float]:
+        """One iteration of :meth:`fit`: a collection round when the update count is a multiple of ``collect_every``
+        (a function of the count alone, so a resumed run collects where an uninterrupted one does), then
+        :meth:`update`; returns the per-task KL before the step."""
+        if self.updates % self.cfg.collect_every == 0:
+            self.collect()
+        return self.update()
+
     def fit(self, updates: int, log_every: int = 100) -> list[dict[str, Any]]:
         """``updates`` steps with a collection round every ``collect_every``; returns a record per
         ``log_every`` updates: ``{"update", "kl": {task: value}, "states": {task: n}}``."""
@@ -407,14 +439,76 @@ class PolicyDistiller:
             raise ValueError(f"updates must be >= 1, got {updates}")
         history: list[dict[str, Any]] = []
         for i in range(updates):
-            if self.updates % self.cfg.collect_every == 0:
-                self.collect()
-            kl = self.update()
+            kl = self.step()
             if self.updates % log_every == 0 or i == updates - 1:
                 history.append(
                     {"update": self.updates, "kl": kl, "states": dict(zip(self.task_names, self.size.tolist()))}
                 )
         return history
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """Everything :meth:`load_state_dict` needs to continue bit-identically: the student's weights, the optimiser,
+        the gradient method's state, the stored states (the filled part of each task's ring), the generators, and each
+        env's position (episode index and the actions of its current episode)."""
+        gradient_state = self.gradient.state_dict() if hasattr(self.gradient, "state_dict") else {}
+        return {
+            "updates": self.updates,
+            "seed": self.seed,
+            "task_names": list(self.task_names),
+            "student": self.student.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "gradient": gradient_state,
+            "states": [self.states[t, : int(self.size[t])].clone() for t in range(len(self.task_names))],
+            "size": self.size.copy(),
+            "pos": self.pos.copy(),
+            "rng": self.rng.bit_generator.state,
+            "generator": self.generator.get_state(),
+            "episode": self.episode.copy(),
+            "actions": [np.stack(a) if a else np.zeros((0, self.family.action_dim), np.float32) for a in self.actions],
+            "obs": np.stack(self.obs),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`: every env is reset with its episode seed and replays its current episode's
+        actions, and must reproduce the saved observation.
+
+        Raises:
+            ValueError: the state is of other tasks or another seed.
+            RuntimeError: an env does not reproduce its saved observation (not deterministic given seed and
+                actions, so the run cannot resume exactly).
+        """
+        if list(state["task_names"]) != list(self.task_names) or int(state["seed"]) != self.seed:
+            raise ValueError(
+                f"distiller state is for tasks {list(state['task_names'])} with seed {state['seed']}; this distiller "
+                f"has tasks {list(self.task_names)} and seed {self.seed} (resume with the run's own config)"
+            )
+        self.student.load_state_dict(state["student"])
+        self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
+        if hasattr(self.gradient, "load_state_dict") and state.get("gradient"):
+            self.gradient.load_state_dict(state["gradient"])
+        self.states.zero_()
+        for t, rows in enumerate(state["states"]):
+            self.states[t, : len(rows)] = rows
+        self.size = np.asarray(state["size"], dtype=np.int64).copy()
+        self.pos = np.asarray(state["pos"], dtype=np.int64).copy()
+        self.rng.bit_generator.state = state["rng"]
+        self.generator.set_state(state["generator"])
+        self.episode = np.asarray(state["episode"], dtype=np.int64).copy()
+        for t, env in enumerate(self.envs):
+            obs = self._reset(t)
+            for action in state["actions"][t]:
+                o, *_ = env.step(action)
+                obs = np.asarray(o["obs"], dtype=np.float32)
+                self.actions[t].append(np.array(action, copy=True))
+            if not np.array_equal(obs, state["obs"][t]):
+                raise RuntimeError(
+                    f"the env of task {self.task_names[t]!r} did not reproduce its saved observation after replaying "
+                    f"{len(self.actions[t])} actions: it is not deterministic given its seed and actions, so this "
+                    "distillation cannot resume exactly"
+                )
+            self.obs[t] = obs
+        self.updates = int(state["updates"])
 
     def close(self) -> None:
         for env in self.envs:
@@ -427,3 +521,407 @@ def teachers_in_family_order(teachers: Mapping[str, GaussianPolicy], family: Tas
     if missing:
         raise ValueError(f"no teacher for tasks {missing}; teachers: {sorted(teachers)}")
     return [teachers[n] for n in family.task_names]
+
+
+# ------------------------------------------------------------------------------------------ teacher manifests
+
+#: The keys an entry of a teachers manifest may hold (those :func:`train_teachers` writes; ``run_dir`` is required).
+TEACHER_KEYS = ("run_dir", "task", "checkpoint", "config", "agent", "success", "return")
+#: The top-level keys of a teachers manifest (``teachers`` is required).
+MANIFEST_KEYS = ("format", "seed", "env", "teachers")
+
+
+class TeacherManifestError(ValueError):
+    """A teachers manifest is missing, unreadable or wrong; the message names the file, the task and the key."""
+
+
+@dataclass(frozen=True)
+class TeacherEntry:
+    """One task's teacher in a manifest: the ``mtrl-train`` run directory (absolute) and the name of the task in that
+    run's family (the same name unless the entry says ``task: <name in the run>``)."""
+
+    task: str
+    run_dir: Path
+    task_in_run: str
+
+
+def read_teacher_manifest(path: str | Path) -> tuple[Path, dict[str, TeacherEntry]]:
+    """Read and validate a teachers manifest: the file, or a folder holding ``teachers.json``.
+
+    The manifest is JSON or YAML: :func:`train_teachers`' ``teachers.json`` (format :data:`FORMAT`), or a file a user
+    writes naming each task's teacher run::
+
+        teachers:
+          goal-0deg: runs/teacher-0                  # an mtrl-train run trained on that task alone
+          goal-90deg: {run_dir: runs/mt, task: goal-90deg}   # or a task of a multi-task run
+
+    Relative run directories are relative to the manifest's folder. Only the layout is checked here (the runs
+    themselves by :func:`load_manifest_teachers`).
+
+    Returns:
+        ``(manifest file, {task: TeacherEntry})``.
+
+    Raises:
+        TeacherManifestError: (a ``ValueError``) no manifest there, not JSON/YAML, not a mapping with a ``teachers``
+            mapping, another ``format``, an unknown key, or an entry without a ``run_dir``; naming the key.
+    """
+    import yaml
+
+    file = Path(path)
+    file = file / MANIFEST if file.is_dir() else file
+    if not file.is_file():
+        raise TeacherManifestError(
+            f"teachers={path}: no teachers manifest there; pass a JSON/YAML file naming each task's mtrl-train run "
+            "(teachers: {task: run_dir}) or the teachers.json of mtrl.distill.train_teachers"
+        )
+    try:
+        data = yaml.safe_load(file.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise TeacherManifestError(f"{file}: cannot read it as JSON or YAML ({first})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("teachers"), dict) or not data["teachers"]:
+        raise TeacherManifestError(
+            f"{file}: expected a mapping with a non-empty 'teachers' mapping of task -> run directory, got "
+            f"{type(data.get('teachers') if isinstance(data, dict) else data).__name__}"
+        )
+    unknown = sorted(str(k) for k in data if k not in MANIFEST_KEYS)
+    if unknown:
+        raise TeacherManifestError(f"{file}: unknown key {unknown[0]!r} (a manifest holds {', '.join(MANIFEST_KEYS)})")
+    if "format" in data and data["format"] != FORMAT:
+        raise TeacherManifestError(f"{file}: format {data['format']!r} is not an RL teachers manifest ({FORMAT!r})")
+    entries: dict[str, TeacherEntry] = {}
+    for task, entry in data["teachers"].items():
+        where = f"{file}: teachers.{task}"
+        if isinstance(entry, str):
+            entry = {"run_dir": entry}
+        if not isinstance(entry, dict):
+            raise TeacherManifestError(f"{where}: expected a run directory or a mapping with run_dir, got {entry!r}")
+        bad = sorted(str(k) for k in entry if k not in TEACHER_KEYS)
+        if bad:
+            raise TeacherManifestError(f"{where}: unknown key {bad[0]!r} (an entry holds {', '.join(TEACHER_KEYS)})")
+        run_dir = entry.get("run_dir")
+        if not isinstance(run_dir, str) or not run_dir:
+            raise TeacherManifestError(f"{where}.run_dir: missing; name the mtrl-train run directory of the teacher")
+        task_in_run = entry.get("task", task)
+        if not isinstance(task_in_run, str):
+            raise TeacherManifestError(f"{where}.task: expected a task name, got {task_in_run!r}")
+        resolved = Path(run_dir) if Path(run_dir).is_absolute() else file.parent / run_dir
+        entries[str(task)] = TeacherEntry(str(task), resolved, task_in_run)
+    return file, entries
+
+
+def load_manifest_teachers(
+    path: str | Path, family: TaskFamily, device: str = "cpu"
+) -> tuple[dict[str, FrozenTeacher], dict[str, TeacherEntry]]:
+    """The frozen teacher of every task of ``family`` (the student's), from a manifest (:func:`read_teacher_manifest`).
+
+    A single-task teacher (an ``mtrl-train`` run on :class:`SingleTaskFamily`, or any run whose family holds the
+    task) is queried at the task's index in its own run; a multi-task run serves every task it names.
+
+    Raises:
+        TeacherManifestError: a task of ``family`` has no teacher; a teacher's run directory is not an ``mtrl-train``
+            run with a checkpoint; its family has no task of that name; or its observation / action sizes differ from
+            the student's family.
+    """
+    from mtrl.runs import NotARunError
+
+    file, entries = read_teacher_manifest(path)
+    missing = [n for n in family.task_names if n not in entries]
+    if missing:
+        raise TeacherManifestError(
+            f"{file}: no teacher for tasks {missing} of the student's env (teachers: {sorted(entries)}); add them to "
+            "the manifest or pick a student env with only those tasks"
+        )
+    runs: dict[Path, Any] = {}
+    out: dict[str, FrozenTeacher] = {}
+    for name in family.task_names:
+        entry = entries[name]
+        key = entry.run_dir.resolve()
+        if key not in runs:
+            try:
+                runs[key] = load_run(entry.run_dir, device=device)
+            except NotARunError as err:
+                raise TeacherManifestError(f"{file}: teachers.{name}.run_dir: {err}") from None
+        run = runs[key]
+        names = list(run.family.task_names)
+        if entry.task_in_run not in names:
+            raise TeacherManifestError(
+                f"{file}: teachers.{name}: the run {entry.run_dir} trained tasks {names}, not {entry.task_in_run!r}; "
+                f"set teachers.{name}.task to the name that run gives the task"
+            )
+        dims = (run.family.obs_dim, run.family.action_dim)
+        if dims != (family.obs_dim, family.action_dim):
+            raise TeacherManifestError(
+                f"{file}: teachers.{name}: the run {entry.run_dir} has observation / action sizes {dims}, the "
+                f"student's env {(family.obs_dim, family.action_dim)}; a teacher must act in the student's env"
+            )
+        out[name] = FrozenTeacher(run.agent.actor, names.index(entry.task_in_run))
+    return out, entries
+
+
+# -------------------------------------------------------------------------------------------- mtrl-distill
+
+PROGRAM = "mtrl-distill"
+#: The top-level keys of ``configs/mtrl_distill.yaml``; any other key is an error.
+DISTILL_CONFIG_KEYS = ("seed", "teachers", "env", "agent", "gradient", "sac", "distill", "trainer")
+COMPARISON_FILE = "distill_eval.json"
+COMPARISON_FORMAT = "mtlib-rl-distill-eval/1"
+
+
+@dataclass
+class DistillTrainerConfig:
+    """The ``trainer`` section of ``configs/mtrl_distill.yaml`` (the student's distillation run)."""
+
+    updates: int = 2000
+    """Student updates in total, across resumes (each: ``distill.batch_size`` states of every task)."""
+    log_interval: int = 100
+    """Write a record of the per-task KL every N updates."""
+    eval_interval: int = 0
+    """Evaluate the student every N updates (0 = only at the end)."""
+    eval_episodes: int = 10
+    """Deterministic episodes per task of each evaluation (student and teachers alike)."""
+    checkpoint_interval: int = 500
+    """Write ``last.pt`` every N updates (0 = only at the end and on Ctrl-C)."""
+    resume: bool = False
+    """Continue from ``last.pt`` in the run directory (a fresh start when there is none)."""
+    progress: bool = True
+    """Show a tqdm progress bar."""
+    device: str = "cpu"
+    """Where the teachers and the student run (``cpu``, ``cuda``, ``auto``); rollouts step on the CPU."""
+    num_threads: int | None = 1
+    """torch intra-op threads (``null`` = torch's default)."""
+
+    def __post_init__(self) -> None:
+        for key in ("updates", "log_interval", "eval_episodes"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"config key trainer.{key} must be >= 1, got {getattr(self, key)}")
+        for key in ("eval_interval", "checkpoint_interval"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"config key trainer.{key} must be >= 0, got {getattr(self, key)}")
+
+
+def _section(schema: type, node: Any, section: str) -> Any:
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), node if node is not None else {})
+    except OmegaConfBaseException as err:
+        raise ValueError(f"config section {section!r}: {str(err).splitlines()[0]}") from err
+    values = OmegaConf.to_container(merged, resolve=True)
+    try:
+        return schema(**values)  # type: ignore[arg-type]
+    except ValueError as err:
+        raise ValueError(f"config section {section!r}: {err}") from None
+
+
+def check_distill_config(cfg: DictConfig) -> tuple[DistillTrainerConfig, PolicyDistillConfig]:
+    """Every start-up check of an ``mtrl-distill`` config, before any env or teacher is loaded: top-level keys
+    (:data:`DISTILL_CONFIG_KEYS`), the ``env``, ``agent``, ``gradient`` and ``sac`` nodes as ``mtrl-train`` checks them
+    (:func:`mtrl.config.check_config`), ``distill`` against :class:`PolicyDistillConfig`, ``trainer`` against
+    :class:`DistillTrainerConfig`, and that ``teachers`` is given.
+
+    Raises:
+        ValueError: naming the first wrong key and what is accepted.
+    """
+    from mtl.config import check_config_keys
+    from mtrl.config import check_config
+
+    check_config_keys(cfg, DISTILL_CONFIG_KEYS, PROGRAM)
+    view = OmegaConf.create({k: cfg._get_node(k) for k in ("seed", "env", "agent", "gradient", "sac") if k in cfg})
+    check_config(view, PROGRAM)
+    if "teachers" not in cfg or OmegaConf.is_missing(cfg, "teachers") or not cfg.teachers:
+        raise ValueError(
+            "config key teachers: missing; pass the teachers manifest, e.g. mtrl-distill teachers=runs/t/teachers.json"
+        )
+    return _section(DistillTrainerConfig, cfg.get("trainer"), "trainer"), _section(
+        PolicyDistillConfig, cfg.get("distill"), "distill"
+    )
+
+
+def teacher_policy(teachers: Sequence[GaussianPolicy]) -> Any:
+    """``(obs [N, D], task [N]) -> actions [N, A]``: each row acted on by its task's teacher, deterministically
+    (``tanh(mean)``, as :func:`mtrl.evaluate.evaluate` acts with an agent)."""
+
+    @torch.no_grad()
+    def act(obs: np.ndarray, task: np.ndarray) -> np.ndarray:
+        o, t = torch.as_tensor(obs), torch.as_tensor(task)
+        out = np.zeros((len(obs), 0), dtype=np.float32)
+        for k in np.unique(task):
+            rows = (t == int(k)).nonzero().flatten()
+            mean, _ = teachers[int(k)](o[rows], t[rows])
+            if out.shape[1] == 0:
+                out = np.zeros((len(obs), mean.shape[1]), dtype=np.float32)
+            out[rows.numpy()] = torch.tanh(mean).cpu().numpy()
+        return out
+
+    return act
+
+
+def compare(student: dict[str, Any], teachers: dict[str, Any]) -> dict[str, Any]:
+    """``{task: {"teacher": {success, return}, "student": {success, return}, "success_gap", "return_gap"}}`` of two
+    :func:`mtrl.evaluate.evaluate` results (gaps: student minus teacher)."""
+    out: dict[str, Any] = {}
+    for name, s in student["tasks"].items():
+        t = teachers["tasks"][name]
+        out[name] = {
+            "teacher": dict(t),
+            "student": dict(s),
+            "success_gap": s["success"] - t["success"],
+            "return_gap": s["return"] - t["return"],
+        }
+    return out
+
+
+def _fingerprint(cfg: DictConfig) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key in ("env", "agent", "gradient", "sac", "distill"):
+        node = cfg.get(key)
+        out[key] = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+    out["teachers"] = str(cfg.teachers)
+    return out
+
+
+def distill_run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
+    """``mtrl-distill``: distil the manifest's teachers into one multi-task student agent (``cfg.agent``) on
+    ``cfg.env``'s family, evaluate it against each teacher on each task, and write the run directory.
+
+    Written into ``run_dir``: ``config.yaml`` (resolved); ``last.pt`` (atomic, every ``trainer.checkpoint_interval``
+    updates, at the end and on Ctrl-C; ``trainer.resume=true`` continues bit-identically: the distiller's full state,
+    :meth:`PolicyDistiller.state_dict`); ``train_log.jsonl`` (per-task KL every ``trainer.log_interval`` updates,
+    student evaluations every ``trainer.eval_interval``); ``eval.json`` (the student's final evaluation in
+    :func:`mtrl.evaluate.evaluate`'s format); ``distill_eval.json`` (student and teachers on the same episodes:
+    ``{"format", "update", "episodes", "seed", "student": <evaluate result>, "teachers": <evaluate result>,
+    "tasks": {task: {"teacher", "student", "success_gap", "return_gap"}}, "mean_success": {"teacher", "student"},
+    "mean_return": {...}, "kl": {task: KL on held-out states}, "teachers_manifest", "teacher_runs"}``).
+    The directory is also an ``mtrl-train``-style run (``config.yaml`` with ``env`` and ``agent``, ``last.pt`` with
+    the agent's weights), so ``mtrl-eval run_dir=...`` and ``mtrl-export`` take the student as they take any agent.
+
+    Returns:
+        the content of ``distill_eval.json``.
+
+    Raises:
+        ValueError: a configuration error (:func:`check_distill_config`), a bad manifest or teacher
+            (:class:`TeacherManifestError`), or a resume whose checkpoint was written with another config.
+    """
+    from hydra.utils import instantiate
+    from tqdm.auto import tqdm
+
+    from mtl.checkpoint import atomic_torch_save, load_checkpoint, seed_everything
+    from mtl.config import build_partial
+    from mtrl.agents import EnvSpec
+    from mtrl.config import build_agent_from_config, resolve_device
+    from mtrl.evaluate import evaluate
+    from mtrl.runs import CONFIG_FILE, LOG_FILE
+
+    tcfg, dcfg = check_distill_config(cfg)
+    if tcfg.num_threads:
+        torch.set_num_threads(tcfg.num_threads)
+    device = resolve_device(tcfg.device)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    seed = int(cfg.seed)
+    seed_everything(seed)
+    family = instantiate(cfg.env)
+    teachers, entries = load_manifest_teachers(cfg.teachers, family, device=str(device))
+    teacher_list = [teachers[n] for n in family.task_names]
+    seed_everything(seed)
+    agent = build_agent_from_config(cfg, EnvSpec.from_family(family), seed=seed, gradients=False).to(device)
+    gradient = build_partial("gradient", cfg.gradient, seed=seed) if cfg.get("gradient") is not None else None
+    OmegaConf.save(cfg, run_dir / CONFIG_FILE, resolve=True)
+    distiller = PolicyDistiller(family, agent.actor, teacher_list, dcfg, gradient=gradient, seed=seed)
+    fingerprint = _fingerprint(cfg)
+    log_path = run_dir / LOG_FILE
+
+    def save() -> None:
+        state = {
+            "step": distiller.updates,
+            "seed": seed,
+            "fingerprint": fingerprint,
+            "agent": {"name": agent.name, "modules": agent.state_dict()},
+            "distiller": distiller.state_dict(),
+        }
+        atomic_torch_save(state, run_dir / LAST)
+
+    def write(record: dict[str, Any]) -> None:
+        with open(log_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def rewind(update: int) -> None:
+        if log_path.exists():
+            keep = [ln for ln in log_path.read_text().splitlines() if ln and json.loads(ln)["update"] <= update]
+            log_path.write_text("".join(ln + "\n" for ln in keep))
+
+    resumed = False
+    if tcfg.resume and (run_dir / LAST).exists():
+        state = load_checkpoint(run_dir / LAST)
+        if int(state["seed"]) != seed or state["fingerprint"] != fingerprint:
+            diff = sorted(k for k in fingerprint if state["fingerprint"].get(k) != fingerprint[k])
+            raise ValueError(
+                f"{run_dir / LAST} was written with a different {', '.join(diff) or 'seed'} config; resume with the "
+                "run's own config.yaml settings (only trainer.* may change) or start a new run directory"
+            )
+        distiller.load_state_dict(state["distiller"])
+        resumed = True
+        rewind(distiller.updates)
+        log.info("resumed from %s at update %d", run_dir / LAST, distiller.updates)
+    else:
+        rewind(-1)
+
+    def evaluate_student() -> dict[str, Any]:
+        result = evaluate(agent, family, episodes=tcfg.eval_episodes, seed=seed)
+        return {**result, "step": distiller.updates, "agent": agent.name, "family": family.describe()}
+
+    t0 = time.perf_counter()
+    bar = tqdm(total=tcfg.updates, initial=min(distiller.updates, tcfg.updates), desc=f"distil {agent.name}",
+               disable=not tcfg.progress, dynamic_ncols=True)  # fmt: skip
+    try:
+        while distiller.updates < tcfg.updates:
+            kl = distiller.step()
+            bar.update(1)
+            u = distiller.updates
+            if u % tcfg.log_interval == 0:
+                mean_kl = float(np.mean(list(kl.values())))
+                write({"update": u, "kl": kl, "kl/mean": mean_kl, "seconds": round(time.perf_counter() - t0, 3),
+                       "states": dict(zip(distiller.task_names, distiller.size.tolist()))})  # fmt: skip
+                bar.set_postfix(kl=f"{mean_kl:.3g}")
+            if tcfg.eval_interval and u % tcfg.eval_interval == 0 and u < tcfg.updates:
+                r = evaluate_student()
+                write({"update": u, "eval/mean_success": r["mean_success"], "eval/mean_return": r["mean_return"],
+                       **{f"eval/{n}/success": v["success"] for n, v in r["tasks"].items()}})  # fmt: skip
+            if tcfg.checkpoint_interval and u % tcfg.checkpoint_interval == 0:
+                save()
+    except KeyboardInterrupt:
+        save()
+        bar.close()
+        log.warning("interrupted at update %d: wrote %s; resume with trainer.resume=true", distiller.updates, LAST)
+        distiller.close()
+        raise
+    bar.close()
+    save()
+    held_out = distiller.sample()  # states of every task's buffer (its own generator: after the last checkpoint)
+    kl_held = distiller.evaluate_kl(*held_out)
+    distiller.close()
+    student = evaluate_student()
+    atomic_write_json(student, run_dir / EVAL_FILE)
+    teacher_result = evaluate(teacher_policy(teacher_list), family, episodes=tcfg.eval_episodes, seed=seed)
+    result = {
+        "format": COMPARISON_FORMAT,
+        "update": distiller.updates,
+        "resumed": resumed,
+        "episodes": tcfg.eval_episodes,
+        "seed": seed,
+        "agent": agent.name,
+        "student": student,
+        "teachers": teacher_result,
+        "tasks": compare(student, teacher_result),
+        "mean_success": {"teacher": teacher_result["mean_success"], "student": student["mean_success"]},
+        "mean_return": {"teacher": teacher_result["mean_return"], "student": student["mean_return"]},
+        "kl": kl_held,
+        "teachers_manifest": str(Path(str(cfg.teachers)).resolve()),
+        "teacher_runs": {
+            n: {"run_dir": str(e.run_dir), "task": e.task_in_run} for n, e in entries.items() if n in family.task_names
+        },
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+    atomic_write_json(result, run_dir / COMPARISON_FILE)
+    return result
