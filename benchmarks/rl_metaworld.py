@@ -1,33 +1,55 @@
-"""CARE vs MT-SAC on Meta-World MT10, in resumable chunks that each fit a 10-minute (GPU) command.
+"""CARE, MT-SAC, multi-head SAC and MOORE on Meta-World MT10 (fixed goals), in resumable chunks.
 
-    python benchmarks/rl_metaworld.py --device cuda                 # advance the runs by up to --time-budget s
-    python benchmarks/rl_metaworld.py --device cuda                 # ... again, until every run is complete
-    python benchmarks/rl_metaworld.py --smoke                       # a few steps on CPU, two chunks per run
+    python benchmarks/rl_metaworld.py --runs-dir /work/mt10-runs --deadline 15:58   # advance every run (CPU)
+    python benchmarks/rl_metaworld.py --runs-dir /work/mt10-runs --report            # table, JSON and PNG only
+    python benchmarks/rl_metaworld.py --device cuda --time-budget 540                # a 10-minute GPU command
+    python benchmarks/rl_metaworld.py --smoke                                        # a pipeline check (seconds)
 
-Every invocation reads the runs' state (``RUNS/state.json``; ``--runs-dir``, default
-``outputs/rl_metaworld_runs``, which must survive between commands: each run's ``last.pt`` holds its
-replay buffers, about 0.35 GB per run at the defaults), then advances unfinished runs one chunk
-(``--chunk-steps`` pool steps) at a time; a chunk is one ``mtrl-train`` process (``python -m mtrl.cli.train``)
-with ``trainer.resume=true`` and ``trainer.total_steps`` raised by the chunk, so the run continues exactly
-where the last chunk stopped (checkpoint with replay buffers and RNG states, :mod:`mtrl.train`). A chunk is
-started only when the time already used in this invocation plus the slowest chunk seen so far stays within
-``--time-budget`` (default 540 s: a 10-minute command with room for start-up). The device seconds of every
-chunk are recorded. When all runs are complete, the per-task success of each run's final evaluation goes to
-``benchmarks/results/rl_metaworld.json`` (``--smoke``: ``rl_metaworld_smoke.json``, not a result).
+Runs. ``--agents`` (default all four) x ``--seeds`` (default 2) runs of ``mtrl-train
+experiment=mtrl_mt10_paper``, each in its own directory under ``--runs-dir`` (default
+``outputs/rl_metaworld_runs``, which must survive between commands: each run's ``last.pt`` holds its replay
+buffers). A chunk is one ``mtrl-train`` process (``python -m mtrl.cli.train``, started in this script's
+checkout: run the script from a frozen ``git worktree`` and edits to ``mtrl/`` in the main checkout cannot
+change a run half-way) with ``trainer.resume=true`` and ``trainer.total_steps`` raised by ``--chunk-steps``, so
+the run continues exactly where the last chunk stopped (checkpoint with replay buffers and RNG states,
+:mod:`mtrl.train`). The runs advance round-robin, the one with the fewest steps first, so a deadline stops
+them all at (nearly) the same step. A chunk is not started when the time used in this invocation plus the
+slowest chunk seen so far over the same step range (else the slowest of all) would pass ``--time-budget``
+seconds or the ``--deadline`` (UTC ``HH:MM``). ``RUNS/state.json`` records every chunk's wall seconds.
 
-Settings follow CARE's MT10 set-up (Sodhani et al., ICML 2021, Appendix; the preset
-``configs/experiment/mtrl_mt10_paper.yaml``): 150-step episodes, fixed goals, three 400-unit layers, 128 rows per
-task per update, SAC lr 3e-4, initial temperature 1. ``--total-steps``
-pool steps (each: one step in each of the 10 task envs) with one update per pool step. The paper trained
-for 2M environment steps per task; the default budget here is 100k pool steps (1M environment steps in
-all), what fits a few GPU commands.
+Settings (every one is written into the result's ``settings``): Meta-World 3.1.1 (v3 environments), reward
+functions v2, 150-step episodes, fixed goals (goal variation 0 of every task: CARE's MT10 set-up, Sodhani,
+Zhang & Pineau, ICML 2021), the preset's three 400-unit layers, 128 rows per task per update, SAC learning
+rates 3e-4, initial temperature 1, 1,500 pool steps of uniform random actions before the first update, one
+update per pool step; a pool step is one step in each of the 10 task envs (10 environment steps). Two
+deliberate departures from the preset, both in ``settings``:
+
+* ``trainer.num_threads=1`` (``--threads``): the preset leaves torch its default of one thread per core; the
+  CPU run gets one core of a shared machine.
+* ``trainer.eval_episodes=1`` (``--eval-episodes``): with fixed goals a Meta-World v3 reset is deterministic
+  (the same trajectory under any reset seed: checked for all ten MT10 tasks) and the evaluated policy is
+  deterministic, so the preset's 5 evaluation episodes per task would be 5 copies of one; a task's success
+  at an evaluation is therefore 0 or 1 per run, and the per-task mean over seeds is the share of seeds that
+  solve it.
+
+Evaluations every ``--eval-interval`` pool steps (and at the end of every chunk) go to each run's
+``train_log.jsonl``; the report reads them into per-task success curves, takes every run's last evaluation
+as its final result (the per-task table: mean and std over seeds), sets them beside the published MT10
+numbers of the CARE paper (:data:`PUBLISHED`, read approximately off the paper's figure, plotted only at the
+steps they refer to) and writes ``benchmarks/results/rl_metaworld.json`` and ``rl_metaworld.png``
+(``--smoke``: ``rl_metaworld_smoke.json``, not a result)::
+
+    {"settings": {...}, "results": [{"agent", "seed", "env_steps", "mean_success", "per_task": {task: s}}],
+     "curves": {agent: {"env_steps": [...], "mean_success": [[per seed]...], "per_task": {task: ...}}}, ...}
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -35,12 +57,31 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import REPO, table, write_json
+from common import REPO, RESULTS, table, write_json
 
-AGENTS = {"care": "CARE", "mt_sac": "MT-SAC"}
+AGENTS = {"care": "CARE", "mt_sac": "MT-SAC", "multihead_sac": "Multi-head SAC", "moore": "MOORE"}
+TASKS_PER_POOL_STEP = 10  # MT10: one env per task
+
+# Published MT10 success rates (fixed goals) of Sodhani, Zhang & Pineau, "Multi-Task Reinforcement Learning with
+# Context-based Representations", ICML 2021. The paper could not be downloaded here: these values were read
+# APPROXIMATELY from the paper's MT10 success-vs-steps figure (from memory of it), not copied from a table, and
+# are accurate to about +-0.05 at best. Keys are the figure's x-axis steps (the paper counts environment steps;
+# whether per task or over all ten tasks is not certain from the figure's reading). CARE at 1M is a range (the
+# curve is read as 0.4-0.5 there); multi-head SAC and MOORE (not in that paper) have no entry.
+PUBLISHED: dict[str, Any] = {
+    "source": "Sodhani, Zhang & Pineau 2021 (CARE), MT10 fixed goals; read approximately off the paper's figure",
+    "precision": "about +-0.05; x-axis counting (per task or in all) uncertain",
+    "points": {
+        "care": {1_000_000: [0.4, 0.5], 2_000_000: 0.84},
+        "mt_sac": {2_000_000: 0.7},
+    },
+}
 
 FULL = [
     "experiment=mtrl_mt10_paper",  # env=mt10, 150-step episodes, [400, 400, 400], batch 128, SAC lr 3e-4, alpha 1
+    "env.reward_function_version=v2",
+    "env.random_goals=false",
+    "env.max_episode_steps=150",
     "trainer.progress=false",
 ]
 SMOKE = [
@@ -49,11 +90,11 @@ SMOKE = [
     "agent.hidden=[32,32]",
     "trainer.batch_size=4",
     "trainer.learning_starts=4",
-    "trainer.eval_episodes=1",
     "trainer.log_interval=4",
     "trainer.progress=false",
 ]
-SMOKE_CARE = ["agent.expert_hidden=[16]", "agent.expert_dim=16", "agent.context_hidden=[16]", "agent.context_dim=8"]
+SMOKE_EXPERTS = ["agent.expert_hidden=[16]", "agent.expert_dim=16"]
+SMOKE_CARE = ["agent.context_hidden=[16]", "agent.context_dim=8"]
 
 
 def load_state(path: Path) -> dict[str, Any]:
@@ -67,14 +108,19 @@ def save_state(state: dict[str, Any], path: Path) -> None:
 
 
 def overrides(agent: str, seed: int, args: argparse.Namespace, run_dir: Path, until: int) -> list[str]:
-    base = SMOKE + (SMOKE_CARE if agent == "care" else []) if args.smoke else FULL
+    if args.smoke:
+        base = SMOKE + (SMOKE_EXPERTS if agent in ("care", "moore") else []) + (SMOKE_CARE if agent == "care" else [])
+    else:
+        base = FULL
     return [
         *base,
         f"agent={agent}",
         f"seed={seed}",
         f"trainer.device={args.device}",
+        f"trainer.num_threads={args.threads}",
         f"trainer.total_steps={until}",
         f"trainer.eval_interval={args.eval_interval}",
+        f"trainer.eval_episodes={args.eval_episodes}",
         f"trainer.checkpoint_interval={args.chunk_steps}",
         f"trainer.replay_capacity={args.total_steps}",  # a task never has more transitions than pool steps
         "trainer.resume=true",
@@ -83,61 +129,282 @@ def overrides(agent: str, seed: int, args: argparse.Namespace, run_dir: Path, un
 
 
 def run_chunk(agent: str, seed: int, args: argparse.Namespace, run_dir: Path, until: int) -> float:
-    """One ``mtrl-train`` process that advances a run to ``until`` steps; returns its wall seconds."""
+    """One ``mtrl-train`` process (in this script's checkout) that advances a run to ``until`` steps; returns
+    its wall seconds. Its output goes to ``RUN/chunks.log``."""
     cmd = [sys.executable, "-m", "mtrl.cli.train", *overrides(agent, seed, args, run_dir, until)]
+    run_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    with open(run_dir / "chunks.log", "a") as out:
+        out.write(f"\n== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n")
+        out.flush()
+        proc = subprocess.run(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, text=True)
     seconds = time.perf_counter() - t0
     if proc.returncode != 0:
-        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
+        tail = (run_dir / "chunks.log").read_text()[-4000:]
+        sys.stderr.write(tail)
         raise RuntimeError(f"mtrl-train failed for {agent} seed {seed} (exit {proc.returncode}); command: {cmd}")
     return seconds
 
 
-def summarize(state: dict[str, Any], runs_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
-    results, rows = [], []
-    for key, info in sorted(state["runs"].items()):
-        result = json.loads((runs_dir / key / "eval.json").read_text())
-        used = sum(c["seconds"] for c in info["chunks"])
+def deadline_seconds(deadline: str | None) -> float | None:
+    """Seconds from now until today's UTC ``HH:MM`` (``None`` without a deadline)."""
+    if deadline is None:
+        return None
+    try:
+        hour, minute = (int(x) for x in deadline.split(":"))
+    except ValueError:
+        raise SystemExit(f"rl_metaworld: --deadline takes a UTC time HH:MM, got {deadline!r}") from None
+    now = dt.datetime.now(dt.timezone.utc)
+    return (now.replace(hour=hour, minute=minute, second=0, microsecond=0) - now).total_seconds()
+
+
+def advance(state: dict[str, Any], state_path: Path, runs_dir: Path, args: argparse.Namespace) -> None:
+    """Advance the runs chunk by chunk, fewest steps first, within the time budget and the deadline."""
+    budget = args.time_budget
+    left = deadline_seconds(args.deadline)
+    if left is not None:
+        budget = left if budget is None else min(budget, left)
+    t0 = time.perf_counter()
+    while True:
+        todo = [(i["steps"], k) for k, i in state["runs"].items() if i["steps"] < args.total_steps]
+        if not todo:
+            return
+        key = min(todo)[1]
+        info = state["runs"][key]
+        size = args.first_chunk_steps if info["steps"] == 0 else args.chunk_steps
+        until = min(info["steps"] + size, args.total_steps)
+        chunks = [c for i in state["runs"].values() for c in i["chunks"]]
+        alike = [c["seconds"] for c in chunks if (c["from"], c["to"]) == (info["steps"], until)]
+        estimate = max(alike or [c["seconds"] for c in chunks] or [0.0])
+        if budget is not None and time.perf_counter() - t0 + estimate > budget:
+            print(f"stopping: {key}'s next chunk (about {estimate:.0f}s) would pass the time budget or deadline")
+            return
+        seconds = run_chunk(info["agent"], info["seed"], args, runs_dir / key, until)
+        info["chunks"].append(
+            {
+                "from": info["steps"],
+                "to": until,
+                "seconds": round(seconds, 1),
+                "device": args.device,
+                "when": time.strftime("%Y-%m-%d %H:%M:%S"),
+            }
+        )
+        info["steps"] = until
+        save_state(state, state_path)
+        print(f"{key}: {until}/{args.total_steps} steps ({seconds:.0f}s)", flush=True)
+
+
+# ------------------------------------------------------------------------------------------------ report
+def eval_records(run_dir: Path) -> list[dict[str, Any]]:
+    """The evaluation records of a run's ``train_log.jsonl``, one per step (the last one written wins: a resumed
+    chunk rewinds the log to its checkpoint, so duplicates do not normally occur)."""
+    by_step: dict[int, dict[str, Any]] = {}
+    path = run_dir / "train_log.jsonl"
+    if not path.exists():
+        return []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            record = json.loads(line)
+            if "eval/mean_success" in record:
+                by_step[int(record["step"])] = record
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def per_task(record: dict[str, Any]) -> dict[str, float]:
+    return {k[len("eval/") : -len("/success")]: float(v) for k, v in record.items() if k.endswith("/success")}
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def report(state: dict[str, Any], runs_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Curves, final per-task results and the tables (printed); returns the JSON payload's parts."""
+    results: list[dict[str, Any]] = []
+    curves: dict[str, Any] = {}
+    tasks: list[str] = []
+    runs = sorted(state["runs"].items(), key=lambda kv: (list(AGENTS).index(kv[1]["agent"]), kv[1]["seed"]))
+    for key, info in runs:
+        records = eval_records(runs_dir / key)
+        if not records:
+            print(f"{key}: no evaluation yet; left out")
+            continue
+        last = records[-1]
+        tasks = tasks or list(per_task(last))
         results.append(
             {
                 "agent": info["agent"],
                 "seed": info["seed"],
-                "success": result["mean_success"],
-                "tasks": {t: r["success"] for t, r in result["tasks"].items()},
-                "return": result["mean_return"],
-                "steps": result["step"],
-                "env_steps": result["step"] * len(result["tasks"]),
-                "chunks": len(info["chunks"]),
-                "device_seconds": round(used, 1),
+                "env_steps": int(last["step"]) * TASKS_PER_POOL_STEP,
+                "mean_success": float(last["eval/mean_success"]),
+                "per_task": per_task(last),
             }
         )
+        agent_curve = curves.setdefault(info["agent"], {"seeds": [], "runs": {}})
+        agent_curve["seeds"].append(info["seed"])
+        agent_curve["runs"][str(info["seed"])] = {
+            "env_steps": [int(r["step"]) * TASKS_PER_POOL_STEP for r in records],
+            "mean_success": [float(r["eval/mean_success"]) for r in records],
+            "mean_return": [float(r["eval/mean_return"]) for r in records],
+            "per_task": {t: [per_task(r)[t] for r in records] for t in tasks},
+        }
+    # mean and std over seeds at the env steps every seed of the agent has evaluated
+    for c in curves.values():
+        seeds = list(c["runs"].values())
+        common = sorted(set.intersection(*(set(s["env_steps"]) for s in seeds)))
+        at = lambda s, series, x: series[s["env_steps"].index(x)]  # noqa: E731
+        c["env_steps"] = common
+        c["mean_success"] = [mean_std([at(s, s["mean_success"], x) for s in seeds])[0] for x in common]
+        c["std_success"] = [mean_std([at(s, s["mean_success"], x) for s in seeds])[1] for x in common]
+        c["per_task_mean"] = {
+            t: [mean_std([at(s, s["per_task"][t], x) for s in seeds])[0] for x in common] for t in tasks
+        }
+
+    rows = []
+    for _, info in runs:
+        r = next((r for r in results if (r["agent"], r["seed"]) == (info["agent"], info["seed"])), None)
+        used = sum(c["seconds"] for c in info["chunks"])
         rows.append(
             [
                 AGENTS[info["agent"]],
                 info["seed"],
-                f"{result['mean_success']:.3f}",
-                result["step"],
+                "-" if r is None else f"{r['mean_success']:.3f}",
+                "-" if r is None else r["env_steps"],
+                f"{info['steps']}/{info['total_steps']}",
                 len(info["chunks"]),
                 f"{used:.0f}",
             ]
         )
-    print(table(["agent", "seed", "success", "steps", "chunks", "seconds"], rows))
-    tasks = list(results[0]["tasks"])
-    per_task = [[t, *(f"{r['tasks'][t]:.2f}" for r in results)] for t in tasks]
-    print(table(["task", *(f"{r['agent']}/s{r['seed']}" for r in results)], per_task))
-    return {"results": results, "family": result["family"]}
+    print(table(["agent", "seed", "final success", "env steps", "pool steps", "chunks", "seconds"], rows))
+    agents = [a for a in AGENTS if any(r["agent"] == a for r in results)]
+    final = {a: {t: mean_std([r["per_task"][t] for r in results if r["agent"] == a]) for t in tasks} for a in agents}
+    means = {a: mean_std([r["mean_success"] for r in results if r["agent"] == a]) for a in agents}
+    per_task_rows = [[t, *(f"{final[a][t][0]:.2f} +- {final[a][t][1]:.2f}" for a in agents)] for t in tasks]
+    per_task_rows.append(["mean", *(f"{means[a][0]:.3f} +- {means[a][1]:.3f}" for a in agents)])
+    print("\nfinal per-task success, mean +- std over seeds:")
+    print(table(["task", *(AGENTS[a] for a in agents)], per_task_rows))
+    comparison = []
+    for a in agents:
+        steps = sorted({r["env_steps"] for r in results if r["agent"] == a})
+        published = PUBLISHED["points"].get(a, {})
+        comparison.append(
+            {
+                "agent": a,
+                "env_steps": steps,
+                "mean_success": round(means[a][0], 4),
+                "std_success": round(means[a][1], 4),
+                "published_at_same_steps": None,
+                "published_points": {str(k): v for k, v in published.items()},
+            }
+        )
+    print("\nbeside the CARE paper (MT10 fixed goals; values read approximately off its figure):")
+    print(
+        table(
+            ["agent", "env steps here", "success here", "published (env steps: success)"],
+            [
+                [
+                    AGENTS[c["agent"]],
+                    ",".join(map(str, c["env_steps"])),
+                    f"{c['mean_success']:.3f} +- {c['std_success']:.3f}",
+                    "; ".join(f"{k}: {v}" for k, v in c["published_points"].items()) or "not in the paper",
+                ]
+                for c in comparison
+            ],
+        )
+    )
+    print(
+        "The paper's figure cannot be read at this run's step count (its curves start near 0 and its first "
+        "readable values are at about 1M steps), so 'published_at_same_steps' is null rather than a guess."
+    )
+    return {"results": results, "curves": curves, "final_per_task": final, "comparison": comparison, "tasks": tasks}
+
+
+def plot(curves: dict[str, Any], tasks: list[str], path: Path, title: str) -> None:
+    """Mean success vs environment steps per agent (our runs; and on a log axis beside the published points),
+    and one panel per task."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colours = dict(zip(AGENTS, ("tab:red", "tab:blue", "tab:green", "tab:purple")))
+    fig = plt.figure(figsize=(18, 10), constrained_layout=True)
+    grid = fig.add_gridspec(3, 5)
+    ours = fig.add_subplot(grid[0, :3])
+    wide = fig.add_subplot(grid[0, 3:])
+    for agent, c in curves.items():
+        x = c["env_steps"]
+        mean, std = c["mean_success"], c["std_success"]
+        label = f"{AGENTS[agent]} ({len(c['seeds'])} seeds)"
+        for ax in (ours, wide):
+            ax.plot(x, mean, "-o", ms=3, color=colours[agent], label=label)
+            ax.fill_between(
+                x,
+                [m - s for m, s in zip(mean, std)],
+                [m + s for m, s in zip(mean, std)],
+                color=colours[agent],
+                alpha=0.15,
+            )
+    for agent, points in PUBLISHED["points"].items():
+        for steps, value in points.items():
+            lo, hi = value if isinstance(value, list) else (value, value)
+            wide.errorbar(
+                [steps],
+                [(lo + hi) / 2],
+                yerr=[[(hi - lo) / 2]],
+                fmt="*",
+                ms=12,
+                capsize=4,
+                color=colours[agent],
+                label=f"{AGENTS[agent]}, paper (approx.) at {steps / 1e6:g}M",
+            )
+    ours.set(
+        title=title,
+        xlabel="environment steps (all 10 tasks)",
+        ylabel="mean success (deterministic policy)",
+        ylim=(-0.05, 1.05),
+    )
+    wide.set(
+        title="log axis, with the CARE paper's MT10 values (read approx. off its figure)",
+        xscale="log",
+        xlabel="environment steps",
+        ylim=(-0.05, 1.05),
+    )
+    ours.legend(loc="upper left", fontsize=8)
+    wide.legend(loc="upper left", fontsize=7)
+    for i, task in enumerate(tasks):
+        ax = fig.add_subplot(grid[1 + i // 5, i % 5])
+        for agent, c in curves.items():
+            ax.plot(c["env_steps"], c["per_task_mean"][task], "-o", ms=2, color=colours[agent], label=AGENTS[agent])
+        ax.set(title=task, ylim=(-0.05, 1.05))
+        if i // 5 == 1:
+            ax.set_xlabel("environment steps")
+        if i % 5 == 0:
+            ax.set_ylabel("success (mean over seeds)")
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    print(f"wrote {path.relative_to(REPO) if path.is_relative_to(REPO) else path}")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--smoke", action="store_true", help="a few steps on CPU in two chunks per run")
-    parser.add_argument("--device", default=None, help="cuda (the real run) or cpu (default: cpu with --smoke)")
-    parser.add_argument("--total-steps", type=int, default=None, help="pool steps per run (default 100,000)")
-    parser.add_argument("--chunk-steps", type=int, default=None, help="pool steps per chunk (default 10,000)")
-    parser.add_argument("--eval-interval", type=int, default=None, help="steps between evaluations")
-    parser.add_argument("--time-budget", type=float, default=540.0, help="seconds this invocation may use")
-    parser.add_argument("--seeds", type=int, default=1)
+    parser.add_argument("--smoke", action="store_true", help="a few steps in two chunks per run (pipeline check)")
+    parser.add_argument("--report", action="store_true", help="only summarise the runs as they stand")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1: one core)")
+    parser.add_argument("--total-steps", type=int, default=None, help="pool steps per run (default 3,000)")
+    parser.add_argument("--chunk-steps", type=int, default=None, help="pool steps per chunk (default 750)")
+    parser.add_argument(
+        "--first-chunk-steps",
+        type=int,
+        default=None,
+        help="pool steps of each run's first chunk (default 1,500: the random-action phase, which needs no updates)",
+    )
+    parser.add_argument("--eval-interval", type=int, default=None, help="pool steps between evaluations (250)")
+    parser.add_argument("--eval-episodes", type=int, default=1, help="episodes per task per evaluation (1)")
+    parser.add_argument("--time-budget", type=float, default=None, help="seconds this invocation may use")
+    parser.add_argument("--deadline", default=None, help="UTC HH:MM after which no chunk may still run")
+    parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--agents", nargs="+", default=list(AGENTS), choices=list(AGENTS))
     parser.add_argument(
         "--runs-dir",
@@ -146,23 +413,17 @@ def main() -> int:
         "--smoke: a temp dir). Keep it between commands: the checkpoints hold the replay buffers",
     )
     args = parser.parse_args()
-    args.device = args.device or ("cpu" if args.smoke else "cuda")
     # smoke: 8-step episodes, chunks of 6 steps: the second chunk resumes mid-episode (replays the actions)
-    args.total_steps = args.total_steps or (12 if args.smoke else 100_000)
-    args.chunk_steps = args.chunk_steps or (6 if args.smoke else 10_000)
-    args.eval_interval = args.eval_interval if args.eval_interval is not None else (0 if args.smoke else 20_000)
+    args.total_steps = args.total_steps or (12 if args.smoke else 3_000)
+    args.chunk_steps = args.chunk_steps or (6 if args.smoke else 750)
+    args.first_chunk_steps = args.first_chunk_steps or (6 if args.smoke else 1_500)
+    args.eval_interval = args.eval_interval if args.eval_interval is not None else (4 if args.smoke else 250)
     if args.device.startswith("cuda"):
         import torch
 
         if not torch.cuda.is_available():
-            print(
-                "rl_metaworld: the real MT10 run needs a CUDA GPU and there is none here; run it on a GPU machine "
-                "(python benchmarks/rl_metaworld.py --device cuda, repeated until complete) or check the pipeline "
-                "with --smoke on CPU."
-            )
+            print("rl_metaworld: --device cuda but there is no CUDA GPU here; use --device cpu")
             return 2
-    elif not args.smoke:
-        print("rl_metaworld: running MT10 on CPU: expect about 10x the GPU time per update")
 
     if args.runs_dir:
         runs_dir = Path(args.runs_dir)
@@ -171,65 +432,84 @@ def main() -> int:
     else:
         runs_dir = REPO / "outputs" / "rl_metaworld_runs"  # git-ignored; must persist between commands
     runs_dir.mkdir(parents=True, exist_ok=True)
-    print(f"runs directory: {runs_dir}")
+    print(f"runs directory: {runs_dir}; mtrl-train runs in {REPO}")
     state_path = runs_dir / "state.json"
     state = load_state(state_path)
-    for agent in args.agents:
-        for seed in range(args.seeds):
-            info = state["runs"].setdefault(
-                f"{agent}-seed{seed}", {"agent": agent, "seed": seed, "steps": 0, "chunks": []}
-            )
-            if info.get("total_steps", args.total_steps) != args.total_steps:
-                raise SystemExit(f"{agent}-seed{seed} was started with --total-steps {info['total_steps']}")
-            info["total_steps"] = args.total_steps
-    t0 = time.perf_counter()
-    slowest = max((c["seconds"] for i in state["runs"].values() for c in i["chunks"]), default=0.0)
-    for key, info in sorted(state["runs"].items(), key=lambda kv: kv[1]["steps"]):
-        while info["steps"] < args.total_steps:
-            if time.perf_counter() - t0 + slowest > args.time_budget:
-                break
-            until = min(info["steps"] + args.chunk_steps, args.total_steps)
-            seconds = run_chunk(info["agent"], info["seed"], args, runs_dir / key, until)
-            info["chunks"].append(
-                {
-                    "from": info["steps"],
-                    "to": until,
-                    "seconds": round(seconds, 1),
-                    "device": args.device,
-                    "when": time.strftime("%Y-%m-%d %H:%M:%S"),
-                }
-            )
-            info["steps"] = until
-            slowest = max(slowest, seconds)
-            save_state(state, state_path)
-            print(f"{key}: {until}/{args.total_steps} steps ({seconds:.0f}s)", flush=True)
-    used = time.perf_counter() - t0
-    done = all(i["steps"] >= args.total_steps for i in state["runs"].values())
+    if not args.report:
+        for agent in args.agents:
+            for seed in range(args.seeds):
+                info = state["runs"].setdefault(
+                    f"{agent}-seed{seed}", {"agent": agent, "seed": seed, "steps": 0, "chunks": []}
+                )
+                if info.get("total_steps", args.total_steps) != args.total_steps:
+                    raise SystemExit(f"{agent}-seed{seed} was started with --total-steps {info['total_steps']}")
+                info["total_steps"] = args.total_steps
+        save_state(state, state_path)
+        advance(state, state_path, runs_dir, args)
+    if not state["runs"]:
+        print(f"rl_metaworld: no runs in {runs_dir}")
+        return 2
+    done = all(i["steps"] >= i["total_steps"] for i in state["runs"].values())
     total = sum(c["seconds"] for i in state["runs"].values() for c in i["chunks"])
-    print(f"this invocation: {used:.0f}s; all chunks so far: {total:.0f}s on {args.device}")
-    if not done:
-        left = {k: args.total_steps - i["steps"] for k, i in state["runs"].items() if i["steps"] < args.total_steps}
-        print(f"incomplete: steps left {left}; run the same command again to continue")
+    print(f"all chunks so far: {total:.0f}s on {args.device}; complete: {done}")
+    summary = report(state, runs_dir, args)
+    if not summary["results"]:
         return 0
-    summary = summarize(state, runs_dir, args)
-    if args.smoke and not args.runs_dir:
-        shutil.rmtree(runs_dir, ignore_errors=True)
+    name = "rl_metaworld_smoke" if args.smoke else "rl_metaworld"
+    first = next(iter(state["runs"].values()))
+    settings = {
+        "mode": "smoke (a few steps: a pipeline check, not a result)" if args.smoke else "full",
+        "complete": done,
+        "metaworld": "3.1.1 (v3 environments)",
+        "family": "mt10",
+        "reward_function_version": "v2",
+        "max_episode_steps": 8 if args.smoke else 150,
+        "goals": "fixed (goal variation 0 of each task, CARE's set-up)",
+        "overrides": overrides(first["agent"], first["seed"], args, Path("RUN"), first["total_steps"]),
+        "network": "agent.hidden=[400, 400, 400] (the paper's) and each agent's config/agent defaults otherwise",
+        "total_pool_steps_per_run": first["total_steps"],
+        "total_env_steps_per_run": first["total_steps"] * TASKS_PER_POOL_STEP,
+        "learning_starts_pool_steps": 4 if args.smoke else 1500,
+        "updates_per_pool_step": 1.0,
+        "first_chunk_steps": args.first_chunk_steps,
+        "chunk_steps": args.chunk_steps,
+        "eval_interval_pool_steps": args.eval_interval,
+        "eval_episodes": args.eval_episodes,
+        "eval_episodes_note": "fixed goals + deterministic policy: every episode of a task is the same, so 1",
+        "seeds": sorted({i["seed"] for i in state["runs"].values()}),
+        "device": args.device,
+        "torch_threads_per_run": args.threads,
+        "machine_note": "2 shared CPU cores with other engineers' work running; runs one at a time on one core",
+        "published": {
+            **PUBLISHED,
+            "points": {a: {str(k): v for k, v in p.items()} for a, p in PUBLISHED["points"].items()},
+        },
+        "budget": {
+            "device_seconds_total": round(total, 1),
+            "chunks": {k: i["chunks"] for k, i in state["runs"].items()},
+        },
+    }
     write_json(
-        "rl_metaworld_smoke.json" if args.smoke else "rl_metaworld.json",
+        f"{name}.json",
         {
-            "benchmark": "rl_metaworld",
-            "mode": "smoke (CPU, a few steps: a pipeline check, not a result)" if args.smoke else "full",
-            "device": args.device,
-            "total_steps_per_run": args.total_steps,
-            "chunk_steps": args.chunk_steps,
-            "settings": SMOKE if args.smoke else FULL,
-            "budget": {
-                "device_seconds_total": round(total, 1),
-                "chunks": {k: i["chunks"] for k, i in state["runs"].items()},
+            "settings": settings,
+            "results": summary["results"],
+            "curves": summary["curves"],
+            "final_per_task_mean_std": {
+                a: {t: {"mean": m, "std": s} for t, (m, s) in v.items()} for a, v in summary["final_per_task"].items()
             },
-            **summary,
+            "comparison": summary["comparison"],
         },
     )
+    steps = max(r["env_steps"] for r in summary["results"])
+    plot(
+        summary["curves"],
+        summary["tasks"],
+        RESULTS / f"{name}.png",
+        f"Meta-World MT10 (fixed goals), {steps:,} env steps per run, CPU",
+    )
+    if args.smoke and not args.runs_dir:
+        shutil.rmtree(runs_dir, ignore_errors=True)
     return 0
 
 
