@@ -48,6 +48,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -128,16 +129,34 @@ def overrides(agent: str, seed: int, args: argparse.Namespace, run_dir: Path, un
     ]
 
 
+def checkout_env(runs_dir: Path) -> dict[str, str]:
+    """The environment of a chunk: ``mtl``/``mtrl`` come from this checkout (the working directory is first on
+    ``sys.path``), and so must the Hydra configs, which ``mtl.config`` reads from the package ``mtlib_configs``
+    (an editable install maps it onto the installed checkout's ``configs/``): a link
+    ``RUNS/.pkg/mtlib_configs -> REPO/configs`` on ``PYTHONPATH`` comes before the install's finder."""
+    shim = runs_dir / ".pkg"
+    shim.mkdir(parents=True, exist_ok=True)
+    link = shim / "mtlib_configs"
+    if link.is_symlink() and link.resolve() != (REPO / "configs").resolve():
+        link.unlink()
+    if not link.exists():
+        link.symlink_to(REPO / "configs", target_is_directory=True)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(shim), *filter(None, [env.get("PYTHONPATH")])])
+    return env
+
+
 def run_chunk(agent: str, seed: int, args: argparse.Namespace, run_dir: Path, until: int) -> float:
     """One ``mtrl-train`` process (in this script's checkout) that advances a run to ``until`` steps; returns
     its wall seconds. Its output goes to ``RUN/chunks.log``."""
     cmd = [sys.executable, "-m", "mtrl.cli.train", *overrides(agent, seed, args, run_dir, until)]
     run_dir.mkdir(parents=True, exist_ok=True)
+    env = checkout_env(run_dir.parent)
     t0 = time.perf_counter()
     with open(run_dir / "chunks.log", "a") as out:
         out.write(f"\n== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n")
         out.flush()
-        proc = subprocess.run(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
     seconds = time.perf_counter() - t0
     if proc.returncode != 0:
         tail = (run_dir / "chunks.log").read_text()[-4000:]
