@@ -23,6 +23,7 @@ from mtrec.models.hard_sharing import SharedBottom, SingleTask
 from mtrec.models.inputs import InputArch, random_inputs, table_name
 from mtrec.models.layers import MLP, Gate, GroupedLinear, GroupedMLP, Tower, make_activation, mix
 from mtrec.models.moe import CGC, PLE, MMoE, OMoE
+from mtrec.models.searched import SearchedPLE, SharingSupernet
 from mtrec.models.soft_sharing import CrossStitch, L2Sharing
 
 MODELS: dict[str, type[MultiTaskModel]] = {
@@ -35,6 +36,7 @@ MODELS: dict[str, type[MultiTaskModel]] = {
     "esmm": ESMM,
     "l2_sharing": L2Sharing,
     "cross_stitch": CrossStitch,
+    "searched": SearchedPLE,
 }
 
 # The input arch's settings that model configs carried themselves before the ``inputs`` node (run configs of
@@ -71,6 +73,8 @@ __all__ = [
     "MODELS",
     "PLE",
     "SHARED",
+    "SearchedPLE",
+    "SharingSupernet",
     "CrossStitch",
     "Gate",
     "GroupedLinear",
