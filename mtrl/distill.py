@@ -686,8 +686,6 @@ class DistillTrainerConfig:
     """Continue from ``last.pt`` in the run directory (a fresh start when there is none)."""
     progress: bool = True
     """Show a tqdm progress bar."""
-    device: str = "cpu"
-    """Where the teachers and the student run (``cpu``, ``cuda``, ``auto``); rollouts step on the CPU."""
     num_threads: int | None = 1
     """torch intra-op threads (``null`` = torch's default)."""
 
@@ -718,7 +716,8 @@ def check_distill_config(cfg: DictConfig) -> tuple[DistillTrainerConfig, PolicyD
     """Every start-up check of an ``mtrl-distill`` config, before any env or teacher is loaded: top-level keys
     (:data:`DISTILL_CONFIG_KEYS`), the ``env``, ``agent``, ``gradient`` and ``sac`` nodes as ``mtrl-train`` checks them
     (:func:`mtrl.config.check_config`), ``distill`` against :class:`PolicyDistillConfig`, ``trainer`` against
-    :class:`DistillTrainerConfig`, and that ``teachers`` is given.
+    :class:`DistillTrainerConfig`, and that ``teachers`` is given. (The distiller, its rollouts and its state buffers
+    run on the CPU, as :class:`PolicyDistiller` does; small policies distil fastest there.)
 
     Raises:
         ValueError: naming the first wrong key and what is accepted.
@@ -793,6 +792,8 @@ def distill_run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     ``{"format", "update", "episodes", "seed", "student": <evaluate result>, "teachers": <evaluate result>,
     "tasks": {task: {"teacher", "student", "success_gap", "return_gap"}}, "mean_success": {"teacher", "student"},
     "mean_return": {...}, "kl": {task: KL on held-out states}, "teachers_manifest", "teacher_runs"}``).
+    Teachers are evaluated on the student's episodes (episode seeds from each task's index in the student's
+    family), so their numbers can differ from their own runs' ``eval.json``, which used their runs' task indices.
     The directory is also an ``mtrl-train``-style run (``config.yaml`` with ``env`` and ``agent``, ``last.pt`` with
     the agent's weights), so ``mtrl-eval run_dir=...`` and ``mtrl-export`` take the student as they take any agent.
 
@@ -809,23 +810,22 @@ def distill_run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     from mtl.checkpoint import atomic_torch_save, load_checkpoint, seed_everything
     from mtl.config import build_partial
     from mtrl.agents import EnvSpec
-    from mtrl.config import build_agent_from_config, resolve_device
+    from mtrl.config import build_agent_from_config
     from mtrl.evaluate import evaluate
     from mtrl.runs import CONFIG_FILE, LOG_FILE
 
     tcfg, dcfg = check_distill_config(cfg)
     if tcfg.num_threads:
         torch.set_num_threads(tcfg.num_threads)
-    device = resolve_device(tcfg.device)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     seed = int(cfg.seed)
     seed_everything(seed)
     family = instantiate(cfg.env)
-    teachers, entries = load_manifest_teachers(cfg.teachers, family, device=str(device))
+    teachers, entries = load_manifest_teachers(cfg.teachers, family)  # on the CPU, where the distiller runs
     teacher_list = [teachers[n] for n in family.task_names]
     seed_everything(seed)
-    agent = build_agent_from_config(cfg, EnvSpec.from_family(family), seed=seed, gradients=False).to(device)
+    agent = build_agent_from_config(cfg, EnvSpec.from_family(family), seed=seed, gradients=False)
     gradient = build_partial("gradient", cfg.gradient, seed=seed) if cfg.get("gradient") is not None else None
     OmegaConf.save(cfg, run_dir / CONFIG_FILE, resolve=True)
     distiller = PolicyDistiller(family, agent.actor, teacher_list, dcfg, gradient=gradient, seed=seed)
