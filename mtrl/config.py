@@ -34,7 +34,7 @@ from omegaconf.errors import OmegaConfBaseException
 from mtl.config import CONFIG_DIR, build_partial, check_config_keys, check_group_keys
 from mtrl.agents import SAC, EnvSpec, SACConfig
 from mtrl.agents.sac import Strategies
-from mtrl.envs import family_class, family_settings
+from mtrl.envs import VECTORIZATIONS, family_class, family_settings
 
 __all__ = [
     "CONFIG_DIR",
@@ -71,8 +71,19 @@ class RLTrainerConfig:
 
     total_steps: int = 50_000
     """Pool steps to train for in total, across resumes (each step: one action in every env)."""
-    envs_per_task: int = 1
-    """Envs per task in the training pool (``K * envs_per_task`` transitions per step)."""
+    envs_per_task: int | None = None
+    """Envs per task in the training pool (``K * envs_per_task`` transitions per step); ``null`` = the env config's
+    ``envs_per_task`` (the family's, 1 unless configured)."""
+    env_workers: int | None = None
+    """Worker processes of the training pool when the env config has ``vectorization: async`` (``null`` = one per
+    core less one for the learner, at least 1, at most one per env: :func:`mtrl.envs.default_env_workers`). Unused
+    with ``vectorization: sync``."""
+    overlap_updates: bool | None = None
+    """``true``: a step's SAC updates run while the envs execute that step's actions, so they sample the replay as
+    it was before the step's transitions (the order that lets async env workers overlap the learner; sync pools
+    follow it too, so sync and async runs are bit-identical). ``false``: the updates follow the step's
+    transitions (the order of runs written before this setting existed). ``null``: ``true`` for a new run; a
+    resumed run keeps its checkpoint's order."""
     learning_starts: int = 1_000
     """Steps of uniformly random actions before the first update."""
     updates_per_step: float = 1.0
@@ -104,9 +115,11 @@ class RLTrainerConfig:
     """torch intra-op threads (``null`` = torch's default)."""
 
     def __post_init__(self) -> None:
+        for key in ("envs_per_task", "env_workers"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                raise ValueError(f"trainer.{key} must be >= 1 or null, got {getattr(self, key)}")
         for key in (
             "total_steps",
-            "envs_per_task",
             "batch_size",
             "replay_capacity",
             "eval_episodes",
@@ -213,6 +226,13 @@ def check_config(cfg: DictConfig, program: str = PROGRAM) -> None:
     weighted = cfg.get("weighted_losses", "critic")
     if weighted not in WEIGHTED_LOSSES:
         raise ValueError(f"config key weighted_losses: expected one of {list(WEIGHTED_LOSSES)}, got {weighted!r}")
+    env = cfg.get("env")
+    vectorization = env.get("vectorization") if isinstance(env, DictConfig) else None
+    if vectorization is not None and vectorization not in VECTORIZATIONS:
+        raise ValueError(
+            f"config key env.vectorization: expected one of {list(VECTORIZATIONS)} (where mtrl-train's envs step), "
+            f"got {vectorization!r}"
+        )
 
 
 # ------------------------------------------------------------------------------------------------ builders

@@ -12,9 +12,20 @@ Examples::
     mtrl-train hydra.run.dir=runs/a trainer.resume=true trainer.total_steps=200000   # continue a run
 
 What one step is: every env of the pool (``K * envs_per_task`` single-task envs, env ``j`` running task
-``j % K``) takes one action; the transitions go to their task's replay buffer (:mod:`mtrl.replay`); then
-``updates_per_step`` SAC updates (:meth:`mtrl.agents.SAC.update`) each sample ``batch_size`` rows from
-every task. The first ``learning_starts`` steps act uniformly at random and do not update.
+``j % K``; ``envs_per_task`` is the env config's unless ``trainer.envs_per_task`` sets it) takes one action; the
+transitions go to their task's replay buffer (:mod:`mtrl.replay`); ``updates_per_step`` SAC updates
+(:meth:`mtrl.agents.SAC.update`) each sample ``batch_size`` rows from every task. The first ``learning_starts``
+steps act uniformly at random and do not update. With ``trainer.overlap_updates`` (the default for new runs) the
+updates of a step run while its actions are being executed, on the replay as it was before the step's
+transitions (on a run's first step, whose replay is empty, after them); without it, after them.
+
+Where the envs step: the env config's ``vectorization``. ``sync``: in this process. ``async``: in
+``trainer.env_workers`` worker processes (:class:`mtrl.envs.AsyncEnvRunner`; by default one per core less one for
+the learner), which step while the learner updates: the actions are sent, the step's updates run, then the
+observations are collected. Both run the same env code on the same inputs, so a run gives bit-identical weights
+either way, and a run may be resumed with the other one. The workers ignore SIGINT and SIGTERM (the trainer
+finishes its step with them, then closes them), are closed on exit, errors and interruption, and exit on their
+own if the trainer dies.
 
 Multi-task strategies (groups of the recommendation trainer too, built here for the task names):
 
@@ -44,7 +55,8 @@ stop) finishes the current step, writes ``last.pt`` and exits (status 130 / 143)
 **Exact resume.** ``last.pt`` holds the agent (weights, target critics, temperatures, optimisers, the
 weightings', gradient methods' and scheduler's state), every task's replay buffer with its sampler's generator, the
 exploration generator, the global RNG states (Python, NumPy, torch, CUDA), and each env's position: its episode index
-and the actions taken so far in the current episode. Every episode of env ``j`` starts with
+and the actions taken so far in the current episode (kept by :class:`EnvPool` in the trainer's process, whichever
+the vectorization), and the update order (``overlap_updates``). Every episode of env ``j`` starts with
 ``reset(seed=<derived from (seed, j, episode)>)``, and the families' envs are deterministic given their
 seed and actions, so a resumed run rebuilds each env's state by replaying the current episode's actions
 (checked against the saved observation) and then continues to bit-identical weights. Evaluation runs on
@@ -88,6 +100,7 @@ from mtrl.config import (
     sac_config,
     trainer_config,
 )
+from mtrl.envs import make_env_runner
 from mtrl.evaluate import Evaluator, episode_seed
 from mtrl.replay import TaskReplay
 from mtrl.runs import CONFIG_FILE, EVAL_FILE, LAST, LOG_FILE, load_run
@@ -106,6 +119,7 @@ __all__ = [
     "build_strategies",
     "load_run",
     "monitored_metric",
+    "pool_envs_per_task",
     "run",
     "sac_config",
     "trainer_config",
@@ -125,41 +139,66 @@ log = logging.getLogger("mtrl")
 
 
 class EnvPool:
-    """``K * envs_per_task`` single-task envs stepped in lockstep (env ``j`` runs task ``j % K``).
+    """``K * envs_per_task`` single-task envs stepped in lockstep (env ``j`` runs task ``j % K``), in this process
+    (``vectorization="sync"``) or in worker processes (``"async"``, :class:`mtrl.envs.AsyncEnvRunner`) that
+    step while the learner updates (:meth:`step_async`, then :meth:`step_wait`).
 
     Each env is reset by hand when its episode ends, with ``reset(seed=episode_seed(seed, j, e))`` for its
-    ``e``-th episode, and the actions of the current episode are kept, so :meth:`load_state_dict` can rebuild
-    every env's state by replaying them (the families' envs are deterministic given seed and actions).
-    Stepping single envs rather than a gymnasium vector env is what makes that per-env replay possible.
+    ``e``-th episode, and the actions of the current episode are kept here (the runner only steps), so
+    :meth:`load_state_dict` can rebuild every env's state by replaying them (the families' envs are
+    deterministic given seed and actions). Stepping single envs rather than a gymnasium vector env, which resets
+    on its own, is what makes that per-env replay possible. Sync and async pools run the same env code on the
+    same inputs and return bit-identical results; a state saved by one loads into the other.
+
+    Args:
+        family: the task family.
+        envs_per_task: copies of each task.
+        seed: the run's seed (episode seeds).
+        vectorization: ``"sync"`` or ``"async"``; ``None`` takes ``family.vectorization``.
+        workers: worker processes of an async pool (``None``: :func:`mtrl.envs.default_env_workers`).
     """
 
-    def __init__(self, family: Any, envs_per_task: int, seed: int) -> None:
+    def __init__(
+        self,
+        family: Any,
+        envs_per_task: int,
+        seed: int,
+        *,
+        vectorization: str | None = None,
+        workers: int | None = None,
+    ) -> None:
         self.family = family
         self.num_tasks = len(family.task_names)
         self.seed = int(seed)
         n = self.num_tasks * envs_per_task
         self.tasks = np.arange(n, dtype=np.int64) % self.num_tasks
-        self.envs = [family.make_env(int(t)) for t in self.tasks]
+        vectorization = getattr(family, "vectorization", "sync") if vectorization is None else vectorization
+        self.runner = make_env_runner(family, self.tasks.tolist(), vectorization, num_workers=workers)
+        self.vectorization = vectorization
         self.episode = np.zeros(n, dtype=np.int64)
         self.actions: list[list[np.ndarray]] = [[] for _ in range(n)]
         self.obs: np.ndarray | None = None
         self.ep_return = np.zeros(n, dtype=np.float64)
         self.ep_success = np.zeros(n, dtype=bool)
+        self._sent: np.ndarray | None = None
 
     def __len__(self) -> int:
-        return len(self.envs)
+        return len(self.tasks)
 
-    def _reset(self, j: int) -> np.ndarray:
-        obs, _ = self.envs[j].reset(seed=episode_seed(TRAIN_STREAM, self.seed, j, int(self.episode[j])))
-        if int(obs["task"]) != int(self.tasks[j]):
-            raise ValueError(f"env {j} was made for task {self.tasks[j]} but observes task {obs['task']}")
-        self.actions[j] = []
-        self.ep_return[j], self.ep_success[j] = 0.0, False
-        return np.asarray(obs["obs"], dtype=np.float32)
+    def _seed(self, j: int) -> int:
+        return episode_seed(TRAIN_STREAM, self.seed, j, int(self.episode[j]))
+
+    def _start(self, js: list[int]) -> np.ndarray:
+        """Reset envs ``js`` for their current episode; their observations."""
+        obs = self.runner.reset([(j, self._seed(j)) for j in js])
+        for j in js:
+            self.actions[j] = []
+            self.ep_return[j], self.ep_success[j] = 0.0, False
+        return obs
 
     def reset(self) -> np.ndarray:
         """Start every env's current episode; returns ``obs [N, obs_dim]``."""
-        self.obs = np.stack([self._reset(j) for j in range(len(self.envs))])
+        self.obs = self._start(list(range(len(self))))
         return self.obs
 
     def step(self, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[tuple[int, float, bool]]]:
@@ -169,29 +208,34 @@ class EnvPool:
         ``(task, return, success)`` of the episodes that ended (success: ``info["success"]`` at any step).
         Ended envs are reset, and :attr:`obs` holds the observations the next step acts on.
         """
+        self.step_async(actions)
+        return self.step_wait()
+
+    def step_async(self, actions: np.ndarray) -> None:
+        """Start :meth:`step` (an async pool's workers step while the caller goes on); finish with :meth:`step_wait`."""
         assert self.obs is not None, "call reset() first"
-        n = len(self.envs)
-        next_obs = np.empty_like(self.obs)
-        reward = np.empty(n, dtype=np.float32)
-        terminated = np.empty(n, dtype=np.float32)
-        current = self.obs.copy()
+        self._sent = np.array(actions, copy=True)
+        self.runner.step_async(self._sent)
+
+    def step_wait(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[tuple[int, float, bool]]]:
+        """Finish the step :meth:`step_async` started; returns what :meth:`step` does."""
+        assert self.obs is not None and self._sent is not None, "call step_async() first"
+        next_obs, reward64, term, trunc, success = self.runner.step_wait()
+        actions, self._sent = self._sent, None
+        for j in range(len(self)):
+            self.actions[j].append(actions[j])
+        self.ep_return += reward64
+        self.ep_success |= success
         finished: list[tuple[int, float, bool]] = []
-        for j, env in enumerate(self.envs):
-            action = actions[j]
-            obs, r, term, trunc, info = env.step(action)
-            self.actions[j].append(np.array(action, copy=True))
-            next_obs[j] = obs["obs"]
-            reward[j], terminated[j] = r, float(term)
-            self.ep_return[j] += float(r)
-            self.ep_success[j] |= bool(info.get("success", False))
-            if term or trunc:
-                finished.append((int(self.tasks[j]), float(self.ep_return[j]), bool(self.ep_success[j])))
-                self.episode[j] += 1
-                current[j] = self._reset(j)
-            else:
-                current[j] = next_obs[j]
+        done = [j for j in range(len(self)) if term[j] or trunc[j]]
+        for j in done:
+            finished.append((int(self.tasks[j]), float(self.ep_return[j]), bool(self.ep_success[j])))
+            self.episode[j] += 1
+        current = next_obs.copy()
+        if done:
+            current[done] = self._start(done)
         self.obs = current
-        return next_obs, reward, terminated, finished
+        return next_obs, reward64.astype(np.float32), term.astype(np.float32), finished
 
     def state_dict(self) -> dict[str, Any]:
         assert self.obs is not None
@@ -205,39 +249,36 @@ class EnvPool:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Rebuild every env's state: reset with its episode seed, replay the episode's actions, and check the
-        observation against the saved one.
+        """Rebuild every env's state: reset with its episode seed, replay the episode's actions (an async pool's
+        workers side by side), and check the observation against the saved one.
 
         Raises:
             RuntimeError: an env does not reproduce its saved observation (it is not deterministic given
                 seed and actions, so the run cannot resume exactly).
         """
-        if len(state["episode"]) != len(self.envs) or int(state["seed"]) != self.seed:
+        if len(state["episode"]) != len(self) or int(state["seed"]) != self.seed:
             raise ValueError(
                 f"env pool state is for {len(state['episode'])} envs with seed {state['seed']}; this pool has "
-                f"{len(self.envs)} envs with seed {self.seed} (resume with the same env, envs_per_task and seed)"
+                f"{len(self)} envs with seed {self.seed} (resume with the same env, envs_per_task and seed)"
             )
         self.episode = np.asarray(state["episode"], dtype=np.int64).copy()
-        obs = np.empty_like(state["obs"])
-        for j, env in enumerate(self.envs):
-            obs[j] = self._reset(j)
-            for action in state["actions"][j]:
-                o, *_ = env.step(action)
-                obs[j] = o["obs"]
-                self.actions[j].append(np.array(action, copy=True))
+        actions = [np.asarray(a) for a in state["actions"]]
+        obs = self.runner.replay([(j, self._seed(j), actions[j]) for j in range(len(self))])
+        for j in range(len(self)):
+            self.actions[j] = [np.array(a, copy=True) for a in actions[j]]
             if not np.array_equal(obs[j], state["obs"][j]):
                 raise RuntimeError(
                     f"env {j} (task {self.tasks[j]}) did not reproduce its saved observation after replaying "
                     f"{len(self.actions[j])} actions: the environment is not deterministic given its seed and "
                     "actions, so this run cannot resume exactly"
                 )
-        self.obs = obs
+        self.obs = obs.astype(np.asarray(state["obs"]).dtype)
         self.ep_return = np.asarray(state["ep_return"], dtype=np.float64).copy()
         self.ep_success = np.asarray(state["ep_success"], dtype=bool).copy()
 
     def close(self) -> None:
-        for env in self.envs:
-            env.close()
+        """Close the envs (and an async pool's workers)."""
+        self.runner.close()
 
 
 # ---------------------------------------------------------------------------------------------- trainer
@@ -334,7 +375,9 @@ class RLTrainer:
         self.replay = TaskReplay(
             spec.num_tasks, config.replay_capacity, spec.obs_dim, spec.action_dim, device=self.device, seed=self.seed
         )
-        self.pool = EnvPool(family, config.envs_per_task, self.seed)
+        self.envs_per_task = pool_envs_per_task(config, family)
+        self.overlap = True if config.overlap_updates is None else bool(config.overlap_updates)
+        self.pool = EnvPool(family, self.envs_per_task, self.seed, workers=config.env_workers)
         self.explore_rng = np.random.default_rng(np.random.SeedSequence([1, self.seed]))
         self.evaluator = Evaluator(
             family,
@@ -364,6 +407,7 @@ class RLTrainer:
             "rng": rng_state(),
             "window": list(self._window),
             "last_eval": self.last_eval,
+            "overlap_updates": self.overlap,
         }
 
     def save(self) -> None:
@@ -382,13 +426,20 @@ class RLTrainer:
         state = load_checkpoint(path)
         if int(state["seed"]) != self.seed:
             raise ValueError(f"{path} was trained with seed {state['seed']}, this run has seed {self.seed}")
-        saved = {**_EARLIER_DEFAULTS, **state["fingerprint"]}
-        diff = sorted(k for k in set(saved) | set(self.fingerprint) if saved.get(k) != self.fingerprint.get(k))
+        saved, mine = _comparable({**_EARLIER_DEFAULTS, **state["fingerprint"]}), _comparable(self.fingerprint)
+        diff = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
         if diff:
             raise ValueError(
                 f"{path} was written with a different {', '.join(diff)} config; resume with the run's own "
                 f"config.yaml settings (only trainer.* may change) or start a new run directory"
             )
+        overlap = bool(state.get("overlap_updates", False))  # absent: written before the setting existed
+        if self.cfg.overlap_updates is not None and bool(self.cfg.overlap_updates) != overlap:
+            raise ValueError(
+                f"{path} was trained with trainer.overlap_updates={str(overlap).lower()}; resume with that value "
+                "(or null, which keeps the checkpoint's) or start a new run directory"
+            )
+        self.overlap = overlap
         self.agent.load_training_state(state["agent"])
         self.replay.load_state_dict(state["replay"])
         self.pool.load_state_dict(state["pool"])
@@ -494,25 +545,38 @@ class RLTrainer:
         return self.last_eval
 
     def _train_step(self) -> None:
+        """One pool step: act, step the envs, store the transitions, update (see :attr:`overlap`)."""
         cfg = self.cfg
         obs = self.pool.obs
         assert obs is not None
         actions = self._act(obs)
-        next_obs, reward, terminated, finished = self.pool.step(actions)
+        step = self.step + 1
+        n = _updates_due(step, cfg.learning_starts, cfg.updates_per_step)
+        # Overlapped: the updates run while the envs step (in an async pool's workers), on the replay before this
+        # step's transitions; not on a run's first step, whose replay is still empty.
+        early = self.overlap and self.step > 0
+        self.pool.step_async(actions)
+        if early:
+            self._update(n, step)
+        next_obs, reward, terminated, finished = self.pool.step_wait()
         self.replay.add(self.pool.tasks, obs, actions, reward, next_obs, terminated)
-        self.step += 1
+        self.step = step
         self.episodes += len(finished)
         self._window.extend(finished)
         if finished:
             self.agent.observe_outcomes(self._success_rates(finished))
-        n = _updates_due(self.step, cfg.learning_starts, cfg.updates_per_step)
-        for i in range(n):
-            want_stats = i == n - 1 and self.step % cfg.log_interval == 0
-            stats = self.agent.update(self.replay.sample(cfg.batch_size), stats=want_stats)
-            if want_stats:
-                self._last_stats = stats
+        if not early:
+            self._update(n, step)
         if self.step % cfg.epoch_steps == 0:
             self.agent.end_epoch()
+
+    def _update(self, n: int, step: int) -> None:
+        """``n`` SAC updates of pool step ``step`` (the last one keeps its statistics on a logging step)."""
+        for i in range(n):
+            want_stats = i == n - 1 and step % self.cfg.log_interval == 0
+            stats = self.agent.update(self.replay.sample(self.cfg.batch_size), stats=want_stats)
+            if want_stats:
+                self._last_stats = stats
 
     def _success_rates(self, finished: list[tuple[int, float, bool]]) -> dict[str, float]:
         """``{task: share of successes}`` among the episodes in ``finished`` (tasks without one are left out)."""
@@ -529,6 +593,22 @@ class RLTrainer:
 # ------------------------------------------------------------------------------------------------- runs
 
 
+def pool_envs_per_task(config: RLTrainerConfig, family: Any) -> int:
+    """Envs per task of the training pool: ``trainer.envs_per_task``, or the env config's when that is null."""
+    if config.envs_per_task is not None:
+        return int(config.envs_per_task)
+    return int(getattr(family, "envs_per_task", 1))
+
+
+def _comparable(fingerprint: dict[str, Any]) -> dict[str, Any]:
+    """A fingerprint without what may change on resume: the env's ``vectorization`` (sync and async pools give
+    bit-identical runs) and its ``envs_per_task`` (compared as the pool's, the top-level ``envs_per_task``)."""
+    out = dict(fingerprint)
+    if isinstance(out.get("env"), dict):
+        out["env"] = {k: v for k, v in out["env"].items() if k not in ("vectorization", "envs_per_task")}
+    return out
+
+
 def _fingerprint(cfg: DictConfig) -> dict[str, Any]:
     """The parts of the config a resumed run must share with the checkpoint."""
     out: dict[str, Any] = {}
@@ -536,7 +616,8 @@ def _fingerprint(cfg: DictConfig) -> dict[str, Any]:
         node = cfg.get(key)
         out[key] = OmegaConf.to_container(node, resolve=True) if node is not None else None
     out["weighted_losses"] = cfg.get("weighted_losses", "critic")
-    out["envs_per_task"] = int(cfg.trainer.get("envs_per_task", 1))
+    epp = cfg.trainer.get("envs_per_task")
+    out["envs_per_task"] = int(epp if epp is not None else cfg.env.get("envs_per_task", 1))
     out["replay_capacity"] = int(cfg.trainer.get("replay_capacity", RLTrainerConfig.replay_capacity))
     return out
 

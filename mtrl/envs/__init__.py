@@ -16,7 +16,17 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
-from mtrl.envs.base import VECTORIZATIONS, TaskFamily, flatten_obs, make_vector_env
+from mtrl.envs.base import (
+    VECTORIZATIONS,
+    AsyncEnvRunner,
+    EnvGroup,
+    SyncEnvRunner,
+    TaskFamily,
+    default_env_workers,
+    flatten_obs,
+    make_env_runner,
+    make_vector_env,
+)
 from mtrl.envs.metaworld import MetaWorldFamily, MetaWorldTaskEnv
 from mtrl.envs.pointmass import PointMassEnv, PointMassFamily
 from mtrl.tasks import MT10_TASKS, MT50_TASKS
@@ -27,14 +37,19 @@ __all__ = [
     "MT10_TASKS",
     "MT50_TASKS",
     "VECTORIZATIONS",
+    "AsyncEnvRunner",
+    "EnvGroup",
     "MetaWorldFamily",
     "MetaWorldTaskEnv",
     "PointMassEnv",
     "PointMassFamily",
+    "SyncEnvRunner",
     "TaskFamily",
+    "default_env_workers",
     "family_class",
     "family_settings",
     "flatten_obs",
+    "make_env_runner",
     "make_family",
     "make_vector_env",
 ]
