@@ -5,6 +5,7 @@ Examples::
 
     mtrl-eval run_dir=outputs/mtrl/2025-01-01/12-00-00 episodes=20
     mtrl-eval run_dir=RUN episodes=10 video=true              # + one rgb_array video per task
+    mtrl-eval run_dir=RUN gif_dir=RUN/gifs                    # + one small GIF per task (MUJOCO_GL=egl if unset)
 
 Prints a table and writes ``RUN/evaluation.json`` (or ``output=PATH``)::
 
@@ -21,6 +22,8 @@ periodic evaluations use the same function with the run's seed.
 from __future__ import annotations
 
 import logging
+import os
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,13 +39,18 @@ from mtrl.runs import load_run
 
 __all__ = [
     "EVAL_STREAM",
+    "CannotRender",
     "EvalConfig",
     "Evaluator",
     "episode_seed",
     "evaluate",
     "evaluate_run",
     "format_table",
+    "record_gifs",
     "record_videos",
+    "shrink",
+    "write_gif",
+    "use_headless_gl",
 ]
 
 log = logging.getLogger("mtrl.evaluate")
@@ -180,6 +188,44 @@ def _write_video(frames: Sequence[np.ndarray], stem: Path, fps: int) -> Path:
     return path
 
 
+class CannotRender(RuntimeError):
+    """A task's env cannot produce ``rgb_array`` frames here; the message says why."""
+
+
+def _episode_frames(act: Policy, family: Any, t: int, seed: int, keep: Callable[[int], bool]) -> list[np.ndarray]:
+    """Frames of evaluation episode 0 of task ``t`` (``render_mode="rgb_array"``): the reset frame (step 0) and
+    the frame after every step ``i`` with ``keep(i)``.
+
+    Raises:
+        CannotRender: the env cannot be made with ``rgb_array``, renders ``None``, or rendering fails (no OpenGL).
+    """
+    try:
+        env = family.make_env(t, render_mode="rgb_array")
+    except Exception as err:  # families raise their own errors for unsupported render modes
+        raise CannotRender(f"cannot make an rgb_array env ({err})") from err
+    try:
+        o, _ = env.reset(seed=episode_seed(EVAL_STREAM, seed, t, 0))
+        try:
+            first = env.render()
+        except NotImplementedError as err:
+            raise CannotRender(f"rendering is not implemented ({err})") from err
+        except Exception as err:  # MuJoCo without a usable OpenGL back end (MUJOCO_GL) fails here
+            raise CannotRender(f"rendering failed ({type(err).__name__}: {err})") from err
+        if first is None:
+            raise CannotRender("the env renders no rgb_array frames")
+        frames, i, done = [np.asarray(first)], 0, False
+        while not done:
+            action = act(np.asarray(o["obs"], dtype=np.float32)[None], np.array([t], dtype=np.int64))[0]
+            o, _, term, trunc, _ = env.step(action)
+            i += 1
+            done = bool(term or trunc)
+            if keep(i) or done:
+                frames.append(np.asarray(env.render()))
+        return frames
+    finally:
+        env.close()
+
+
 def record_videos(policy: Any, family: Any, video_dir: str | Path, *, seed: int = 0, fps: int = 30) -> dict[str, str]:
     """One video per task of evaluation episode 0 (``render_mode="rgb_array"``): ``{task: path or reason}``.
 
@@ -191,28 +237,111 @@ def record_videos(policy: Any, family: Any, video_dir: str | Path, *, seed: int 
     out: dict[str, str] = {}
     for t, name in enumerate(family.task_names):
         try:
-            env = family.make_env(t, render_mode="rgb_array")
-        except Exception as err:  # families raise their own errors for unsupported render modes
-            out[name] = f"skipped: cannot make an rgb_array env ({err})"
+            frames = _episode_frames(act, family, t, seed, lambda i: True)
+        except CannotRender as err:
+            out[name] = f"skipped: {err}"
             continue
-        try:
-            o, _ = env.reset(seed=episode_seed(EVAL_STREAM, seed, t, 0))
-            frames = [env.render()]
-            if frames[0] is None:
-                out[name] = "skipped: the env renders no rgb_array frames"
-                continue
-            done = False
-            while not done:
-                action = act(np.asarray(o["obs"], dtype=np.float32)[None], np.array([t], dtype=np.int64))[0]
-                o, _, term, trunc, _ = env.step(action)
-                frames.append(env.render())
-                done = bool(term or trunc)
-            out[name] = str(_write_video(frames, video_dir / name, fps))
-        except NotImplementedError as err:
-            out[name] = f"skipped: rendering is not implemented ({err})"
-        finally:
-            env.close()
+        out[name] = str(_write_video(frames, video_dir / name, fps))
     return out
+
+
+def use_headless_gl() -> str | None:
+    """Choose MuJoCo's offscreen OpenGL back end on a machine without a display: ``MUJOCO_GL=egl`` (GPU or Mesa
+    EGL; ``osmesa`` needs the OSMesa library, often absent) unless ``MUJOCO_GL`` is set or a display is
+    available. Returns the back end in force (``None``: MuJoCo's default, a window system). It only takes effect
+    before ``mujoco`` is first imported (which a Meta-World family does), so call it before making one."""
+    if "MUJOCO_GL" not in os.environ and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+        if "mujoco" in sys.modules:
+            log.warning("mujoco is already imported without MUJOCO_GL: offscreen rendering may fail")
+        os.environ["MUJOCO_GL"] = "egl"
+        os.environ.setdefault("PYOPENGL_PLATFORM", "egl")
+    return os.environ.get("MUJOCO_GL")
+
+
+def shrink(frame: np.ndarray, size: int) -> np.ndarray:
+    """``frame`` (``[H, W, 3]`` uint8) resized so that its longer side is at most ``size`` pixels (Pillow's
+    area-averaging ``Image.reduce`` for whole factors, then Lanczos), aspect ratio kept; smaller frames unchanged."""
+    from PIL import Image
+
+    h, w = frame.shape[:2]
+    if max(h, w) <= size:
+        return np.ascontiguousarray(frame[..., :3], dtype=np.uint8)
+    image = Image.fromarray(np.ascontiguousarray(frame[..., :3], dtype=np.uint8))
+    factor = max(h, w) // size
+    if factor > 1:
+        image = image.reduce(factor)
+    scale = size / max(image.size)
+    if scale < 1:
+        image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.LANCZOS)
+    return np.asarray(image)
+
+
+def record_gifs(
+    policy: Any,
+    family: Any,
+    gif_dir: str | Path,
+    *,
+    seed: int = 0,
+    size: int = 128,
+    stride: int = 2,
+    fps: int = 15,
+    colours: int = 128,
+) -> dict[str, str]:
+    """One small animated GIF per task of evaluation episode 0 (the episode :func:`evaluate` runs first):
+    ``{task: path, or "skipped: why"}``.
+
+    Frames come from ``render_mode="rgb_array"`` (MuJoCo's offscreen renderer for Meta-World: see
+    :func:`use_headless_gl`; the point-mass draws its own), every ``stride``-th step plus the reset frame and
+    the last step's, each shrunk to at most ``size`` pixels on its longer side (:func:`shrink`), written with
+    one shared palette of ``colours`` colours (:func:`write_gif`) at ``fps`` frames per second, looping. A
+    150-step Meta-World episode at the defaults is 76 frames of 128 x 128. Tasks whose env cannot render are
+    skipped with the reason (:class:`CannotRender`), not an error.
+    """
+    if size < 8 or stride < 1 or fps < 1 or not 2 <= colours <= 256:
+        raise ValueError(
+            "GIFs need size >= 8, stride >= 1, fps >= 1 and 2 <= colours <= 256, "
+            f"got {size}, {stride}, {fps}, {colours}"
+        )
+    act = as_policy(policy)
+    gif_dir = Path(gif_dir)
+    gif_dir.mkdir(parents=True, exist_ok=True)
+    out: dict[str, str] = {}
+    for t, name in enumerate(family.task_names):
+        try:
+            frames = _episode_frames(act, family, t, seed, lambda i: i % stride == 0)
+        except CannotRender as err:
+            out[name] = f"skipped: {err}"
+            continue
+        path = gif_dir / f"{name}.gif"
+        tmp = path.with_name(f".{path.name}.tmp.gif")
+        write_gif([shrink(f, size) for f in frames], tmp, fps=fps, colours=colours)
+        tmp.replace(path)
+        out[name] = str(path)
+    return out
+
+
+def write_gif(frames: Sequence[np.ndarray], path: str | Path, *, fps: int = 15, colours: int = 128) -> Path:
+    """An animated, looping GIF of ``frames`` (``[H, W, 3]`` uint8, all one size) through Pillow.
+
+    All frames share one palette of ``colours`` colours (median cut over the first, middle and last frames) and
+    are mapped onto it without dithering, so pixels that do not change between frames keep their index and
+    Pillow stores only the changed rectangle of each frame: a 150-step Meta-World episode at 128 x 128 is a
+    few hundred KB rather than the megabyte that per-frame palettes with dithering take.
+    """
+    from PIL import Image
+
+    if not frames:
+        raise ValueError("write_gif needs at least one frame")
+    images = [Image.fromarray(np.ascontiguousarray(f[..., :3], dtype=np.uint8)) for f in frames]
+    picks = sorted({0, len(images) // 2, len(images) - 1})
+    sample = Image.new("RGB", (images[0].width, images[0].height * len(picks)))
+    for i, k in enumerate(picks):
+        sample.paste(images[k], (0, images[0].height * i))
+    palette = sample.quantize(colors=colours, method=Image.Quantize.MEDIANCUT)
+    indexed = [im.quantize(palette=palette, dither=Image.Dither.NONE) for im in images]
+    path = Path(path)
+    indexed[0].save(path, save_all=True, append_images=indexed[1:], duration=round(1000 / fps), loop=0, optimize=False)
+    return path
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -245,6 +374,17 @@ class EvalConfig:
     """Also record evaluation episode 0 of every task (``rgb_array``; mp4, or GIF without ffmpeg)."""
     video_dir: str | None = None
     """Where videos go; ``null`` = ``RUN/videos``."""
+    gif_dir: str | None = None
+    """Also write one small GIF per task of evaluation episode 0 into this directory (:func:`record_gifs`);
+    ``null`` = none."""
+    gif_size: int = 128
+    """Longer side of the GIF frames in pixels (frames are shrunk to it)."""
+    gif_stride: int = 2
+    """Keep every ``gif_stride``-th step's frame (plus the first and the last)."""
+    gif_fps: int = 15
+    """GIF frames per second."""
+    gif_colours: int = 128
+    """Colours of the palette all frames of a GIF share (2 to 256)."""
 
 
 def evaluate_run(cfg: Any) -> dict[str, Any]:
@@ -264,6 +404,13 @@ def evaluate_run(cfg: Any) -> dict[str, Any]:
         except OmegaConfBaseException as err:
             first = str(err).splitlines()[0]  # OmegaConf's first line names the key; the rest repeats it
             raise ValueError(f"config: {first} (e.g. mtrl-eval run_dir=RUN episodes=10)") from err
+    if c.gif_dir is not None and (c.gif_size < 8 or c.gif_stride < 1 or c.gif_fps < 1 or not 2 <= c.gif_colours <= 256):
+        raise ValueError(
+            f"gif_size must be >= 8, gif_stride and gif_fps >= 1, gif_colours 2 to 256; got gif_size={c.gif_size}, "
+            f"gif_stride={c.gif_stride}, gif_fps={c.gif_fps}, gif_colours={c.gif_colours}"
+        )
+    if c.video or c.gif_dir is not None:
+        use_headless_gl()  # before load_run imports mujoco
     run = load_run(c.run_dir, c.device)
     seed = int(run.cfg.seed) if c.seed is None else int(c.seed)
     result = evaluate(run.agent, run.family, episodes=c.episodes, seed=seed, envs_per_task=c.envs_per_task)
@@ -273,6 +420,19 @@ def evaluate_run(cfg: Any) -> dict[str, Any]:
         result["videos"] = record_videos(run.agent, run.family, video_dir, seed=seed)
         for name, where in result["videos"].items():
             print(f"video {name}: {where}")
+    if c.gif_dir is not None:
+        result["gifs"] = record_gifs(
+            run.agent,
+            run.family,
+            c.gif_dir,
+            seed=seed,
+            size=c.gif_size,
+            stride=c.gif_stride,
+            fps=c.gif_fps,
+            colours=c.gif_colours,
+        )
+        for name, where in result["gifs"].items():
+            print(f"gif {name}: {where}")
     output = Path(c.output) if c.output else Path(c.run_dir) / "evaluation.json"
     atomic_write_json(result, output)
     print(f"{run.agent.name} at step {run.step}, {c.episodes} deterministic episodes per task (seed {seed}):")

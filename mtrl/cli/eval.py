@@ -3,6 +3,7 @@
 
     mtrl-eval run_dir=outputs/mtrl/2025-01-01/12-00-00 episodes=20
     mtrl-eval run_dir=RUN video=true                  # + one rgb_array video per task
+    mtrl-eval run_dir=RUN gif_dir=RUN/gifs gif_size=96  # + one small GIF per task (headless: MUJOCO_GL=egl)
     python -m mtrl.cli.eval run_dir=RUN               # the same without the console script
 
 Prints a table and writes ``RUN/evaluation.json`` (:func:`mtrl.evaluate.evaluate_run`). A directory that is not an
