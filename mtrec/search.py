@@ -603,12 +603,24 @@ class SearchTrainer(Trainer):
         }
 
     def load_last(self) -> bool:
-        if not super().load_last():
-            return False
+        try:
+            if not super().load_last():
+                return False
+        except (KeyError, RuntimeError) as err:  # weights of another search space or model
+            raise ValueError(
+                f"{self.run_dir / LAST}: the checkpoint does not fit this search's supernet ({str(err).splitlines()[0]}"
+                "); resume with the same settings or search into a new run directory"
+            ) from None
         state = load_checkpoint(self.run_dir / LAST)
         if "search" not in state:
             raise ValueError(f"{self.run_dir / LAST}: not a checkpoint of {PROGRAM} (no controller state)")
-        self.reinforce.load_state_dict(state["search"]["reinforce"])
+        try:
+            self.reinforce.load_state_dict(state["search"]["reinforce"])
+        except (KeyError, RuntimeError, ValueError) as err:
+            raise ValueError(
+                f"{self.run_dir / LAST}: the controller of this checkpoint does not fit this search's space "
+                f"({type(err).__name__}); resume with the same search settings or search into a new run directory"
+            ) from None
         for k, g in self.generators.items():
             g.set_state(state["search"]["generators"][k])
         self.history = SearchHistory(**state["search"]["history"])

@@ -322,7 +322,7 @@ def test_bad_input_is_one_line_and_exit_2(
     assert not (tmp_path / "supernet").exists()
 
 
-@pytest.mark.parametrize("methods", [("uncertainty", "pcgrad"), ("dwa", "mgda_ub")])
+@pytest.mark.parametrize("methods", [("uncertainty", "pcgrad"), ("dwa", "mgda_ub"), ("gradnorm", "cagrad")])
 def test_mtl_methods_train_inside_the_search(methods: tuple[str, str], tmp_path: Path) -> None:
     weighting, gradient = methods
     cfg = compose_search(f"weighting={weighting}", f"gradient={gradient}", "search.epochs=1", "search.retrain=false")
