@@ -240,15 +240,22 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 def report(state: dict[str, Any], runs_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
     """Curves, final per-task results and the tables (printed); returns the JSON payload's parts."""
     results: list[dict[str, Any]] = []
+    returns: dict[tuple[str, int], float] = {}
     curves: dict[str, Any] = {}
     tasks: list[str] = []
     runs = sorted(state["runs"].items(), key=lambda kv: (list(AGENTS).index(kv[1]["agent"]), kv[1]["seed"]))
+    # the final result of every run is its evaluation at the same step: the last that every run has completed
+    # (a chunk records its steps when it ends), or --at-step
+    started = [i["steps"] for _, i in runs if i["steps"] > 0] or [0]
+    at_step = args.at_step if args.at_step is not None else min(started)
     for key, info in runs:
-        records = eval_records(runs_dir / key)
+        # only the finished chunks' evaluations (a chunk in progress may have written some beyond its start)
+        records = [r for r in eval_records(runs_dir / key) if r["step"] <= info["steps"]]
         if not records:
-            print(f"{key}: no evaluation yet; left out")
+            print(f"{key}: no finished chunk yet; left out")
             continue
-        last = records[-1]
+        upto = [r for r in records if r["step"] <= at_step]
+        last = upto[-1] if upto else records[-1]
         tasks = tasks or list(per_task(last))
         results.append(
             {
@@ -259,6 +266,7 @@ def report(state: dict[str, Any], runs_dir: Path, args: argparse.Namespace) -> d
                 "per_task": per_task(last),
             }
         )
+        returns[(info["agent"], info["seed"])] = float(last["eval/mean_return"])
         agent_curve = curves.setdefault(info["agent"], {"seeds": [], "runs": {}})
         agent_curve["seeds"].append(info["seed"])
         agent_curve["runs"][str(info["seed"])] = {
@@ -266,6 +274,7 @@ def report(state: dict[str, Any], runs_dir: Path, args: argparse.Namespace) -> d
             "mean_success": [float(r["eval/mean_success"]) for r in records],
             "mean_return": [float(r["eval/mean_return"]) for r in records],
             "per_task": {t: [per_task(r)[t] for r in records] for t in tasks},
+            "per_task_return": {t: [float(r[f"eval/{t}/return"]) for r in records] for t in tasks},
         }
     # mean and std over seeds at the env steps every seed of the agent has evaluated
     for c in curves.values():
@@ -275,6 +284,8 @@ def report(state: dict[str, Any], runs_dir: Path, args: argparse.Namespace) -> d
         c["env_steps"] = common
         c["mean_success"] = [mean_std([at(s, s["mean_success"], x) for s in seeds])[0] for x in common]
         c["std_success"] = [mean_std([at(s, s["mean_success"], x) for s in seeds])[1] for x in common]
+        c["mean_return"] = [mean_std([at(s, s["mean_return"], x) for s in seeds])[0] for x in common]
+        c["std_return"] = [mean_std([at(s, s["mean_return"], x) for s in seeds])[1] for x in common]
         c["per_task_mean"] = {
             t: [mean_std([at(s, s["per_task"][t], x) for s in seeds])[0] for x in common] for t in tasks
         }
@@ -288,13 +299,15 @@ def report(state: dict[str, Any], runs_dir: Path, args: argparse.Namespace) -> d
                 AGENTS[info["agent"]],
                 info["seed"],
                 "-" if r is None else f"{r['mean_success']:.3f}",
+                "-" if r is None else f"{returns[(info['agent'], info['seed'])]:.1f}",
                 "-" if r is None else r["env_steps"],
                 f"{info['steps']}/{info['total_steps']}",
                 len(info["chunks"]),
                 f"{used:.0f}",
             ]
         )
-    print(table(["agent", "seed", "final success", "env steps", "pool steps", "chunks", "seconds"], rows))
+    print(f"final results at pool step {at_step} ({at_step * TASKS_PER_POOL_STEP:,} environment steps):")
+    print(table(["agent", "seed", "success", "eval return", "env steps", "pool steps done", "chunks", "seconds"], rows))
     agents = [a for a in AGENTS if any(r["agent"] == a for r in results)]
     final = {a: {t: mean_std([r["per_task"][t] for r in results if r["agent"] == a]) for t in tasks} for a in agents}
     means = {a: mean_std([r["mean_success"] for r in results if r["agent"] == a]) for a in agents}
@@ -335,10 +348,18 @@ def report(state: dict[str, Any], runs_dir: Path, args: argparse.Namespace) -> d
         "The paper's figure cannot be read at this run's step count (its curves start near 0 and its first "
         "readable values are at about 1M steps), so 'published_at_same_steps' is null rather than a guess."
     )
-    return {"results": results, "curves": curves, "final_per_task": final, "comparison": comparison, "tasks": tasks}
+    return {
+        "results": results,
+        "curves": curves,
+        "final_per_task": final,
+        "comparison": comparison,
+        "tasks": tasks,
+        "at_step": at_step,
+        "final_return": {f"{a}-seed{s}": v for (a, s), v in returns.items()},
+    }
 
 
-def plot(curves: dict[str, Any], tasks: list[str], path: Path, title: str) -> None:
+def plot(curves: dict[str, Any], tasks: list[str], path: Path, title: str, learning_starts: int) -> None:
     """Mean success vs environment steps per agent (our runs; and on a log axis beside the published points),
     and one panel per task."""
     import matplotlib
@@ -347,14 +368,19 @@ def plot(curves: dict[str, Any], tasks: list[str], path: Path, title: str) -> No
     import matplotlib.pyplot as plt
 
     colours = dict(zip(AGENTS, ("tab:red", "tab:blue", "tab:green", "tab:purple")))
-    fig = plt.figure(figsize=(18, 10), constrained_layout=True)
-    grid = fig.add_gridspec(3, 5)
-    ours = fig.add_subplot(grid[0, :3])
-    wide = fig.add_subplot(grid[0, 3:])
+    fig = plt.figure(figsize=(20, 11), constrained_layout=True)
+    grid = fig.add_gridspec(3, 10)
+    ours = fig.add_subplot(grid[0, :4])
+    ret = fig.add_subplot(grid[0, 4:7])
+    wide = fig.add_subplot(grid[0, 7:])
     for agent, c in curves.items():
         x = c["env_steps"]
-        mean, std = c["mean_success"], c["std_success"]
         label = f"{AGENTS[agent]} ({len(c['seeds'])} seeds)"
+        ret.plot(x, c["mean_return"], "-o", ms=3, color=colours[agent], label=label)
+        lo = [m - s for m, s in zip(c["mean_return"], c["std_return"])]
+        hi = [m + s for m, s in zip(c["mean_return"], c["std_return"])]
+        ret.fill_between(x, lo, hi, color=colours[agent], alpha=0.15)
+        mean, std = c["mean_success"], c["std_success"]
         for ax in (ours, wide):
             ax.plot(x, mean, "-o", ms=3, color=colours[agent], label=label)
             ax.fill_between(
@@ -384,15 +410,27 @@ def plot(curves: dict[str, Any], tasks: list[str], path: Path, title: str) -> No
         ylim=(-0.05, 1.05),
     )
     wide.set(
-        title="log axis, with the CARE paper's MT10 values (read approx. off its figure)",
+        title="log axis; CARE paper's MT10 values (approx.)",
         xscale="log",
         xlabel="environment steps",
         ylim=(-0.05, 1.05),
     )
+    for ax in (ours, ret):
+        ax.axvline(learning_starts * TASKS_PER_POOL_STEP, color="grey", ls=":", lw=1)
+        ax.text(
+            learning_starts * TASKS_PER_POOL_STEP,
+            0.02,
+            " first update",
+            color="grey",
+            fontsize=8,
+            transform=ax.get_xaxis_transform(),
+        )
+    ret.set(title="mean evaluation return per episode (mean +- std over seeds)", xlabel="environment steps")
+    ret.legend(loc="upper left", fontsize=8)
     ours.legend(loc="upper left", fontsize=8)
     wide.legend(loc="upper left", fontsize=7)
     for i, task in enumerate(tasks):
-        ax = fig.add_subplot(grid[1 + i // 5, i % 5])
+        ax = fig.add_subplot(grid[1 + i // 5, 2 * (i % 5) : 2 * (i % 5) + 2])
         for agent, c in curves.items():
             ax.plot(c["env_steps"], c["per_task_mean"][task], "-o", ms=2, color=colours[agent], label=AGENTS[agent])
         ax.set(title=task, ylim=(-0.05, 1.05))
@@ -423,6 +461,12 @@ def main() -> int:
     parser.add_argument("--eval-episodes", type=int, default=1, help="episodes per task per evaluation (1)")
     parser.add_argument("--time-budget", type=float, default=None, help="seconds this invocation may use")
     parser.add_argument("--deadline", default=None, help="UTC HH:MM after which no chunk may still run")
+    parser.add_argument(
+        "--at-step",
+        type=int,
+        default=None,
+        help="report every run's last evaluation at or before this pool step (default: the fewest steps any run has)",
+    )
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--agents", nargs="+", default=list(AGENTS), choices=list(AGENTS))
     parser.add_argument(
@@ -496,6 +540,9 @@ def main() -> int:
         "eval_episodes": args.eval_episodes,
         "eval_episodes_note": "fixed goals + deterministic policy: every episode of a task is the same, so 1",
         "seeds": sorted({i["seed"] for i in state["runs"].values()}),
+        "results_at_pool_step": summary["at_step"],
+        "pool_steps_done": {k: i["steps"] for k, i in state["runs"].items()},
+        "final_eval_return": summary["final_return"],
         "device": args.device,
         "torch_threads_per_run": args.threads,
         "machine_note": "2 shared CPU cores with other engineers' work running; runs one at a time on one core",
@@ -520,12 +567,13 @@ def main() -> int:
             "comparison": summary["comparison"],
         },
     )
-    steps = max(r["env_steps"] for r in summary["results"])
+    steps = summary["at_step"] * TASKS_PER_POOL_STEP
     plot(
         summary["curves"],
         summary["tasks"],
         RESULTS / f"{name}.png",
         f"Meta-World MT10 (fixed goals), {steps:,} env steps per run, CPU",
+        settings["learning_starts_pool_steps"],
     )
     if args.smoke and not args.runs_dir:
         shutil.rmtree(runs_dir, ignore_errors=True)
