@@ -16,7 +16,9 @@ For each data set:
    batch 256, for every model), choices per (task, level) ``own`` / shared expert ``[0]`` / ``all`` shared
    experts; 2 levels for the two-task sets and 1 level for the four-task set, so 3^4 = 81 children each. The
    supernet trains for ``--supernet-factor`` (2) times the steps of one child trained from scratch (spread over
-   10 epochs), with 15 controller updates per epoch and 8 + 1 final candidates scored on 4 validation batches.
+   10 epochs, the first ``--warmup-epochs`` (3) without controller updates), with 15 controller updates per epoch
+   (ENAS's micro-search sampler: temperature 5, tanh constant 1.1) and 8 + 1 final candidates scored on 8
+   validation batches.
 2. **Exhaustive** (seed 0): every child of the space trained from scratch for the data set's step budget (300
    steps on the MMoE synthetic sets, 200 on Census-Income and the four-task set, 100 with ``--quick``; early
    stopping on the validation loss); the exhaustive answer is the best on validation. Cost in steps: the sum of
@@ -257,9 +259,12 @@ def run_dataset(name: str, spec: dict[str, Any], args: argparse.Namespace, log: 
         "search.epochs=10",
         f"search.steps_per_epoch={per_epoch}",
         "search.controller_steps=15",
+        f"search.warmup_epochs={args.warmup_epochs}",
+        f"search.temperature={args.temperature}",
+        f"search.tanh_constant={args.tanh_constant}",
         "search.controller_batch_size=512",
         "search.final_samples=8",
-        "search.final_batches=4",
+        "search.final_batches=8",
         "search.policy_samples=32",
         f"search.reward={'auc' if spec['metric'] == 'auc' else 'loss'}",
         "search.retrain=false",
@@ -435,6 +440,9 @@ def main() -> None:
     ap.add_argument("--datasets", nargs="+", default=None, help="mmoe_p0.5 mmoe_p0.9 census four_task")
     ap.add_argument("--expert-width", type=int, default=16)
     ap.add_argument("--supernet-factor", type=float, default=2.0, help="supernet steps / one child's step budget")
+    ap.add_argument("--warmup-epochs", type=int, default=3, help="search epochs before the controller learns")
+    ap.add_argument("--temperature", type=float, default=5.0, help="controller temperature (ENAS micro: 5)")
+    ap.add_argument("--tanh-constant", type=float, default=1.1, help="controller tanh constant (ENAS micro: 1.1)")
     ap.add_argument("--output", default=None, help="file name under benchmarks/results/")
     ap.add_argument("--fresh", action="store_true", help="train everything again, ignoring the runs log")
     args = ap.parse_args()
@@ -500,8 +508,10 @@ def main() -> None:
                 "expert_width": args.expert_width,
                 "specs": {k: v for k, v in specs.items() if k in names},
                 "choices": choices(args),
-                "search": f"10 epochs, supernet steps = {args.supernet_factor} x the child budget, 15 controller "
-                "steps/epoch, 8+1 final candidates on 4 validation batches; reward loss (census: auc)",
+                "search": f"10 epochs ({args.warmup_epochs} warm-up epochs without controller updates), supernet "
+                f"steps = {args.supernet_factor} x the child budget, 15 controller steps/epoch, controller "
+                f"temperature {args.temperature}, tanh constant {args.tanh_constant}, 8+1 final candidates on 8 "
+                "validation batches; reward loss (census: auc)",
                 "baselines": "widths matched to the searched child's parameters outside the input arch; MMoE 4 "
                 "experts, PLE 2 levels 2 shared + 1 own, grouping: TAG budget 2 with Shared-Bottom networks",
                 "machine_note": "2 CPU cores shared with other engineers' work running at the same time; one torch "

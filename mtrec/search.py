@@ -103,6 +103,9 @@ class SearchConfig:
     """Shared-weight training steps of an epoch (one child per batch); ``null`` = one pass over the training set."""
     controller_steps: int = 20
     """Controller updates of an epoch, each on one sampled child and one validation batch."""
+    warmup_epochs: int = 0
+    """Epochs at the start whose phase (b) is skipped: the shared weights train on children of the initial (nearly
+    uniform) policy before the controller learns from their rewards."""
     controller_batch_size: int = 512
     """Rows of a validation batch that rewards a child."""
     controller_hidden: int = 100
@@ -138,6 +141,8 @@ class SearchConfig:
                     "final_samples", "final_batches", "policy_samples"):  # fmt: skip
             if getattr(self, key) < 1:
                 raise ValueError(f"search.{key} must be >= 1, got {getattr(self, key)}")
+        if self.warmup_epochs < 0:
+            raise ValueError(f"search.warmup_epochs must be >= 0, got {self.warmup_epochs}")
         if self.controller_steps < 0:
             raise ValueError(f"search.controller_steps must be >= 0, got {self.controller_steps}")
         if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
@@ -794,7 +799,8 @@ def run_search(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
         # (b) the controller: REINFORCE on validation batches with the shared weights
         val_batches = _cycle_batches(bundle.val, scfg.controller_batch_size, seed * 1000 + 500 + epoch)
         rewards: list[float] = []
-        for _ in tqdm(range(scfg.controller_steps), desc=f"search epoch {epoch}: controller", disable=not show,
+        controller_steps = scfg.controller_steps if epoch >= scfg.warmup_epochs else 0
+        for _ in tqdm(range(controller_steps), desc=f"search epoch {epoch}: controller", disable=not show,
                       leave=False):  # fmt: skip
             vb = next(val_batches)
             out = trainer.reinforce.step(

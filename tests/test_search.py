@@ -404,3 +404,12 @@ def test_resume_gives_identical_results(searched: Path, tmp_path: Path) -> None:
     ra = json.loads((tmp_path / "retrained_metrics.json").read_text())
     rb = json.loads((searched / "retrained_metrics.json").read_text())
     assert ra["test"] == rb["test"]
+
+
+def test_warmup_epochs_leave_the_controller_untouched(tmp_path: Path) -> None:
+    result = run_search(compose_search("search.warmup_epochs=1", "search.retrain=false"), tmp_path)
+    assert result["train_steps"] == 12 and result["controller_steps"] == 4  # epoch 0 trains the shared weights only
+    policy = [json.loads(line) for line in (tmp_path / "policy.jsonl").read_text().splitlines()]
+    samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert {s["epoch"] for s in samples if s["phase"] == "controller"} == {1}
+    assert policy[0]["mean_reward"] is None and policy[1]["mean_reward"] is not None
