@@ -189,6 +189,113 @@ def test_care_attention_sums_to_one_differs_between_tasks_and_mixes_experts() ->
         CAREEncoder(3, 5, meta)
 
 
+def _naive_care(enc: CAREEncoder, obs: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
+    """CARE row by row, expert by expert, straight from the paper's description (no grouping, no per-task table)."""
+    linears = [m for m in enc.context if isinstance(m, nn.Linear)]
+    expert_layers = [m for m in enc.experts if isinstance(m, EnsembleLinear)]
+    rows = []
+    for b, t in enumerate(task.tolist()):
+        z = enc.metadata[t]
+        for i, lin in enumerate(linears):
+            z = lin.weight @ z + lin.bias
+            z = torch.relu(z) if i < len(linears) - 1 else z
+        alpha = torch.softmax((enc.attention_logits.weight @ z + enc.attention_logits.bias) / enc.temperature, dim=0)
+        mixed = torch.zeros(enc.expert_dim, dtype=obs.dtype)
+        for j in range(enc.num_experts):
+            h = obs[b]
+            for i, layer in enumerate(expert_layers):
+                h = h @ layer.weight[j] + layer.bias[j, 0]
+                h = torch.relu(h) if i < len(expert_layers) - 1 else h
+            mixed = mixed + alpha[j] * h
+        rows.append(torch.cat([mixed, z]))
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize(
+    ("context_hidden", "expert_hidden", "temperature"),
+    [([8], [8], 1.0), ([8, 6], [7, 5], 0.5), ([], [], 2.0)],
+    ids=["paper-shape", "deeper", "linear"],
+)
+def test_care_fused_backward_equals_a_naive_per_row_reference(
+    context_hidden: list[int], expert_hidden: list[int], temperature: float
+) -> None:
+    """The fused encoder (per-task contexts, grouped experts, one hand-written backward) against CARE computed
+    row by row with autograd: outputs and the gradients of every parameter and of the observation."""
+    torch.manual_seed(0)
+    meta = np.random.default_rng(1).normal(size=(4, 6))
+    enc = CAREEncoder(
+        3, 4, meta, num_experts=3, expert_hidden=expert_hidden, expert_dim=5, context_hidden=context_hidden,
+        context_dim=4, temperature=temperature,
+    ).double()  # fmt: skip
+    obs = torch.randn(9, 3, dtype=torch.float64, requires_grad=True)
+    task = torch.tensor([0, 1, 2, 3, 1, 0, 2, 2, 1])  # task 3 has one row; every task present
+    cot = torch.randn(9, enc.out_dim, dtype=torch.float64)
+    params = list(enc.parameters())
+    out = enc(obs, task)
+    assert out.grad_fn is not None and "CAREFunction" in type(out.grad_fn).__name__
+    ref = _naive_care(enc, obs, task)
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-10)
+    got = torch.autograd.grad(out, [obs, *params], cot)
+    want = torch.autograd.grad(ref, [obs, *params], cot)
+    for (name, _), g, w in zip([("obs", None), *enc.named_parameters()], got, want):
+        torch.testing.assert_close(g, w, atol=1e-12, rtol=1e-10, msg=lambda m, n=name: f"{n}: {m}")
+    # A batch without some tasks (their context rows get no gradient); the no-grad path gives the same values.
+    sub, bias = torch.tensor([0, 0, 1]), enc.attention_logits.bias
+    g_sub = torch.autograd.grad(enc(obs[:3], sub).sum(), bias)[0]
+    torch.testing.assert_close(g_sub, torch.autograd.grad(_naive_care(enc, obs[:3], sub).sum(), bias)[0])
+    with torch.no_grad():
+        torch.testing.assert_close(enc(obs, task), ref.detach(), atol=1e-12, rtol=1e-10)
+
+
+def test_care_float32_gradients_match_the_reference_and_keep_the_parameters_layout() -> None:
+    torch.manual_seed(0)
+    enc = CAREEncoder(2, 4, np.random.default_rng(2).normal(size=(4, 384)).astype(np.float32))  # the config's sizes
+    obs, task = torch.randn(16, 2), torch.arange(16) % 4
+    enc(obs, task).pow(2).sum().backward()
+    fused = {n: p.grad.clone() for n, p in enc.named_parameters()}
+    enc.zero_grad()
+    _naive_care(enc, obs, task).pow(2).sum().backward()
+    for n, p in enc.named_parameters():
+        torch.testing.assert_close(fused[n], p.grad, atol=1e-6, rtol=1e-5)
+        assert fused[n].stride() == p.stride(), n  # fused Adam reads gradients in the parameter's layout
+
+
+def test_care_higher_order_and_batched_gradients_are_exact() -> None:
+    """``create_graph`` (GREAT differentiates through gradients) and ``is_grads_batched`` (the gradient methods'
+    one-call Jacobians) go through the fused node and agree with finite differences / a loop."""
+    from mtrl.encoders import _CAREFunction
+
+    torch.manual_seed(0)
+    enc = CAREEncoder(3, 3, np.random.default_rng(1).normal(size=(3, 5)), num_experts=2, expert_hidden=[4],
+                      expert_dim=3, context_hidden=[4], context_dim=2, temperature=0.7).double()  # fmt: skip
+    task = torch.tensor([0, 2, 1, 2])
+    obs = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    meta = enc.metadata.clone().requires_grad_(True)
+    params = list(enc.parameters())
+
+    def fn(o: torch.Tensor, m: torch.Tensor, *ps: torch.Tensor) -> torch.Tensor:
+        return _CAREFunction.apply(o, task, m, enc.temperature, enc._n_context, *ps)
+
+    assert torch.autograd.gradcheck(fn, (obs, meta, *params))
+    assert torch.autograd.gradgradcheck(fn, (obs, meta, *params))
+    cots = torch.randn(3, 4, enc.out_dim, dtype=torch.float64)
+    batched = torch.autograd.grad(enc(obs, task), params, cots, is_grads_batched=True)
+    out = enc(obs, task)
+    for i in range(3):
+        for b, g in zip(batched, torch.autograd.grad(out, params, cots[i], retain_graph=True)):
+            torch.testing.assert_close(b[i], g)
+
+
+def test_care_state_dict_keys_are_unchanged() -> None:
+    """Checkpoints of earlier runs keep loading: the fused forward reads the same modules."""
+    enc = CAREEncoder(3, 4, np.eye(4, dtype=np.float32))
+    assert list(enc.state_dict()) == [
+        "metadata", "context.0.weight", "context.0.bias", "context.2.weight", "context.2.bias",
+        "attention_logits.weight", "attention_logits.bias", "experts.0.weight", "experts.0.bias",
+        "experts.2.weight", "experts.2.bias",
+    ]  # fmt: skip
+
+
 def test_param_groups_heads_are_task_specific_only_for_multihead() -> None:
     s = spec()
     mh, mt = multihead_sac(s, hidden=[8]), mt_sac(s, hidden=[8])
@@ -570,6 +677,27 @@ def test_training_state_of_the_earlier_layout_loads() -> None:
     a2 = mt_sac(s, hidden=[8], critic_gradient=PCGrad(seed=9))
     a2.load_training_state(state)
     assert a2.critic_gradient.state_dict()["generator"].equal(a1.critic_gradient.state_dict()["generator"])
+
+
+def test_care_checkpoint_of_the_earlier_code_resumes_exactly() -> None:
+    """A training state written before the fused encoder and fused Adam (``foreach`` optimisers) loads into a
+    new agent, which then continues exactly as the writer does (Adam keeps the checkpoint's ``foreach``)."""
+    s = spec()
+    torch.manual_seed(0)
+    old = care(s, hidden=[8], num_experts=2, expert_hidden=[4], expert_dim=4, context_hidden=[4], context_dim=3)
+    for name in ("actor", "critic", "temperature"):
+        opt = getattr(old, f"{name}_optimizer")
+        params = [p for g in opt.param_groups for p in g["params"]]
+        setattr(old, f"{name}_optimizer", torch.optim.Adam(params, lr=opt.param_groups[0]["lr"], foreach=True))
+    old.update(batch(s))
+    new = care(s, hidden=[8], num_experts=2, expert_hidden=[4], expert_dim=4, context_hidden=[4], context_dim=3)
+    new.load_training_state(copy.deepcopy(old.training_state()))
+    assert new.critic_optimizer.param_groups[0]["foreach"] is True
+    for agent in (old, new):
+        torch.manual_seed(5)
+        agent.update(batch(s, seed=1))
+    for (name, a), b in zip(old.state_dict().items(), new.state_dict().values()):
+        assert torch.equal(a, b), name
 
 
 # ---------------------------------------------------------------------------------------- replay

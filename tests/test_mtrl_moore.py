@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from mtl.checkpoint import load_checkpoint
 from mtrl.agents import EnvSpec, Transition, moore
 from mtrl.config import CONFIG_DIR
-from mtrl.encoders import EnsembleLinear, MOOREEncoder, gram_schmidt
+from mtrl.encoders import EnsembleLinear, MOOREEncoder, gram_schmidt, gram_schmidt_reference
 from mtrl.runs import LAST
 from mtrl.train import run
 
@@ -43,6 +43,45 @@ def test_gram_schmidt_is_differentiable_and_refuses_too_many_vectors() -> None:
     assert torch.autograd.gradcheck(gram_schmidt, (h,))
     with pytest.raises(ValueError, match="cannot be orthonormal"):
         gram_schmidt(torch.randn(4, 2, 3))
+
+
+def _qr_orthonormalise(h: torch.Tensor) -> torch.Tensor:
+    """Gram-Schmidt's result by Householder QR (an independent algorithm): columns of Q signed so that
+    ``<u_j, h_j> > 0``, which is what Gram-Schmidt gives for independent vectors."""
+    q, r = torch.linalg.qr(h.permute(1, 2, 0))  # [B, D, k], [B, k, k]
+    return (q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1)).unsqueeze(1)).permute(2, 0, 1)
+
+
+@settings(derandomize=True, max_examples=25, deadline=None)
+@given(k=st.integers(1, 5), extra=st.integers(0, 4), b=st.integers(1, 4), seed=st.integers(0, 2**31 - 1))
+def test_gram_schmidt_fused_backward_equals_qr_and_the_autograd_loop(k: int, extra: int, b: int, seed: int) -> None:
+    """The one-node Gram-Schmidt (hand-written backward) against autograd through the loop and through
+    Householder QR: values and gradients for independent vectors."""
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(k, b, k + extra, generator=g, dtype=torch.float64, requires_grad=True)
+    cot = torch.randn(k, b, k + extra, generator=g, dtype=torch.float64)
+    u = gram_schmidt(h)
+    assert "GramSchmidt" in type(u.grad_fn).__name__
+    got = torch.autograd.grad(u, h, cot)[0]
+    torch.testing.assert_close(torch.autograd.grad(gram_schmidt_reference(h), h, cot)[0], got)
+    qr = _qr_orthonormalise(h)
+    torch.testing.assert_close(u, qr, atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(got, torch.autograd.grad(qr, h, cot)[0], atol=1e-7, rtol=1e-7)
+
+
+def test_gram_schmidt_fused_backward_on_dependent_vectors_batched_and_second_order() -> None:
+    torch.manual_seed(0)
+    h = torch.randn(3, 4, 5, dtype=torch.float64)
+    h[2, 0] = h[0, 0]  # in the span of an earlier vector: residual below eps, clamped norm
+    h[1, 1] = 0.0  # a zero vector
+    h.requires_grad_(True)
+    cots = torch.randn(2, 3, 4, 5, dtype=torch.float64)
+    fused = torch.autograd.grad(gram_schmidt(h), h, cots, is_grads_batched=True)[0]
+    for i in range(2):
+        loop = torch.autograd.grad(gram_schmidt_reference(h), h, cots[i])[0]
+        torch.testing.assert_close(fused[i], loop, rtol=1e-10, atol=1e-10 * float(loop.abs().max()))
+    small = torch.randn(2, 3, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(gram_schmidt, (small,))
 
 
 def test_grouped_expert_product_equals_separate_linear_layers() -> None:

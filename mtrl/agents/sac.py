@@ -258,10 +258,11 @@ class SAC(nn.Module):
         self.target_entropy = (
             float(config.target_entropy) if config.target_entropy is not None else -float(spec.action_dim)
         )
-        # foreach: one kernel per step for all tensors (the per-tensor loop dominates tiny networks' updates)
-        self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=config.actor_lr, foreach=True)
-        self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=config.critic_lr, foreach=True)
-        self.temperature_optimizer = torch.optim.Adam([self.log_alpha], lr=config.temperature_lr, foreach=True)
+        # fused: one kernel per tensor doing the whole Adam step (foreach on CPU loops over tensors op by op; the
+        # optimiser step dominated tiny networks' updates). Checkpoints written with foreach load and keep it.
+        self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=config.actor_lr, fused=True)
+        self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=config.critic_lr, fused=True)
+        self.temperature_optimizer = torch.optim.Adam([self.log_alpha], lr=config.temperature_lr, fused=True)
         # One multi-task step per objective; they count the same tasks (one scheduler), the critic's feeds it.
         self.critic_step = MultiTaskStep(
             self.task_names,
