@@ -367,6 +367,8 @@ def test_architecture_trains_with_mtrec_train_and_exports_with_parity(searched: 
     # the command the file's header gives
     header = (searched / "architecture.yaml").read_text().splitlines()[2]
     assert f"'model.architecture={arch}'" in header
+    # the search's own retraining is a mtrec-train run (retrain/); the file's model trains the same way
+    assert OmegaConf.load(searched / "retrain" / "config.yaml").model._target_ == "mtrec.models.SearchedPLE"
     cfg = compose_train(
         *[o for o in TINY if not o.startswith("search.")],
         "model=searched",
@@ -381,15 +383,21 @@ def test_architecture_trains_with_mtrec_train_and_exports_with_parity(searched: 
     assert saved.model._target_ == "mtrec.models.SearchedPLE"
     assert OmegaConf.to_container(saved.model.architecture) == node["architecture"]
     with initialize_config_module(CONFIG_PATH.removeprefix("pkg://"), version_base="1.3"):
-        ecfg = compose(config_name="export", overrides=[f"run_dir={run_dir}", f"repository={tmp_path / 'repo'}",
-                                                        "model_name=searched"])  # fmt: skip
+        overrides = [f"run_dir={run_dir}", f"repository={tmp_path / 'repo'}", "model_name=searched"]
+        ecfg = compose(config_name="export", overrides=[*overrides, "parity.batch_sizes=[1,33]"])
     result = export_run(ecfg)
     assert result.parity.passed  # ONNX Runtime against the torch model, every parity batch size
-    # the search's own retraining is a mtrec-train run too: it exports the same way
-    with initialize_config_module(CONFIG_PATH.removeprefix("pkg://"), version_base="1.3"):
-        overrides = [f"run_dir={searched / 'retrain'}", f"repository={tmp_path / 'repo2'}", "model_name=s"]
-        ecfg = compose(config_name="export", overrides=overrides)
-    assert export_run(ecfg).parity.passed
+    # and the server loads it: the repository's config checked against the model's inputs and outputs, warmed up
+    from serving.metrics import InferenceStats
+    from serving.models import load_version
+    from serving.options import ServerOptions
+    from serving.repository import read_config
+
+    repo = tmp_path / "repo"
+    served = load_version(
+        repo, read_config(repo, "searched"), 1, ServerOptions(model_repository=repo), InferenceStats()
+    )
+    assert served.sessions and served.version == 1
 
 
 def test_resume_gives_identical_results(searched: Path, tmp_path: Path) -> None:
