@@ -55,6 +55,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,7 @@ from common import REPO, RESULTS, table, write_json
 
 AGENTS = {"care": "CARE", "mt_sac": "MT-SAC", "multihead_sac": "Multi-head SAC", "moore": "MOORE"}
 TASKS_PER_POOL_STEP = 10  # MT10: one env per task
+LEARNING_STARTS = 1500  # pool steps of uniform random actions before the first update (the preset's)
 
 # Published MT10 success rates (fixed goals) of Sodhani, Zhang & Pineau, "Multi-Task Reinforcement Learning with
 # Context-based Representations", ICML 2021. The paper could not be downloaded here: these values were read
@@ -206,6 +208,7 @@ def advance(state: dict[str, Any], state_path: Path, runs_dir: Path, args: argpa
                 "seconds": round(seconds, 1),
                 "device": args.device,
                 "when": time.strftime("%Y-%m-%d %H:%M:%S"),
+                "load_average_1min": round(os.getloadavg()[0], 2),
             }
         )
         info["steps"] = until
@@ -359,6 +362,17 @@ def report(state: dict[str, Any], runs_dir: Path, args: argparse.Namespace) -> d
     }
 
 
+def learning_cost(state: dict[str, Any]) -> dict[str, float]:
+    """Wall seconds per pool step (one env step per task and one update) of each agent's chunks after the
+    random-action phase, start-up and evaluations included: the total over its runs' chunks / their steps."""
+    out: dict[str, list[float]] = {}
+    for info in state["runs"].values():
+        for c in info["chunks"]:
+            if c["from"] >= LEARNING_STARTS and c["to"] > c["from"]:
+                out.setdefault(info["agent"], []).extend([c["seconds"], c["to"] - c["from"]])
+    return {a: round(sum(v[::2]) / sum(v[1::2]), 3) for a, v in out.items()}
+
+
 def plot(curves: dict[str, Any], tasks: list[str], path: Path, title: str, learning_starts: int) -> None:
     """Mean success vs environment steps per agent (our runs; and on a log axis beside the published points),
     and one panel per task."""
@@ -508,6 +522,8 @@ def main() -> int:
                     raise SystemExit(f"{agent}-seed{seed} was started with --total-steps {info['total_steps']}")
                 info["total_steps"] = args.total_steps
         save_state(state, state_path)
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+        (runs_dir / "code.txt").write_text(f"{commit} ({REPO})\n")
         advance(state, state_path, runs_dir, args)
     if not state["runs"]:
         print(f"rl_metaworld: no runs in {runs_dir}")
@@ -523,7 +539,10 @@ def main() -> int:
     settings = {
         "mode": "smoke (a few steps: a pipeline check, not a result)" if args.smoke else "full",
         "complete": done,
-        "metaworld": "3.1.1 (v3 environments)",
+        "metaworld": f"{version('metaworld')} (v3 environments)",
+        "mujoco": version("mujoco"),
+        "torch": version("torch"),
+        "runs_code_commit": (runs_dir / "code.txt").read_text().strip() if (runs_dir / "code.txt").exists() else None,
         "family": "mt10",
         "reward_function_version": "v2",
         "max_episode_steps": 8 if args.smoke else 150,
@@ -532,7 +551,7 @@ def main() -> int:
         "network": "agent.hidden=[400, 400, 400] (the paper's) and each agent's config/agent defaults otherwise",
         "total_pool_steps_per_run": first["total_steps"],
         "total_env_steps_per_run": first["total_steps"] * TASKS_PER_POOL_STEP,
-        "learning_starts_pool_steps": 4 if args.smoke else 1500,
+        "learning_starts_pool_steps": 4 if args.smoke else LEARNING_STARTS,
         "updates_per_pool_step": 1.0,
         "first_chunk_steps": args.first_chunk_steps,
         "chunk_steps": args.chunk_steps,
@@ -551,6 +570,10 @@ def main() -> int:
             "points": {a: {str(k): v for k, v in p.items()} for a, p in PUBLISHED["points"].items()},
         },
         "budget": {
+            "why": "the largest budget whose 8 runs (one at a time, one torch thread) fit between the start and "
+            "16:00 UTC on a 2-core machine shared with other engineers (load average 7-10 during the runs): "
+            "the 1,500 random-action pool steps cost little, the updates of the paper-sized networks dominate",
+            "seconds_per_pool_step_with_update": learning_cost(state),
             "device_seconds_total": round(total, 1),
             "chunks": {k: i["chunks"] for k, i in state["runs"].items()},
         },
