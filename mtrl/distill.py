@@ -81,6 +81,7 @@ __all__ = [
     "TeacherEntry",
     "TeacherManifestError",
     "check_distill_config",
+    "check_manifest_env",
     "compare",
     "distill_run",
     "load_manifest_teachers",
@@ -610,6 +611,40 @@ def read_teacher_manifest(path: str | Path) -> tuple[Path, dict[str, TeacherEntr
     return file, entries
 
 
+#: Env settings that say how envs are stepped, not what the tasks are (ignored when teachers' and student's envs
+#: are compared).
+_RUNNER_KEYS = frozenset({"vectorization", "envs_per_task"})
+
+
+def _env_diff(a: Any, b: Any, prefix: str = "env") -> list[str]:
+    """Dotted keys where two resolved env nodes differ (runner settings left out)."""
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        keys = sorted((set(a) | set(b)) - _RUNNER_KEYS)
+        return [d for k in keys for d in _env_diff(a.get(k), b.get(k), f"{prefix}.{k}")]
+    return [] if a == b else [f"{prefix} ({a!r} vs the student's {b!r})"]
+
+
+def check_manifest_env(path: str | Path, env: Mapping[str, Any]) -> None:
+    """When the manifest records the env its teachers trained on (``env``, as :func:`train_teachers` writes it), it
+    must be the student's ``env`` node (resolved; runner settings aside): else the teachers acted in other tasks.
+
+    Raises:
+        TeacherManifestError: naming the first differing keys.
+    """
+    import yaml
+
+    file, _ = read_teacher_manifest(path)
+    recorded = yaml.safe_load(file.read_text()).get("env")
+    if recorded is None:
+        return
+    diff = _env_diff(recorded, dict(env))
+    if diff:
+        raise TeacherManifestError(
+            f"{file}: the teachers were trained on another env than the student's ({'; '.join(diff[:3])}); give the "
+            "student the teachers' env settings (the manifest's 'env'), or train teachers on the student's env"
+        )
+
+
 def load_manifest_teachers(
     path: str | Path, family: TaskFamily, device: str = "cpu"
 ) -> tuple[dict[str, FrozenTeacher], dict[str, TeacherEntry]]:
@@ -821,6 +856,7 @@ def distill_run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     seed = int(cfg.seed)
     seed_everything(seed)
+    check_manifest_env(cfg.teachers, OmegaConf.to_container(cfg.env, resolve=True))  # type: ignore[arg-type]
     family = instantiate(cfg.env)
     teachers, entries = load_manifest_teachers(cfg.teachers, family)  # on the CPU, where the distiller runs
     teacher_list = [teachers[n] for n in family.task_names]

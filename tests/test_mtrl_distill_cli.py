@@ -215,6 +215,22 @@ def test_manifest_mistakes_exit_2_in_one_line_naming_the_task_and_key(
     assert err.startswith("mtrl-distill: error: ") and expected in err, err
 
 
+def test_a_student_on_another_env_than_the_manifests_is_refused(
+    teachers: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = [f"teachers={teachers}", f"hydra.run.dir={tmp_path / 'out'}", *STUDENT, "env.max_speed=0.05"]
+    code, err = distill(argv, monkeypatch, capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert (
+        "the teachers were trained on another env than the student's (env.max_speed (0.04 vs the student's 0.05))"
+        in err
+    )
+    # runner settings do not define the tasks
+    argv = [f"teachers={teachers}", f"hydra.run.dir={tmp_path / 'ok'}", *STUDENT, "env.envs_per_task=2",
+            "trainer.updates=10", "trainer.checkpoint_interval=0"]  # fmt: skip
+    assert distill(argv, monkeypatch, capsys)[0] == 0
+
+
 @pytest.mark.parametrize(
     ("override", "expected"),
     [
