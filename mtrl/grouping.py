@@ -25,15 +25,20 @@ is refused at start-up. ``half_size=true`` also trains every task alone in an ag
 A known answer on the point-mass (``configs/mtrl_group.yaml``'s defaults): goals on a circle of 8
 (:class:`mtrl.envs.pointmass.PointMassFamily` with ``num_goals=8``), tasks ``goal-0deg`` and ``goal-45deg`` near
 each other and ``goal-180deg`` opposite. A network whose policy cannot tell its tasks apart (``agent=task_blind_sac``)
-takes one path for all of them: for the near pair it can reach one goal and pass within ``0.77`` of the other, for
-either pair with the opposite goal every path leaves one task ``1.85``-``2.0`` away. With a budget of two networks
+takes one path for all of them: in the near pair it can reach one goal and stay ``0.77`` from the other, while in a
+pair with the opposite goal reaching one goal leaves the other ``1.85``-``2.0`` away (and waiting between them leaves
+both about ``1`` away, with no success bonus). With a budget of two networks
 the right answer is ``{goal-0deg, goal-45deg}`` and ``{goal-180deg}`` alone (``tests/test_mtrl_grouping.py``).
 
 Examples (the command line is :mod:`mtrl.cli.group`)::
 
     mtrl-group                                           # the point-mass set above, higher_order, budget 2
     mtrl-group agent=mt_sac budget=2 trainer.total_steps=20000
-    mtrl-group env=mt10 task_names=null budget=3 method=pairs trainer.total_steps=50000   # MT10 (hours)
+    mtrl-group env=mt10 '~env.num_goals' 'task_names=[reach-v3,push-v3,drawer-close-v3]' agent=mt_sac
+    mtrl-group env=mt10 '~env.num_goals' task_names=null method=pairs budget=3   # all of MT10: 55 agents (days here)
+
+(``~env.num_goals`` drops the point-mass setting ``configs/mtrl_group.yaml`` adds to ``env``, which another family
+does not take.)
 
 Writes ``grouping.json`` in the Hydra run directory (the measured per-task losses, successes and returns of every
 trained network, candidate scores, chosen networks, served tasks, predicted total loss, settings) and one

@@ -80,6 +80,18 @@ def test_a_network_config_is_an_mtrl_train_config_of_the_group() -> None:
     assert net.env.family.num_goals == 8 and "budget" not in net and "task_names" not in net
 
 
+def test_another_env_family_drops_the_point_mass_setting() -> None:
+    from mtl.grouping import GROUPING_KEYS
+    from mtrl.grouping import RL_GROUPING_KEYS, run_rl_grouping
+
+    def mtrl_part(cfg: DictConfig) -> DictConfig:  # what run_rl_grouping checks as mtrl-train would
+        return OmegaConf.create({k: cfg[k] for k in cfg if k not in (*GROUPING_KEYS, *RL_GROUPING_KEYS)})
+
+    check_config(mtrl_part(compose_cfg("env=mt10", "~env.num_goals", "task_names=[reach-v3,push-v3]")))
+    with pytest.raises(ValueError, match="env.num_goals"):
+        run_rl_grouping(compose_cfg("env=mt10", "task_names=[reach-v3,push-v3]"), "/nonexistent/never-written")
+
+
 def brute_force(losses: dict[tuple[str, ...], dict[str, float]], budget: float) -> tuple[float, set[tuple[str, ...]]]:
     """Every set of networks (each costs 1) within the budget that serves every task; the least sum of served
     losses (each task served by its best network in the set)."""
