@@ -95,8 +95,8 @@ class EnsembleLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(n, 1, out_features).uniform_(-bound, bound))
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dim() == 2:
-            return torch.matmul(x, self.weight) + self.bias
+        if x.dim() == 2:  # one input for every member: a stride-0 batch (half matmul's broadcast + add backward)
+            return torch.baddbmm(self.bias, x.expand(self.n, *x.shape), self.weight)
         if x.dim() != 3 or x.shape[0] != self.n:
             raise ValueError(
                 f"EnsembleLinear expects [B, {self.in_features}] or [{self.n}, B, in], got {list(x.shape)}"
