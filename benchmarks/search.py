@@ -122,6 +122,7 @@ class RunLog:
         self.path = path
         self.done: dict[str, dict] = {}
         self.reused = 0
+        self.seconds = 0.0  # wall time of every training and search the results use, when it ran (reused too)
         if path.exists() and not fresh:
             for line in path.read_text().splitlines():
                 try:
@@ -134,8 +135,10 @@ class RunLog:
         k = json.dumps(key, sort_keys=True)
         if k in self.done:
             self.reused += 1
+            self.seconds += float(self.done[k].get("seconds") or 0.0)
             return self.done[k]
         record = fn()
+        self.seconds += float(record.get("seconds") or 0.0)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a") as f:
             f.write(json.dumps({"key": k, "record": record}) + "\n")
@@ -355,6 +358,10 @@ def run_dataset(name: str, spec: dict[str, Any], args: argparse.Namespace, log: 
                             "params_outside_inputs": runs[m]["params"]})  # fmt: skip
         print(f"[{name}] seed {seed}: " + ", ".join(f"{r['model']}={r['test_metric']:.4f}" for r in results[-5:]),
               flush=True)  # fmt: skip
+    # how the shared weights rank the final candidates against their stand-alone validation metric
+    by_key = {e["key"]: e for e in exhaustive}
+    rewards = [c["reward"] for c in search["candidates"]]
+    alone = [by_key[c["key"]]["val"] * (1 if higher else -1) for c in search["candidates"]]
     exhaustive_steps = sum(e["steps"] for e in exhaustive)
     exhaustive_seconds = sum(e["seconds"] for e in exhaustive)
     found = exhaustive[0]["key"] == search["key"]
@@ -364,12 +371,30 @@ def run_dataset(name: str, spec: dict[str, Any], args: argparse.Namespace, log: 
             "search_rank_in_exhaustive_by_val": rank, "searched": search["key"],
             "exhaustive_best": exhaustive[0]["key"],
             "step_ratio": round(exhaustive_steps / search["search_steps"], 2),
+            "final_candidates": len(rewards), "candidates_spearman_reward_vs_standalone_val": spearman(rewards, alone),
             "wall_ratio": round(exhaustive_seconds / max(search["seconds"], 1e-9), 2)}  # fmt: skip
     unrelated = None
     if "unrelated" in tasks:
         unrelated = own_experts(searched_arch, "unrelated", levels)
     return {"results": results, "cost": cost, "search": search, "exhaustive": exhaustive, "grouping": grouping,
             "unrelated_own_experts": unrelated, "tasks": tasks}  # fmt: skip
+
+
+def spearman(a: list[float], b: list[float]) -> float | None:
+    """Spearman's rank correlation (no ties expected); ``None`` below 3 points."""
+    n = len(a)
+    if n < 3:
+        return None
+
+    def ranks(v: list[float]) -> list[int]:
+        order = sorted(range(n), key=lambda i: v[i])
+        out = [0] * n
+        for r, i in enumerate(order):
+            out[i] = r
+        return out
+
+    ra, rb = ranks(a), ranks(b)
+    return round(1 - 6 * sum((x - y) ** 2 for x, y in zip(ra, rb)) / (n * (n * n - 1)), 4)
 
 
 def own_experts(arch: dict[str, tuple], task: str, levels: int) -> bool:
@@ -423,6 +448,8 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
         ax.bar(range(len(MODELS)), means, yerr=stds, color=colors, capsize=3)
         ax.set_xticks(range(len(MODELS)), MODELS, rotation=35, fontsize=7)
         lo, hi = min(means) - 2 * max(stds + [1e-4]), max(means) + 2 * max(stds + [1e-4])
+        if not rows[0]["higher_is_better"]:
+            lo = max(lo, 0.0)  # losses and MSEs are >= 0
         ax.set_ylim(lo, hi)
         better = "higher" if rows[0]["higher_is_better"] else "lower"
         ax.set_title(f"{ds}: test {rows[0]['metric']} ({better} is better)", fontsize=8)
@@ -475,9 +502,12 @@ def main() -> None:
         gap = (stats["searched"][0] - fixed[best][0]) * (1 if higher else -1)  # > 0: the search is better
         pooled = math.sqrt((stats["searched"][1] ** 2 + fixed[best][1] ** 2) / 2)
         met = gap >= 0 or -gap <= pooled
+        by_seed = {(r["model"], r["seed"]): r["test_metric"] for r in res}
+        paired = [(by_seed[("searched", s)] - by_seed[(best, s)]) * (1 if higher else -1) for s in range(args.seeds)]
         checks["within_noise"][name] = {"best_fixed": best, "searched_mean": stats["searched"][0],
                                         "best_fixed_mean": fixed[best][0], "gap_in_favour_of_search": gap,
                                         "pooled_std": pooled, "met": met,
+                                        "paired_gap_per_seed": paired,
                                         "single_seed_no_noise_estimate": args.seeds < 2}  # fmt: skip
         for m in MODELS:
             rows.append([name, m, stats[m][0], stats[m][1],
@@ -494,10 +524,11 @@ def main() -> None:
     }
     print(table(["dataset", "model", "test metric mean", "std", "params outside inputs"], rows))
     print(table(["dataset", "search steps", "exhaustive steps", "ratio", "search s", "exhaustive s", "found best",
-                 "rank (val)", "searched", "exhaustive best"],
+                 "rank (val)", "rho final", "searched", "exhaustive best"],
                 [[c["dataset"], c["search_steps"], c["exhaustive_steps"], c["step_ratio"], c["search_seconds"],
                   c["exhaustive_seconds"], c["found_exhaustive_best"], c["search_rank_in_exhaustive_by_val"],
-                  c["searched"], c["exhaustive_best"]] for c in out["cost"]]))  # fmt: skip
+                  c["candidates_spearman_reward_vs_standalone_val"], c["searched"], c["exhaustive_best"]]
+                 for c in out["cost"]]))  # fmt: skip
     for k, v in targets.items():
         print(f"target {k}: {'met' if v else 'NOT met' if v is not None else 'not measured'}")
     out.update(
@@ -518,6 +549,7 @@ def main() -> None:
                 "thread per training; wall times are noisy",
                 "wall_seconds": round(time.perf_counter() - started, 1),
                 "reused_trainings": log.reused,
+                "seconds_of_all_trainings_when_run": round(log.seconds, 1),
             },
             "checks": checks,
             "targets": targets,
