@@ -166,42 +166,154 @@ def single_task_family(family: TaskFamily, task: int | str) -> SingleTaskFamily:
 # ------------------------------------------------------------------------------------------------ teachers
 
 
-def train_teachers(cfg: DictConfig, out_dir: str | Path, tasks: Sequence[str] | None = None) -> dict[str, Any]:
+def train_teachers(
+    cfg: DictConfig, out_dir: str | Path, tasks: Sequence[str] | None = None, program: str = "mtrl-teachers"
+) -> dict[str, Any]:
     """One single-task SAC teacher per task (``mtrl.train.run`` on :class:`SingleTaskFamily`) and the manifest
-    ``out_dir/teachers.json``; returns it. ``cfg`` is an ``mtrl-train`` config (agent, SAC, trainer settings
-    apply to every teacher); ``tasks`` defaults to every task of ``cfg.env``'s family. A teacher whose run
-    finished (``eval.json`` present) is reused."""
+    ``out_dir/teachers.json``; returns it. The library behind ``mtrl-teachers`` (:mod:`mtrl.cli.teachers`).
+
+    ``cfg`` is an ``mtrl-train`` config (``configs/mtrl_teachers.yaml``, or ``configs/mtrl.yaml``): agent, SAC and
+    trainer settings apply to every teacher; teacher ``name`` trains in ``out_dir/name/`` on the env node
+    ``{_target_: mtrl.distill.single_task_family, family: <cfg.env>, task: name}``. The teachers are those of
+    ``tasks``, else of ``cfg.tasks`` (the one key beyond ``mtrl-train``'s a config may hold; ``null`` or absent =
+    every task of ``cfg.env``'s family), in that order. Every name and every key is checked before the first
+    teacher trains (:func:`mtrl.config.check_config`, messages prefixed with ``program``).
+
+    Re-running into the same ``out_dir`` continues where it stopped:
+
+    * a **finished** teacher (``eval.json`` and ``last.pt`` present) whose ``config.yaml`` equals the requested one
+      (runner settings such as ``trainer.progress``, ``trainer.device``, ``trainer.num_threads`` and
+      ``env.vectorization`` aside) is reused without training;
+    * an **interrupted** teacher (a ``last.pt`` but no ``eval.json``: Ctrl-C, SIGTERM or a kill after a checkpoint),
+      or a finished one asked for other ``trainer.*`` settings (e.g. a larger ``trainer.total_steps``), continues from
+      its ``last.pt`` with ``trainer.resume=true`` (exact resume, :mod:`mtrl.train`): the same weights as one
+      uninterrupted run;
+    * a teacher with no ``last.pt`` trains from step 0.
+
+    A teacher folder holding a run with other env, agent, SAC or strategy settings is an error (delete it or train
+    into another ``out_dir``), and so is a finished teacher that trained more steps than ``trainer.total_steps``.
+    The manifest is rewritten after every teacher (a partial manifest is usable); entries of an earlier manifest
+    in ``out_dir`` for tasks not trained now are kept when it records the same env and seed (so ``tasks=[a]`` then
+    ``tasks=[b]`` into one folder lists both), and an earlier manifest of another env or seed is an error.
+    Progress: one log line per teacher as it starts (``teacher i/n name: training | resuming | reusing``) and ends
+    (success, return, seconds), and each run's own progress bar (``trainer.progress``).
+
+    Raises:
+        ValueError: a configuration error (an unknown key, a value out of range, an unknown or repeated task name),
+            or a teacher folder or manifest in ``out_dir`` from other settings; each before any teacher trains.
+    """
     from hydra.utils import instantiate
 
+    from mtl.config import check_config_keys
+    from mtrl.config import CONFIG_KEYS, check_config
+    from mtrl.runs import CONFIG_FILE
     from mtrl.train import run as rl_run
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    # Keys that say how a teacher's run is executed or shown, not what it trains (left out when a teacher's saved
+    # config.yaml is compared with the requested one).
+    runner_keys = frozenset({"resume", "progress", "num_threads", "env_workers", "device", "vectorization"})
+
+    def config_diff(saved: Any, wanted: Any, prefix: str = "") -> list[str]:
+        """Dotted keys where two resolved configs differ (runner keys left out)."""
+        if isinstance(saved, Mapping) and isinstance(wanted, Mapping):
+            keys = sorted((set(saved) | set(wanted)) - runner_keys, key=str)
+            return [d for k in keys for d in config_diff(saved.get(k), wanted.get(k), f"{prefix}{k}.")]
+        return [] if saved == wanted else [prefix.rstrip(".")]
+
+    check_config_keys(cfg, (*CONFIG_KEYS, "tasks"), program)
+    base = copy.deepcopy(cfg)
+    OmegaConf.set_struct(base, False)
+    base.pop("tasks", None)
+    check_config(base, program)
+    if tasks is None and cfg.get("tasks") is not None:
+        node = cfg.tasks
+        tasks = [node] if isinstance(node, str) else list(node)
     family = instantiate(cfg.env)
     names = list(tasks) if tasks is not None else list(family.task_names)
+    if not names:
+        raise ValueError(f"config key tasks: empty; name some of {list(family.task_names)} or pass tasks=null for all")
+    for name in names:
+        if not isinstance(name, str):
+            raise ValueError(
+                f"config key tasks: expected task names, got {name!r}; tasks are {list(family.task_names)}"
+            )
+        try:
+            family.task_index(name)
+        except ValueError as err:
+            raise ValueError(f"config key tasks: {err}") from None
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"config key tasks: {repeated[0]!r} is named twice; name each task once")
+    out_dir = Path(out_dir)
     env_node = OmegaConf.to_container(cfg.env, resolve=True)
     manifest: dict[str, Any] = {"format": FORMAT, "seed": int(cfg.seed), "env": env_node, "teachers": {}}
-    for name in names:
-        family.task_index(name)  # a clear error for an unknown task
-        sub = copy.deepcopy(cfg)
-        OmegaConf.set_struct(sub, False)
+    if (out_dir / MANIFEST).is_file():
+        earlier = json.loads((out_dir / MANIFEST).read_text())
+        diff = config_diff(earlier.get("env"), env_node, "env.")
+        if earlier.get("format") != FORMAT or diff or earlier.get("seed") != manifest["seed"]:
+            what = ", ".join(diff[:3]) if diff else f"seed {earlier.get('seed')!r}"
+            raise ValueError(
+                f"{out_dir / MANIFEST} lists teachers of other settings ({what}); train into a new folder "
+                "(hydra.run.dir=...) or delete it"
+            )
+        manifest["teachers"] = {k: v for k, v in earlier["teachers"].items() if k not in names}
+    subs: dict[str, DictConfig] = {}
+    plans: dict[str, str] = {}
+    for name in names:  # every folder checked before the first teacher trains
+        sub = copy.deepcopy(base)
         sub.env = {"_target_": "mtrl.distill.single_task_family", "family": env_node, "task": name}
         run_dir = out_dir / name
-        if (run_dir / EVAL_FILE).exists() and (run_dir / LAST).exists():
+        plan = "training"
+        if (run_dir / LAST).exists() and (run_dir / CONFIG_FILE).exists():
+            saved = OmegaConf.to_container(OmegaConf.load(run_dir / CONFIG_FILE), resolve=True)
+            wanted = OmegaConf.to_container(sub, resolve=True)
+            assert isinstance(saved, dict) and isinstance(wanted, dict)
+            diff = config_diff(saved, wanted)
+            other = [d for d in diff if not d.startswith("trainer.")]
+            if other:
+                raise ValueError(
+                    f"{run_dir} holds a teacher trained with other settings ({', '.join(other[:3])}); train into a "
+                    "new folder (hydra.run.dir=...) or delete it"
+                )
+            finished = (run_dir / EVAL_FILE).exists()
+            if finished and not diff:
+                plan = "reusing"
+            else:
+                plan = "resuming"
+                sub.trainer.resume = True
+            if finished:
+                step = int(json.loads((run_dir / EVAL_FILE).read_text())["step"])
+                if step > int(sub.trainer.total_steps):
+                    raise ValueError(
+                        f"{run_dir} holds a teacher trained for {step} steps, more than trainer.total_steps="
+                        f"{sub.trainer.total_steps}; ask for at least {step} or train into a new folder"
+                    )
+        subs[name], plans[name] = sub, plan
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for i, name in enumerate(names, 1):
+        run_dir = out_dir / name
+        where = f"teacher {i}/{len(names)} {name}"
+        t0 = time.perf_counter()
+        if plans[name] == "reusing":
+            log.info("%s: reusing the finished run %s", where, run_dir)
             result = json.loads((run_dir / EVAL_FILE).read_text())
         else:
-            log.info("teacher %s: training into %s", name, run_dir)
-            result = rl_run(sub, run_dir)
+            how = "training into" if plans[name] == "training" else "resuming from the last.pt of"
+            log.info("%s: %s %s (to step %d)", where, how, run_dir, int(subs[name].trainer.total_steps))
+            result = rl_run(subs[name], run_dir)
+        task_result = result["tasks"][name]
+        log.info("%s: success %.3f, return %.2f at step %d (%.1f s)", where, task_result["success"],
+                 task_result["return"], int(result["step"]), time.perf_counter() - t0)  # fmt: skip
         manifest["teachers"][name] = {
             "task": name,
             "run_dir": name,
             "checkpoint": f"{name}/{LAST}",
-            "config": f"{name}/config.yaml",
+            "config": f"{name}/{CONFIG_FILE}",
             "agent": result.get("agent"),
-            "success": result["tasks"][name]["success"],
-            "return": result["tasks"][name]["return"],
+            "success": task_result["success"],
+            "return": task_result["return"],
         }
-        atomic_write_json(manifest, out_dir / MANIFEST)
+        atomic_write_json(manifest, out_dir / MANIFEST)  # after every teacher: a partial manifest is usable
     return manifest
 
 
