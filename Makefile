@@ -64,6 +64,9 @@ bench-peers:
 	@# build here and would pull a CUDA torch; the benchmark stubs `torchvision.models.utils` (reached only by
 	@# LibMTL/model/resnet.py) before `import LibMTL`. Its CAGrad imports scipy, installed by the line above.
 	$(PIP) install --no-deps --target benchmarks/.peers LibMTL==1.1.5
+	@# Stable-Baselines3 (benchmarks/rl_speed.py): what its SAC imports (gymnasium, numpy, torch, cloudpickle,
+	@# matplotlib) is in the venv already; it imports pandas only to read its CSV logs, which the benchmark does not.
+	$(PIP) install --no-deps --target benchmarks/.peers stable-baselines3==2.9.0
 	@# MLServer (benchmarks/serving.py) runs as its own server process, so it gets its own venv: its
 	@# fastapi/pydantic/uvicorn stack never meets the project's packages.
 	python3 -m venv benchmarks/.mlserver-venv

@@ -350,6 +350,27 @@ def test_workers_exit_when_the_trainer_is_killed(tmp_path: Path) -> None:
     assert _wait_gone(children, 10) == []
 
 
+def test_workers_are_shut_down_at_exit_without_close(tmp_path: Path) -> None:
+    # A script that never closes its runner: multiprocessing's exit handler would SIGTERM (ignored by the workers)
+    # and join them forever; the runner's own exit finaliser closes them first, so the script ends promptly.
+    script = tmp_path / "forget.py"
+    script.write_text(
+        "import weakref\n"
+        "class Anything: pass\n"
+        "anything = Anything()\n"
+        "weakref.finalize(anything, print)  # weakref's exit hook now runs after multiprocessing's\n"
+        "from mtrl.envs import AsyncEnvRunner, make_family\n"
+        "if __name__ == '__main__':\n"
+        "    runner = AsyncEnvRunner(make_family('pointmass', num_goals=2), [0, 1], num_workers=2)\n"
+        "    print(*runner.pids, flush=True)\n"
+        "    keep = runner  # alive until the interpreter exits\n"
+    )
+    proc = subprocess.run([sys.executable, str(script)], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    pids = [int(p) for p in proc.stdout.split()]
+    assert len(pids) == 2 and _wait_gone(pids, 5) == []
+
+
 def test_an_error_in_training_closes_the_workers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from mtrl import train
 

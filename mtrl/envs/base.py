@@ -45,11 +45,11 @@ from __future__ import annotations
 
 import abc
 import multiprocessing as mp
+import multiprocessing.util
 import os
 import signal
 import time
 import traceback
-import weakref
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from typing import Any
@@ -358,11 +358,12 @@ class AsyncEnvRunner:
     """The envs in ``num_workers`` worker processes (``vectorization: async``), each holding a contiguous slice
     of them; :meth:`step_async` sends the actions and returns at once, :meth:`step_wait` collects the result.
 
-    Workers are started with ``context`` (``"spawn"`` by default: they import only :mod:`mtrl.envs` and the
-    family's own modules, never torch, and inherit no threads or pipes of the trainer). They are shut down by
-    :meth:`close`, by garbage collection and at interpreter exit (``weakref.finalize``), and they exit on their
-    own when this process dies. An error in a worker is raised here with the worker's traceback as a note; a
-    worker that dies raises :class:`RuntimeError`.
+    Workers are started with ``context`` (``"spawn"`` by default: fresh interpreters that inherit no threads, locks
+    or pipes of the trainer; they import the main module, as spawn does, and the family's). They are shut down by
+    :meth:`close`, by garbage collection and at interpreter exit (``multiprocessing.util.Finalize``), and they
+    exit on their own when this process dies. With ``"spawn"``, a script that builds a runner needs the
+    ``if __name__ == "__main__":`` guard (the workers import the main module). An error in a worker is raised
+    here with the worker's traceback as a note; a worker that dies raises :class:`RuntimeError`.
 
     Args:
         family: the task family (pickled to the workers).
@@ -388,7 +389,10 @@ class AsyncEnvRunner:
         ctx = mp.get_context(context)
         self._procs: list[Any] = []
         self._conns: list[Any] = []
-        self._finalizer = weakref.finalize(self, _shutdown, self._procs, self._conns)
+        # multiprocessing's own finaliser: it runs when this object is collected and, at interpreter exit, before
+        # multiprocessing terminates and joins daemonic children (which would wait forever on workers that ignore
+        # SIGTERM); weakref.finalize's exit hook may run after that one.
+        self._finalizer = mp.util.Finalize(self, _shutdown, args=(self._procs, self._conns), exitpriority=10)
         self._pending = False
         try:
             for k, (lo, hi) in enumerate(self._slices):
@@ -503,7 +507,8 @@ class AsyncEnvRunner:
     def close(self) -> None:
         """Shut the workers down (idempotent)."""
         self._pending = False
-        self._finalizer()
+        if self._finalizer.still_active():
+            self._finalizer()
 
 
 def make_env_runner(
