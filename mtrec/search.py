@@ -13,15 +13,16 @@ experts should each task read at each level?
   takes the decisions one after another (levels outer, tasks inner), each decision's embedding the next step's
   input, a softmax over the choices of each decision (logits ``c * tanh(z / T)`` with ``search.tanh_constant``
   ``c`` and ``search.temperature`` ``T``, as ENAS's sampler).
-* **Training** (:func:`run_search`), alternating per epoch as the paper: (a) the shared weights of the
-  :class:`~mtrec.models.SharingSupernet` on training batches, each batch through one child sampled from the
-  fixed policy, with the ``mtrec-train`` machinery (:class:`mtrec.trainer.Trainer`'s ``train_step``: the
-  configured weighting, gradient method and task scheduler act on that child's per-task losses; Adam as
-  configured in ``optimizer``); (b) the controller on ``search.controller_steps`` validation batches with
-  REINFORCE (:class:`Reinforce`): reward ``search.reward`` of the sampled child on the batch with the shared
-  weights (``loss``: minus the mean over tasks of the task's loss divided by the loss of the best constant
-  prediction on the batch; ``auc``: the mean AUC of the binary tasks), an exponential moving-average baseline
-  (``search.baseline_decay``), an entropy bonus (``search.entropy_weight``), Adam (``search.controller_lr``).
+* **Training** (:func:`run_search`), alternating per epoch as the paper (the first ``search.warmup_epochs`` epochs
+  without phase (b), so the shared weights first train on children of the initial, nearly uniform policy): (a) the
+  shared weights of the :class:`~mtrec.models.SharingSupernet` on training batches, each batch through one child
+  sampled from the fixed policy, with the ``mtrec-train`` machinery (:class:`mtrec.trainer.Trainer`'s ``train_step``:
+  the configured weighting, gradient method and task scheduler act on that child's per-task losses; Adam as configured
+  in ``optimizer``); (b) the controller on ``search.controller_steps`` validation batches with REINFORCE
+  (:class:`Reinforce`): reward ``search.reward`` of the sampled child on the batch with the shared weights (``loss``:
+  minus the mean over tasks of the task's loss divided by the loss of the best constant prediction on the batch;
+  ``auc``: the mean AUC of the binary tasks), an exponential moving-average baseline (``search.baseline_decay``), an
+  entropy bonus (``search.entropy_weight``), Adam (``search.controller_lr``).
 * **End**: ``search.final_samples`` children sampled from the trained policy and its most likely child are each
   scored on the same ``search.final_batches`` validation batches with the shared weights; the best is written as
   ``architecture.yaml`` (a ``model`` config of ``mtrec-train``) and, with ``search.retrain``, retrained from
