@@ -72,6 +72,8 @@ KWARGS: dict[str, dict] = {
     "esmm": {},
     "l2_sharing": {"bottom_dims": [8]},
     "cross_stitch": {"bottom_dims": [8, 6]},
+    "searched": {"num_levels": 2, "num_shared_experts": 2, "num_task_experts": 1, "expert_dims": [6],
+                 "architecture": {"ctr": ["own", [0, 1]], "cvr": [[0], "all"], "dwell": [[1], "own"]}},
 }
 TRAIN_TINY = [
     "data.n_rows=2000",

@@ -63,6 +63,8 @@ KWARGS: dict[str, dict] = {
     "esmm": {"tower_dims": [8, 4]},
     "l2_sharing": {"bottom_dims": [12, 6], "l2_weight": 0.01},
     "cross_stitch": {"bottom_dims": [12, 6], "alpha_self": 0.8},
+    "searched": {"num_levels": 2, "num_shared_experts": 2, "num_task_experts": 1, "expert_dims": [6],
+                 "architecture": {"click": ["own", [0, 1]], "like": [[0], "all"], "share": [[1], "own"]}},
 }
 
 
@@ -121,6 +123,8 @@ def expected_gate_widths(name: str, tasks: list[str]) -> dict[str, int]:
     kw, k = KWARGS[name], len(tasks)
     if name == "mmoe":
         return {t: kw["num_experts"] for t in tasks}
+    if name == "searched":  # a gate over one expert is dropped: only the gates that read two shared experts stay
+        return {"click@level1": 2, "like@level1": 2}
     if name == "omoe":
         return {"shared": kw["num_experts"]}
     own = kw.get("num_task_experts", 0) + kw.get("num_shared_experts", 0)
@@ -147,6 +151,7 @@ def grad_or_zero(p: nn.Parameter) -> torch.Tensor:
 def test_registry_names() -> None:
     assert set(MODELS) == {
         "single_task", "shared_bottom", "omoe", "mmoe", "cgc", "ple", "esmm", "l2_sharing", "cross_stitch",
+        "searched",
     }  # fmt: skip
     assert all(issubclass(cls, MultiTaskModel) for cls in MODELS.values())
 
