@@ -29,7 +29,8 @@ the same simulator code. torch runs on one thread everywhere (``trainer.num_thre
 Target (issue 16): mtlib >= 2x SB3's env steps/s at equal updates per env step, in both set-ups; the table and
 the JSON say met or not per agent and set-up. ``ratio`` takes mtlib's faster pool on this machine (the
 ``env.vectorization`` a user would pick; which one is in ``mtlib_vectorization``), ``ratio_sync`` and
-``ratio_async`` each pool's: the async pool only gains where a core is free for its worker.
+``ratio_async`` each pool's: the async pool only gains where a core is free for its worker; ``ratio_per_round``
+compares the trainers within each round (the same load), mtlib's faster pool of that round.
 ``care_over_mt_sac_update_cost`` is the cost of one CARE update over one MT-SAC update on the same batch and
 networks: ``benchmarks/rl_update_cost.py``'s ``measure`` (its point-mass batch and [64, 64] networks, wall-clock
 median; its thread-CPU ratio beside it), or, where that is missing, timed here on an MT10 batch
@@ -371,6 +372,12 @@ def main() -> None:
             by_pool = {v: mtlib[f"{agent}/{v}"]["env_steps_per_s"] for v in ("sync", "async")}
             best = max(by_pool, key=by_pool.__getitem__)  # the env.vectorization a user would pick here
             ratio = by_pool[best] / theirs
+            # the same comparison within each round (the trainers of one round ran under the same load)
+            rounds = [
+                max(samples[f"{agent}/{v}"][r]["env_steps_per_s"] for v in ("sync", "async"))
+                / samples[setup][r]["env_steps_per_s"]
+                for r in range(args.repeats)
+            ]
             vs.append({
                 "setup": setup,
                 "agent": agent,
@@ -380,6 +387,7 @@ def main() -> None:
                 "mtlib_vectorization": best,
                 "ratio_sync": by_pool["sync"] / theirs,
                 "ratio_async": by_pool["async"] / theirs,
+                "ratio_per_round": rounds,
                 "mtlib_updates_per_env_step": mtlib[f"{agent}/{best}"]["updates_per_env_step"],
                 "sb3_updates_per_env_step": sb3_results[setup]["updates_per_env_step"],
                 "target_met": ratio >= TARGET,
@@ -387,10 +395,12 @@ def main() -> None:
     rows = [[k, v["env_steps_per_s"], v["updates_per_s"], v["updates_per_env_step"], v["rows_per_update"]]
             for k, v in [*(("mtlib " + k, v) for k, v in mtlib.items()), *sb3_results.items()]]
     print(table(["trainer", "env steps/s", "updates/s", "updates/env step", "rows/update"], rows))
-    print(table(["vs", "agent", "mtlib (pool)", "SB3", "ratio", "ratio sync", "ratio async", f">= {TARGET}x"],
+    print(table(["vs", "agent", "mtlib (pool)", "SB3", "ratio", "ratio sync", "ratio async", "per round",
+                 f">= {TARGET}x"],
                 [[v["setup"], v["agent"], f"{v['mtlib_env_steps_per_s']:.1f} ({v['mtlib_vectorization']})",
                   v["sb3_env_steps_per_s"], v["ratio"], v["ratio_sync"], v["ratio_async"],
-                  "met" if v["target_met"] else "NOT met"] for v in vs]))
+                  " ".join(f"{x:.2f}" for x in v["ratio_per_round"]), "met" if v["target_met"] else "NOT met"]
+                 for v in vs]))
     print(f"CARE / MT-SAC update cost: {cost:.2f} ({cost_source})")
     stem = "rl_speed_quick" if args.quick else "rl_speed"
     RESULTS.mkdir(parents=True, exist_ok=True)
