@@ -580,7 +580,8 @@ def main() -> int:
         },
         "budget": {
             "why": "the largest budget whose 8 runs (one at a time, one torch thread) fit between the start and "
-            "16:00 UTC on a 2-core machine shared with other engineers (load average 7-10 during the runs): "
+            "16:00 UTC on a 2-core machine shared with other engineers (1-minute load average 7-10 when the budget "
+            "was chosen and during the first 45 minutes, about 2 in the last 40; the chunks' seconds show it): "
             "the 1,500 random-action pool steps cost little, the updates of the paper-sized networks dominate",
             "seconds_per_pool_step_with_update": learning_cost(state),
             "device_seconds_total": round(total, 1),
