@@ -134,9 +134,12 @@ def _grouped_forward(mlp: GroupedMLP, x: Tensor, index: Tensor | None) -> Tensor
 class _SharingBase(MultiTaskModel):
     """What the supernet and a fixed child share: the hyperparameters, the level loop and the parameter groups.
 
-    Subclasses build ``self.levels`` (a ``ModuleList`` of ``ModuleDict`` s with ``shared`` (a
-    :class:`GroupedMLP` or absent), ``own`` (``{task: GroupedMLP}``) and ``gates`` (``{task: Gate}``)) and
-    implement :meth:`_shared_rows` / :meth:`_gate_logits`.
+    The constructor (the one both classes have: the subclasses document its arguments) checks the hyperparameters
+    and the architecture (``None``: :func:`all_shared`), then :meth:`_build_levels` fills ``self.levels`` (a
+    ``ModuleList`` of ``ModuleDict`` s with ``shared`` (a :class:`GroupedMLP` or absent), ``own``
+    (``{task: GroupedMLP}``) and ``gates`` (``{task: Gate}``)), and the towers are built on its output width, in
+    that order (the order of parameter initialisation). Subclasses implement :meth:`_build_levels`,
+    :meth:`_current`, :meth:`_shared_rows` and :meth:`_gate`.
     """
 
     def __init__(
@@ -148,6 +151,7 @@ class _SharingBase(MultiTaskModel):
         num_shared_experts: int = 2,
         num_task_experts: int = 1,
         expert_dims: Sequence[int] = (16,),
+        architecture: Mapping[str, Sequence[Any]] | None = None,
         **common: Any,
     ) -> None:
         super().__init__(inputs, tasks, **common)
@@ -156,6 +160,16 @@ class _SharingBase(MultiTaskModel):
         self.num_task_experts = _count("num_task_experts", num_task_experts, 1)
         self.expert_dims = check_dims("expert_dims", expert_dims, allow_empty=False)
         self.levels = nn.ModuleList()
+        if architecture is None:
+            architecture = all_shared(self.tasks, self.num_levels, self.num_shared_experts)
+        checked = check_architecture(architecture, self.tasks, self.num_levels, self.num_shared_experts)
+        assert self.inputs is not None
+        self.towers = self._build_towers(self._build_levels(self.inputs.out_dim, checked))
+
+    def _build_levels(self, in_dim: int, architecture: Architecture) -> int:
+        """Keep ``architecture`` (checked), append one ``ModuleDict`` per level to ``self.levels`` starting from
+        ``in_dim`` features, and return the width of the last level's output (the towers' input)."""
+        raise NotImplementedError
 
     def _experts(self, in_dim: int, groups: int) -> GroupedMLP:
         return GroupedMLP(groups, in_dim, self.expert_dims, self.activation, self.dropout)
@@ -243,29 +257,8 @@ class SharingSupernet(_SharingBase):
         (['y1@level1', 'y2@level1'], (4,))
     """
 
-    def __init__(
-        self,
-        inputs: InputArch,
-        tasks: Sequence[str],
-        *,
-        num_levels: int = 2,
-        num_shared_experts: int = 2,
-        num_task_experts: int = 1,
-        expert_dims: Sequence[int] = (16,),
-        architecture: Mapping[str, Sequence[Any]] | None = None,
-        **common: Any,
-    ) -> None:
-        super().__init__(
-            inputs,
-            tasks,
-            num_levels=num_levels,
-            num_shared_experts=num_shared_experts,
-            num_task_experts=num_task_experts,
-            expert_dims=expert_dims,
-            **common,
-        )
-        assert self.inputs is not None
-        in_dim = self.inputs.out_dim
+    def _build_levels(self, in_dim: int, architecture: Architecture) -> int:
+        self._architecture = architecture
         for _ in range(self.num_levels):
             parts = nn.ModuleDict(
                 {
@@ -278,10 +271,7 @@ class SharingSupernet(_SharingBase):
             )
             self.levels.append(parts)
             in_dim = parts["shared"].out_dim
-        self.towers = self._build_towers(in_dim)
-        self._architecture = all_shared(self.tasks, self.num_levels, self.num_shared_experts)
-        if architecture is not None:
-            self.architecture = architecture  # type: ignore[assignment]
+        return in_dim
 
     @property
     def architecture(self) -> Architecture:
@@ -389,32 +379,8 @@ class SearchedPLE(_SharingBase):
         (4,)
     """
 
-    def __init__(
-        self,
-        inputs: InputArch,
-        tasks: Sequence[str],
-        *,
-        num_levels: int = 2,
-        num_shared_experts: int = 2,
-        num_task_experts: int = 1,
-        expert_dims: Sequence[int] = (16,),
-        architecture: Mapping[str, Sequence[Any]] | None = None,
-        **common: Any,
-    ) -> None:
-        super().__init__(
-            inputs,
-            tasks,
-            num_levels=num_levels,
-            num_shared_experts=num_shared_experts,
-            num_task_experts=num_task_experts,
-            expert_dims=expert_dims,
-            **common,
-        )
-        if architecture is None:
-            architecture = all_shared(self.tasks, self.num_levels, self.num_shared_experts)
-        self.architecture = check_architecture(architecture, self.tasks, self.num_levels, self.num_shared_experts)
-        assert self.inputs is not None
-        in_dim = self.inputs.out_dim
+    def _build_levels(self, in_dim: int, architecture: Architecture) -> int:
+        self.architecture = architecture
         #: per level, the shared experts some task reads (search-space indices, sorted)
         self.used_shared: list[tuple[int, ...]] = []
         for level in range(self.num_levels):
@@ -444,7 +410,7 @@ class SearchedPLE(_SharingBase):
                 parts["shared"] = self._experts(in_dim, len(used))
             self.levels.append(parts)
             in_dim = self.expert_dims[-1]
-        self.towers = self._build_towers(in_dim)
+        return in_dim
 
     def _candidates(self, choice: Choice) -> int:
         return self.num_task_experts if choice == OWN else len(choice)
