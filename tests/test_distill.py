@@ -16,6 +16,7 @@ import pytest
 import torch
 import yaml
 from hydra import compose, initialize_config_module
+from mtrl_helpers import TEACHER_RUN
 from omegaconf import DictConfig
 
 from mtl.checkpoint import load_checkpoint
@@ -538,22 +539,7 @@ def test_rl_teachers_are_trained_per_task_and_distilled(tmp_path: Path) -> None:
     from mtrl.distill import PolicyDistillConfig, PolicyDistiller, load_teachers, teachers_in_family_order
     from mtrl.distill import train_teachers as train_rl_teachers
 
-    overrides = [
-        "agent=mt_sac",
-        "env.num_goals=2",
-        "env.metadata_source=random",
-        "env.max_episode_steps=20",
-        "agent.hidden=[16,16]",
-        "trainer.total_steps=30",
-        "trainer.learning_starts=10",
-        "trainer.batch_size=8",
-        "trainer.replay_capacity=200",
-        "trainer.eval_episodes=2",
-        "trainer.eval_interval=0",
-        "trainer.log_interval=10",
-        "trainer.checkpoint_interval=0",
-        "trainer.progress=false",
-    ]
+    overrides = ["agent=mt_sac", *TEACHER_RUN]
     c = cfg(*overrides, name="mtrl")
     manifest = train_rl_teachers(c, tmp_path)
     family = instantiate(c.env)

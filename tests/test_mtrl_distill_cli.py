@@ -11,6 +11,7 @@ import pytest
 import torch
 import yaml
 from hydra import compose, initialize_config_module
+from mtrl_helpers import ENV, STUDENT_BASE, TEACHER_RUN
 from omegaconf import DictConfig
 from test_train import run_main
 
@@ -28,27 +29,9 @@ from mtrl.distill import (
 from mtrl.evaluate import evaluate
 from mtrl.runs import load_run
 
-ENV = ["env.num_goals=2", "env.metadata_source=random", "env.max_episode_steps=20"]
-TEACHER = [
-    "agent=mt_sac",
-    *ENV,
-    "agent.hidden=[16,16]",
-    "trainer.total_steps=30",
-    "trainer.learning_starts=10",
-    "trainer.batch_size=8",
-    "trainer.replay_capacity=200",
-    "trainer.eval_episodes=2",
-    "trainer.eval_interval=0",
-    "trainer.log_interval=10",
-    "trainer.checkpoint_interval=0",
-    "trainer.progress=false",
-]
+TEACHER = ["agent=mt_sac", *TEACHER_RUN]
 STUDENT = [
-    *ENV,
-    "agent.hidden=[16,16]",
-    "distill.batch_size=16",
-    "distill.rollout_steps=10",
-    "distill.collect_every=10",
+    *STUDENT_BASE,
     "distill.lr=3e-3",
     "trainer.updates=40",
     "trainer.log_interval=10",

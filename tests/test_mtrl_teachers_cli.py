@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from mtrl_helpers import STUDENT_BASE, TEACHER_RUN
 
 from mtl.checkpoint import load_checkpoint
 from mtrl.cli.distill import main as distill_main
@@ -25,26 +26,9 @@ from mtrl.runs import load_run
 
 TASKS = ["goal-0deg", "goal-180deg"]  # the point-mass with two goals: (1, 0) and (-1, 0) on the unit circle
 GOALS = {"goal-0deg": (1.0, 0.0), "goal-180deg": (-1.0, 0.0)}
-ENV = ["env.num_goals=2", "env.metadata_source=random", "env.max_episode_steps=20"]
-TEACHER = [
-    *ENV,
-    "agent.hidden=[16,16]",
-    "trainer.total_steps=30",
-    "trainer.learning_starts=10",
-    "trainer.batch_size=8",
-    "trainer.replay_capacity=200",
-    "trainer.eval_episodes=2",
-    "trainer.eval_interval=0",
-    "trainer.log_interval=10",
-    "trainer.checkpoint_interval=0",
-    "trainer.progress=false",
-]
+TEACHER = TEACHER_RUN
 STUDENT = [
-    *ENV,
-    "agent.hidden=[16,16]",
-    "distill.batch_size=16",
-    "distill.rollout_steps=10",
-    "distill.collect_every=10",
+    *STUDENT_BASE,
     "trainer.updates=20",
     "trainer.log_interval=10",
     "trainer.checkpoint_interval=0",
