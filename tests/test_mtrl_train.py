@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from mtrl_helpers import assert_same_agent_and_replay
 from omegaconf import DictConfig
 
 from mtl.checkpoint import load_checkpoint
@@ -139,16 +140,7 @@ def test_resume_continues_to_bit_identical_weights(agent: str, strategies: list[
     run(cfg_for(agent, *common, "trainer.resume=true", "trainer.eval_interval=0"), split)
     a, b = load_checkpoint(straight / LAST), load_checkpoint(split / LAST)
     assert a["step"] == b["step"] == 60
-    for key, value in a["agent"]["modules"].items():
-        assert torch.equal(value, b["agent"]["modules"][key]), key
-    for opt in ("actor", "critic", "temperature"):
-        sa, sb = a["agent"]["optimizers"][opt]["state"], b["agent"]["optimizers"][opt]["state"]
-        for i in sa:
-            for k in sa[i]:
-                assert torch.equal(sa[i][k], sb[i][k]), (opt, i, k)
-    for key in a["replay"]["data"]:
-        for ta, tb in zip(a["replay"]["data"][key], b["replay"]["data"][key]):
-            assert torch.equal(ta, tb), key
+    assert_same_agent_and_replay(a, b)
     assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
     assert np.array_equal(a["pool"]["obs"], b["pool"]["obs"])
     _assert_same(a["agent"]["steps"], b["agent"]["steps"])  # weightings, gradient methods, scheduler, epochs

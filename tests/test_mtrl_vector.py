@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from mtrl_helpers import assert_same_agent_and_replay
 from omegaconf import DictConfig
 
 from mtl.checkpoint import load_checkpoint
@@ -54,16 +55,7 @@ def cfg_for(*overrides: str) -> DictConfig:
 
 def _same_training_state(a: dict[str, Any], b: dict[str, Any]) -> None:
     assert a["step"] == b["step"]
-    for key, value in a["agent"]["modules"].items():
-        assert torch.equal(value, b["agent"]["modules"][key]), key
-    for opt in ("actor", "critic", "temperature"):
-        sa, sb = a["agent"]["optimizers"][opt]["state"], b["agent"]["optimizers"][opt]["state"]
-        for i in sa:
-            for k in sa[i]:
-                assert torch.equal(sa[i][k], sb[i][k]), (opt, i, k)
-    for key in a["replay"]["data"]:
-        for ta, tb in zip(a["replay"]["data"][key], b["replay"]["data"][key]):
-            assert torch.equal(ta, tb), key
+    assert_same_agent_and_replay(a, b)
     assert np.array_equal(a["pool"]["obs"], b["pool"]["obs"])
     assert np.array_equal(a["pool"]["episode"], b["pool"]["episode"])
     assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
