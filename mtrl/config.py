@@ -137,14 +137,24 @@ class RLTrainerConfig:
             raise ValueError(f"trainer.eval_envs_per_task must be >= 1 or null, got {self.eval_envs_per_task}")
 
 
-def _structured(schema: type, node: Any, section: str) -> Any:
-    """Validate a config node against a dataclass schema (an unknown key or a wrong type names the key)."""
+def _structured(schema: type, node: Any, section: str, *, name_section: bool = False) -> Any:
+    """Validate a config node against a dataclass schema (an unknown key or a wrong type names the key).
+
+    ``name_section``: also prefix the ``ValueError`` of the schema's own checks (its ``__post_init__``) with
+    ``config section '<section>': `` (``mtrl-distill``'s sections; ``mtrl-train``'s checks name their key already).
+    """
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema), node if node is not None else {})
     except OmegaConfBaseException as err:
         # OmegaConf's first line names the key ("Key 'x' not in 'Schema'"); the rest repeats it
         raise ValueError(f"config section {section!r}: {str(err).splitlines()[0]}") from err
-    return schema(**OmegaConf.to_container(merged, resolve=True))
+    values = OmegaConf.to_container(merged, resolve=True)
+    if not name_section:
+        return schema(**values)
+    try:
+        return schema(**values)
+    except ValueError as err:
+        raise ValueError(f"config section {section!r}: {err}") from None
 
 
 def trainer_config(node: Any) -> RLTrainerConfig:

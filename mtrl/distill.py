@@ -845,20 +845,6 @@ class DistillTrainerConfig:
                 raise ValueError(f"config key trainer.{key} must be >= 0, got {getattr(self, key)}")
 
 
-def _section(schema: type, node: Any, section: str) -> Any:
-    from omegaconf.errors import OmegaConfBaseException
-
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(schema), node if node is not None else {})
-    except OmegaConfBaseException as err:
-        raise ValueError(f"config section {section!r}: {str(err).splitlines()[0]}") from err
-    values = OmegaConf.to_container(merged, resolve=True)
-    try:
-        return schema(**values)  # type: ignore[arg-type]
-    except ValueError as err:
-        raise ValueError(f"config section {section!r}: {err}") from None
-
-
 def check_distill_config(cfg: DictConfig) -> tuple[DistillTrainerConfig, PolicyDistillConfig]:
     """Every start-up check of an ``mtrl-distill`` config, before any env or teacher is loaded: top-level keys
     (:data:`DISTILL_CONFIG_KEYS`), the ``env``, ``agent``, ``gradient`` and ``sac`` nodes as ``mtrl-train`` checks them
@@ -870,7 +856,7 @@ def check_distill_config(cfg: DictConfig) -> tuple[DistillTrainerConfig, PolicyD
         ValueError: naming the first wrong key and what is accepted.
     """
     from mtl.config import check_config_keys
-    from mtrl.config import check_config
+    from mtrl.config import _structured, check_config
 
     check_config_keys(cfg, DISTILL_CONFIG_KEYS, PROGRAM)
     view = OmegaConf.create({k: cfg._get_node(k) for k in ("seed", "env", "agent", "gradient", "sac") if k in cfg})
@@ -879,8 +865,9 @@ def check_distill_config(cfg: DictConfig) -> tuple[DistillTrainerConfig, PolicyD
         raise ValueError(
             "config key teachers: missing; pass the teachers manifest, e.g. mtrl-distill teachers=runs/t/teachers.json"
         )
-    return _section(DistillTrainerConfig, cfg.get("trainer"), "trainer"), _section(
-        PolicyDistillConfig, cfg.get("distill"), "distill"
+    return (
+        _structured(DistillTrainerConfig, cfg.get("trainer"), "trainer", name_section=True),
+        _structured(PolicyDistillConfig, cfg.get("distill"), "distill", name_section=True),
     )
 
 
