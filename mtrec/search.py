@@ -45,13 +45,11 @@ import itertools
 import json
 import logging
 import math
-import os
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -59,7 +57,7 @@ from omegaconf.errors import OmegaConfBaseException
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from mtl.checkpoint import atomic_write_json, load_checkpoint, seed_everything
+from mtl.checkpoint import _atomic_write, atomic_write_json, load_checkpoint, seed_everything
 from mtl.tasks import TaskSpec
 from mtrec.data.batch import Batch, DataBundle
 from mtrec.models.searched import (
@@ -635,18 +633,12 @@ class SearchTrainer(Trainer):
 
 def _write_jsonl(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
     """Write ``rows`` as JSON lines atomically (the whole file: a resumed run rewrites what it has)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+
+    def write(f: TextIO) -> None:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+
+    _atomic_write(path, write, mode="w")
 
 
 def _cycle_batches(data: Any, batch_size: int, seed: int) -> Iterator[Batch]:
