@@ -60,6 +60,43 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join([line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, cells)])
 
 
+class RunLog:
+    """JSON-lines log of finished trainings keyed by everything that determines them; reused on a rerun.
+
+    ``path`` holds one ``{"key": ..., "record": ...}`` line per training (``fresh``: ignore what is there; a line
+    that does not parse is skipped). :meth:`get_or_run` returns the logged record of a key or runs ``fn`` and
+    appends its record. ``reused`` counts the records taken from the log, and ``seconds`` sums the ``"seconds"``
+    of every record returned (reused or run: the wall time of the trainings the results use, when they ran).
+    """
+
+    def __init__(self, path: Path, fresh: bool) -> None:
+        self.path = path
+        self.done: dict[str, dict] = {}
+        self.reused = 0
+        self.seconds = 0.0
+        if path.exists() and not fresh:
+            for line in path.read_text().splitlines():
+                try:
+                    entry = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                self.done[entry["key"]] = entry["record"]
+
+    def get_or_run(self, key: dict[str, Any], fn: Any) -> dict:
+        k = json.dumps(key, sort_keys=True)
+        if k in self.done:
+            self.reused += 1
+            self.seconds += float(self.done[k].get("seconds") or 0.0)
+            return self.done[k]
+        record = fn()
+        self.seconds += float(record.get("seconds") or 0.0)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as f:
+            f.write(json.dumps({"key": k, "record": record}) + "\n")
+        self.done[k] = record
+        return record
+
+
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
     vals = list(values)
     return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)

@@ -45,7 +45,7 @@ from collections import Counter  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
-from common import REPO, RESULTS, compose, mean_std, table, write_json  # noqa: E402
+from common import REPO, RESULTS, RunLog, compose, mean_std, table, write_json  # noqa: E402
 
 TASKS = ("click", "conversion", "dwell", "unrelated")
 METHODS = ("pairs", "higher_order", "higher_order+half", "tag")
@@ -69,35 +69,6 @@ def overrides(args: argparse.Namespace, seed: int) -> list[str]:
         "trainer.num_threads=1",
         f"seed={seed}",
     ]
-
-
-class RunLog:
-    """JSON-lines log of finished trainings keyed by everything that determines them; reused on a rerun."""
-
-    def __init__(self, path: Path, fresh: bool) -> None:
-        self.path = path
-        self.done: dict[str, dict] = {}
-        self.reused = 0
-        if path.exists() and not fresh:
-            for line in path.read_text().splitlines():
-                if line.strip():
-                    try:
-                        entry = json.loads(line)
-                    except json.JSONDecodeError:
-                        continue
-                    self.done[entry["key"]] = entry["record"]
-
-    def get_or_run(self, key: dict[str, Any], fn: Any) -> dict:
-        k = json.dumps(key, sort_keys=True)
-        if k in self.done:
-            self.reused += 1
-            return self.done[k]
-        record = fn()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a") as f:
-            f.write(json.dumps({"key": k, "record": record}) + "\n")
-        self.done[k] = record
-        return record
 
 
 def network(cfg: Any, tasks: tuple[str, ...], steps: int, width: float | None, key: dict, log: RunLog) -> dict:

@@ -59,7 +59,7 @@ import warnings  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
-from common import REPO, RESULTS, compose, mean_std, table, write_json  # noqa: E402
+from common import REPO, RESULTS, RunLog, compose, mean_std, table, write_json  # noqa: E402
 
 CENSUS_FILE = REPO.parent / "shared" / "data" / "census-income" / "census-income.test.gz"
 MODELS = ("searched", "shared_bottom", "mmoe", "ple", "grouping")
@@ -113,37 +113,6 @@ def trainer_overrides(steps: int, seed: int) -> list[str]:
         "optimizer.lr=0.005",
         f"seed={seed}",
     ]
-
-
-class RunLog:
-    """JSON-lines log of finished trainings keyed by everything that determines them; reused on a rerun."""
-
-    def __init__(self, path: Path, fresh: bool) -> None:
-        self.path = path
-        self.done: dict[str, dict] = {}
-        self.reused = 0
-        self.seconds = 0.0  # wall time of every training and search the results use, when it ran (reused too)
-        if path.exists() and not fresh:
-            for line in path.read_text().splitlines():
-                try:
-                    entry = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                self.done[entry["key"]] = entry["record"]
-
-    def get_or_run(self, key: dict[str, Any], fn: Any) -> dict:
-        k = json.dumps(key, sort_keys=True)
-        if k in self.done:
-            self.reused += 1
-            self.seconds += float(self.done[k].get("seconds") or 0.0)
-            return self.done[k]
-        record = fn()
-        self.seconds += float(record.get("seconds") or 0.0)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a") as f:
-            f.write(json.dumps({"key": k, "record": record}) + "\n")
-        self.done[k] = record
-        return record
 
 
 def metric_of(test: dict[str, dict[str, float]], metric: str, tasks: list[str]) -> float:
