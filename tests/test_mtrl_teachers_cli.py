@@ -9,7 +9,6 @@ import json
 import math
 import shutil
 import sys
-from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +16,7 @@ import pytest
 import torch
 import yaml
 from mtrl_helpers import STUDENT_BASE, TEACHER_RUN
+from test_train import run_main_output as cli
 
 from mtl.checkpoint import load_checkpoint
 from mtrl.cli.distill import main as distill_main
@@ -40,22 +40,6 @@ STUDENT = [
 def short_steps(n: int) -> list[str]:
     """:data:`TEACHER` with ``trainer.total_steps=n``."""
     return [a for a in TEACHER if not a.startswith("trainer.total_steps=")] + [f"trainer.total_steps={n}"]
-
-
-def cli(
-    main: Callable[[], None], argv: Sequence[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> tuple[int, str, str]:
-    """A console script's ``main`` called in-process: its exit status, stdout and stderr."""
-    monkeypatch.setattr(sys, "argv", ["prog", *argv])
-    monkeypatch.delenv("MTLIB_DEBUG", raising=False)
-    capsys.readouterr()
-    try:
-        main()
-        code = 0
-    except SystemExit as stop:
-        code = int(stop.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def weights(run_dir: Path) -> dict[str, torch.Tensor]:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import torch
 import yaml
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
+from test_train import run_main
 
 from mtl.checkpoint import load_checkpoint
 from mtl.config import CONFIG_PATH
@@ -290,16 +290,11 @@ def test_fixed_child_equals_the_supernet_with_the_same_weights(arch: dict) -> No
 # --------------------------------------------------------------------------------------------- the command
 
 
-def run_cli(argv: Sequence[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):
-    monkeypatch.setattr(sys, "argv", ["mtlib-search", *argv])
-    monkeypatch.delenv("MTLIB_DEBUG", raising=False)
-    capsys.readouterr()
-    try:
-        search_main()
-        code = 0
-    except SystemExit as stop:
-        code = int(stop.code or 0)
-    return code, capsys.readouterr().err
+def run_cli(
+    argv: Sequence[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> tuple[int, str]:
+    """``mtlib-search argv...`` in-process: its exit status and stderr."""
+    return run_main(search_main, argv, monkeypatch, capsys, prog="mtlib-search")
 
 
 @pytest.mark.parametrize(

@@ -43,16 +43,17 @@ def cfg(*overrides: str) -> DictConfig:
         return compose(config_name="mtrec", overrides=list(overrides))
 
 
-def run_main(
+def run_main_output(
     main: Callable[[], None],
     argv: Sequence[str],
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
     debug: bool = False,
-) -> tuple[int, str]:
-    """A console script's ``main`` called in-process with ``argv``: its exit status and what it wrote to stderr
-    (``debug``: with ``MTLIB_DEBUG=1``)."""
-    monkeypatch.setattr(sys, "argv", ["prog", *argv])
+    prog: str = "prog",
+) -> tuple[int, str, str]:
+    """A console script's ``main`` called in-process as ``prog argv...``: its exit status and what it wrote to stdout
+    and to stderr (``debug``: with ``MTLIB_DEBUG=1``, else with ``MTLIB_DEBUG`` unset)."""
+    monkeypatch.setattr(sys, "argv", [prog, *argv])
     if debug:
         monkeypatch.setenv("MTLIB_DEBUG", "1")
     else:
@@ -63,7 +64,21 @@ def run_main(
         code = 0
     except SystemExit as stop:
         code = int(stop.code or 0)
-    return code, capsys.readouterr().err
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def run_main(
+    main: Callable[[], None],
+    argv: Sequence[str],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    debug: bool = False,
+    prog: str = "prog",
+) -> tuple[int, str]:
+    """:func:`run_main_output` without the stdout: the exit status and what ``main`` wrote to stderr."""
+    code, _, err = run_main_output(main, argv, monkeypatch, capsys, debug=debug, prog=prog)
+    return code, err
 
 
 def weights(run_dir: Path) -> dict[str, torch.Tensor]:
