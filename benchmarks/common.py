@@ -97,6 +97,35 @@ class RunLog:
         return record
 
 
+def agent_kwargs(name: str, hidden: Sequence[int] = (64, 64)) -> dict[str, Any]:
+    """The agent's ``configs/agent/<name>.yaml`` without Hydra's keys, with ``hidden`` MLPs."""
+    from omegaconf import OmegaConf
+
+    from mtrl.config import CONFIG_DIR
+
+    cfg = OmegaConf.to_container(OmegaConf.load(f"{CONFIG_DIR}/agent/{name}.yaml"))
+    assert isinstance(cfg, dict)
+    return {k: v for k, v in cfg.items() if not str(k).startswith("_")} | {"hidden": list(hidden)}
+
+
+def random_transition(spec: Any, rows: int) -> Any:
+    """A :class:`mtrl.agents.Transition` of ``rows`` random rows shaped by ``spec`` (an ``EnvSpec``), drawn from
+    torch's global generator (seed it first): normal observations and rewards, uniform actions in ``[-1, 1]``,
+    no episode ends, tasks ``0, 1, ..., num_tasks - 1`` in turn."""
+    import torch
+
+    from mtrl.agents import Transition
+
+    return Transition(
+        torch.randn(rows, spec.obs_dim),
+        torch.rand(rows, spec.action_dim) * 2 - 1,
+        torch.randn(rows),
+        torch.randn(rows, spec.obs_dim),
+        torch.zeros(rows),
+        torch.arange(rows) % spec.num_tasks,
+    )
+
+
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
     vals = list(values)
     return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)

@@ -55,7 +55,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from common import REPO, RESULTS, table, write_json
+from common import REPO, RESULTS, agent_kwargs, random_transition, table, write_json
 
 PEERS = REPO / "benchmarks" / ".peers"
 TARGET = 2.0
@@ -274,28 +274,15 @@ def update_cost_ratio(args: argparse.Namespace) -> tuple[float, float | None, st
             "point-mass batch",
         )
     import torch
-    from omegaconf import OmegaConf
 
-    from mtrl.agents import EnvSpec, SACConfig, Transition, build_agent
-    from mtrl.config import CONFIG_DIR
+    from mtrl.agents import EnvSpec, SACConfig, build_agent
     from mtrl.envs import make_family
 
     spec = EnvSpec.from_family(make_family("mt10", max_episode_steps=150))
     torch.manual_seed(0)
     b = 10 * args.batch
-    batch = Transition(
-        torch.randn(b, spec.obs_dim),
-        torch.rand(b, spec.action_dim) * 2 - 1,
-        torch.randn(b),
-        torch.randn(b, spec.obs_dim),
-        torch.zeros(b),
-        torch.arange(b) % spec.num_tasks,
-    )
-    agents = {}
-    for name in AGENTS:
-        kw = OmegaConf.to_container(OmegaConf.load(f"{CONFIG_DIR}/agent/{name}.yaml"))
-        kw = {k: v for k, v in kw.items() if not k.startswith("_")} | {"hidden": list(args.hidden)}
-        agents[name] = build_agent(name, spec, SACConfig(), **kw)
+    batch = random_transition(spec, b)
+    agents = {name: build_agent(name, spec, SACConfig(), **agent_kwargs(name, args.hidden)) for name in AGENTS}
     times: dict[str, list[float]] = {n: [] for n in AGENTS}
     for i in range(10 + args.cost_updates):
         for name, agent in agents.items():

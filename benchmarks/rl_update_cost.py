@@ -33,21 +33,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from common import table, write_json
+from common import agent_kwargs, random_transition, table, write_json
 
 AGENTS = ("mt_sac", "care", "moore")
 TARGET = 1.2
-
-
-def agent_kwargs(name: str, hidden: Sequence[int] = (64, 64)) -> dict[str, Any]:
-    """The agent's ``configs/agent/<name>.yaml`` without Hydra's keys, with ``hidden`` MLPs."""
-    from omegaconf import OmegaConf
-
-    from mtrl.config import CONFIG_DIR
-
-    cfg = OmegaConf.to_container(OmegaConf.load(f"{CONFIG_DIR}/agent/{name}.yaml"))
-    assert isinstance(cfg, dict)
-    return {k: v for k, v in cfg.items() if not str(k).startswith("_")} | {"hidden": list(hidden)}
 
 
 BASELINE = "/autograd+foreach"
@@ -84,19 +73,12 @@ def _as_baseline(agent: Any) -> Any:
 
 def _setup(agents: Sequence[str], batch: int, hidden: Sequence[int], seed: int) -> tuple[dict[str, Any], Any]:
     """The agents (a name ending in ``BASELINE`` gets :func:`_as_baseline`) and one random point-mass batch."""
-    from mtrl.agents import EnvSpec, SACConfig, Transition, build_agent
+    from mtrl.agents import EnvSpec, SACConfig, build_agent
     from mtrl.envs import make_family
 
     spec = EnvSpec.from_family(make_family("pointmass"))
     torch.manual_seed(seed)
-    rows = Transition(
-        torch.randn(batch, spec.obs_dim),
-        torch.rand(batch, spec.action_dim) * 2 - 1,
-        torch.randn(batch),
-        torch.randn(batch, spec.obs_dim),
-        torch.zeros(batch),
-        torch.arange(batch) % spec.num_tasks,
-    )
+    rows = random_transition(spec, batch)
     built = {}
     for n in agents:
         base = n.removesuffix(BASELINE)
