@@ -79,18 +79,15 @@ def dataset_specs(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         "model.inputs.embedding_dim=8",
     ]
     return {
-        "mmoe_p0.5": {
-            "overrides": [*mmoe, "data.correlation=0.5"],
-            "metric": "mse",
-            "levels": 2,
-            "steps": 100 if q else 300,
-        },  # fmt: skip
-        "mmoe_p0.9": {
-            "overrides": [*mmoe, "data.correlation=0.9"],
-            "metric": "mse",
-            "levels": 2,
-            "steps": 100 if q else 300,
-        },  # fmt: skip
+        **{
+            f"mmoe_p{rho}": {
+                "overrides": [*mmoe, f"data.correlation={rho}"],
+                "metric": "mse",
+                "levels": 2,
+                "steps": 100 if q else 300,
+            }
+            for rho in (0.5, 0.9)
+        },
         "census": {"overrides": ["data=census"], "metric": "auc", "levels": 2, "steps": 100 if q else 200},
         "four_task": {"overrides": four, "metric": "loss", "levels": 1, "steps": 100 if q else 200},
     }
