@@ -68,6 +68,14 @@ def distill(argv: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.Cap
     return run_main(distill_main, argv, monkeypatch, capsys)
 
 
+def refused(argv: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> str:
+    """``mtrl-distill argv...`` that must be refused as a user mistake: exit status 2 and one line on stderr, no
+    traceback; that stderr."""
+    code, err = distill(argv, monkeypatch, capsys)
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    return err
+
+
 def test_student_run_writes_config_checkpoint_log_and_the_teacher_comparison(
     teachers: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -193,8 +201,7 @@ def test_manifest_mistakes_exit_2_in_one_line_naming_the_task_and_key(
     path = tmp_path / "m.yaml"
     if manifest is not None:
         path.write_text(manifest.replace(": T", f": {teachers / 'goal-0deg'}"))
-    code, err = distill([f"teachers={path}", f"hydra.run.dir={tmp_path / 'out'}", *STUDENT], monkeypatch, capsys)
-    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    err = refused([f"teachers={path}", f"hydra.run.dir={tmp_path / 'out'}", *STUDENT], monkeypatch, capsys)
     assert err.startswith("mtrl-distill: error: ") and expected in err, err
 
 
@@ -235,7 +242,6 @@ def test_config_mistakes_exit_2_naming_the_key(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     argv = [f"teachers={teachers}", f"hydra.run.dir={tmp_path / 'out'}", *STUDENT, override]
-    code, err = distill(argv, monkeypatch, capsys)
-    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    err = refused(argv, monkeypatch, capsys)
     assert expected in err, err
     assert not (tmp_path / "out" / "last.pt").exists()
