@@ -10,6 +10,7 @@ import json
 import os
 import random
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,11 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
 def atomic_write_json(obj: Any, path: str | Path) -> None:
     """Write ``obj`` as indented JSON, atomically."""
     _atomic_write(path, lambda f: json.dump(obj, f, indent=2, sort_keys=False), mode="w")
+
+
+def atomic_write_jsonl(rows: Iterable[Any], path: str | Path) -> None:
+    """Write ``rows`` as JSON lines (one compact object per line), the whole file atomically."""
+    _atomic_write(path, lambda f: f.writelines(json.dumps(row) + "\n" for row in rows), mode="w")
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -49,7 +49,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -57,7 +57,7 @@ from omegaconf.errors import OmegaConfBaseException
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from mtl.checkpoint import _atomic_write, atomic_write_json, load_checkpoint, seed_everything
+from mtl.checkpoint import atomic_write_json, atomic_write_jsonl, load_checkpoint, seed_everything
 from mtl.tasks import TaskSpec
 from mtrec.data.batch import Batch, DataBundle
 from mtrec.models.searched import (
@@ -631,16 +631,6 @@ class SearchTrainer(Trainer):
         return True
 
 
-def _write_jsonl(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
-    """Write ``rows`` as JSON lines atomically (the whole file: a resumed run rewrites what it has)."""
-
-    def write(f: TextIO) -> None:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-
-    _atomic_write(path, write, mode="w")
-
-
 def _cycle_batches(data: Any, batch_size: int, seed: int) -> Iterator[Batch]:
     """Shuffled passes over ``data`` without end (pass ``i`` seeded by ``(seed, i)``)."""
     for i in itertools.count():
@@ -818,8 +808,8 @@ def run_search(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
         log.info("search epoch %d: mean reward %s, most likely %s", epoch, history.policy[-1]["mean_reward"],
                  history.policy[-1]["most_likely"])  # fmt: skip
         trainer.save_last()
-        _write_jsonl(history.policy, out_dir / "policy.jsonl")
-        _write_jsonl(history.samples, out_dir / "samples.jsonl")
+        atomic_write_jsonl(history.policy, out_dir / "policy.jsonl")
+        atomic_write_jsonl(history.samples, out_dir / "samples.jsonl")
     # The end: score sampled children and the most likely one on the same validation batches.
     final_gen = torch.Generator().manual_seed(seed * 7919 + 4)
     candidates: dict[str, Architecture] = {}
@@ -839,8 +829,8 @@ def run_search(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     scored.sort(key=lambda row: -row["reward"])
     best = candidates[scored[0]["key"]]
     samples = [*history.samples, *({"phase": "final", **row} for row in scored)]
-    _write_jsonl(history.policy, out_dir / "policy.jsonl")
-    _write_jsonl(samples, out_dir / "samples.jsonl")
+    atomic_write_jsonl(history.policy, out_dir / "policy.jsonl")
+    atomic_write_jsonl(samples, out_dir / "samples.jsonl")
     model_node = child_model_config(base.model, space, best, scfg.task_experts)
     _write_architecture(out_dir / "architecture.yaml", model_node, best, scored[0]["reward"])
     search_seconds = time.perf_counter() - started

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import torch
 from torch import nn
 
 from mtl import TaskSpec, auc, build_param_groups, compute_losses, log_loss, mae, mse, total_loss
-from mtl.checkpoint import atomic_torch_save, atomic_write_json, load_checkpoint
+from mtl.checkpoint import atomic_torch_save, atomic_write_json, atomic_write_jsonl, load_checkpoint
 
 
 def naive_auc(scores: list[float], labels: list[int]) -> float:
@@ -136,3 +137,13 @@ def test_atomic_writes_round_trip(tmp_path: Path) -> None:
         atomic_torch_save({"v": Boom()}, tmp_path / "keep.pt")
     assert load_checkpoint(tmp_path / "keep.pt")["v"] == 1  # the old file survives a failed write
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_atomic_jsonl_is_one_compact_object_per_line_and_keeps_the_old_file_on_failure(tmp_path: Path) -> None:
+    rows = [{"step": 1, "p": [0.25, 0.75]}, {"step": 2, "name": "a b"}]
+    atomic_write_jsonl(rows, tmp_path / "log.jsonl")
+    assert (tmp_path / "log.jsonl").read_text() == '{"step": 1, "p": [0.25, 0.75]}\n{"step": 2, "name": "a b"}\n'
+    with pytest.raises(TypeError):
+        atomic_write_jsonl([{"step": 3}, {"bad": object()}], tmp_path / "log.jsonl")
+    assert [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()] == rows
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["log.jsonl"]
