@@ -609,16 +609,16 @@ def _comparable(fingerprint: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _fingerprint(cfg: DictConfig) -> dict[str, Any]:
-    """The parts of the config a resumed run must share with the checkpoint."""
+def _fingerprint(cfg: DictConfig, tcfg: RLTrainerConfig, family: Any) -> dict[str, Any]:
+    """The parts of the config a resumed run must share with the checkpoint (the pool's size as
+    :func:`pool_envs_per_task` gives it)."""
     out: dict[str, Any] = {}
     for key in ("env", "agent", "sac", "gradient", "weighting", "schedule"):
         node = cfg.get(key)
         out[key] = OmegaConf.to_container(node, resolve=True) if node is not None else None
     out["weighted_losses"] = cfg.get("weighted_losses", "critic")
-    epp = cfg.trainer.get("envs_per_task")
-    out["envs_per_task"] = int(epp if epp is not None else cfg.env.get("envs_per_task", 1))
-    out["replay_capacity"] = int(cfg.trainer.get("replay_capacity", RLTrainerConfig.replay_capacity))
+    out["envs_per_task"] = pool_envs_per_task(tcfg, family)
+    out["replay_capacity"] = int(tcfg.replay_capacity)
     return out
 
 
@@ -648,7 +648,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     seed_everything(seed)  # the agent's initialisation does not depend on what building the family drew
     agent = build_agent_from_config(cfg, spec, seed=seed).to(resolve_device(tcfg.device))
     OmegaConf.save(cfg, run_dir / CONFIG_FILE, resolve=True)
-    trainer = RLTrainer(family, agent, tcfg, run_dir, seed=seed, fingerprint=_fingerprint(cfg))
+    trainer = RLTrainer(family, agent, tcfg, run_dir, seed=seed, fingerprint=_fingerprint(cfg, tcfg, family))
     try:
         result = trainer.fit()
     finally:
